@@ -1,0 +1,22 @@
+//! Links libtpms, located with pkg-config (Debian: libtpms-dev).
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    match std::process::Command::new("pkg-config")
+        .args(["--libs-only-L", "--libs-only-l", "libtpms"])
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            for flag in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Some(dir) = flag.strip_prefix("-L") {
+                    println!("cargo:rustc-link-search=native={dir}");
+                } else if let Some(lib) = flag.strip_prefix("-l") {
+                    println!("cargo:rustc-link-lib={lib}");
+                }
+            }
+        }
+        _ => panic!(
+            "libtpms not found by pkg-config: install it with scripts/install-deps.sh \
+             (Debian package libtpms-dev)"
+        ),
+    }
+}

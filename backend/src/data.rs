@@ -1,0 +1,276 @@
+//! The data channel: raw TPM 2.0 commands in, responses out.
+//!
+//! A command is read exactly as its header's `commandSize` says; sizes below
+//! 10 or above the negotiated buffer size are answered with
+//! TPM_RC_COMMAND_SIZE and the stray bytes are discarded. Every response is
+//! written in one piece (cloud-hypervisor reads it with a single recv).
+//!
+//! The channel is either a socket handed over by CMD_SET_DATAFD (QEMU,
+//! cloud-hypervisor) or connections accepted from `--server` (tpm2-tss opens
+//! one per command).
+
+use crate::daemon::Exit;
+use crate::engine::tpm2;
+use crate::instance::Vtpm;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a started command may take to arrive in full.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A stream the data channel can be served on.
+pub trait DataStream: Read + Write {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl DataStream for UnixStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, t)
+    }
+}
+
+impl DataStream for TcpStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, t)
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+enum Fill {
+    Full,
+    Eof,
+    TimedOut,
+}
+
+/// Fills `buf`. Before the first byte it waits for ever; once a command has
+/// started, a read that times out abandons it.
+fn fill<S: DataStream>(s: &mut S, buf: &mut [u8], started: bool) -> io::Result<Fill> {
+    let mut have = 0;
+    while have < buf.len() {
+        match s.read(&mut buf[have..]) {
+            Ok(0) => return Ok(Fill::Eof),
+            Ok(n) => have += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) && have == 0 && !started => {}
+            Err(e) if is_timeout(&e) => return Ok(Fill::TimedOut),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Fill::Full)
+}
+
+/// Reads and drops whatever is already queued, to resynchronise after a
+/// malformed command.
+fn discard_pending<S: DataStream>(s: &mut S) -> io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let mut sink = [0u8; 4096];
+    let r = loop {
+        match s.read(&mut sink) {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => break Ok(()),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    s.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+    r
+}
+
+/// Serves TPM commands on `s` until the peer closes it.
+pub fn serve<S: DataStream>(s: &mut S, vtpm: &Vtpm) -> io::Result<()> {
+    s.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+    let mut cmd = vec![0u8; 4096];
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        match fill(s, &mut cmd[..tpm2::HEADER_LEN], false)? {
+            Fill::Full => {}
+            Fill::Eof => return Ok(()),
+            Fill::TimedOut => {
+                log::warn!("data channel: command header cut short; discarding it");
+                s.write_all(&tpm2::error_response(tpm2::RC_COMMAND_SIZE))?;
+                continue;
+            }
+        }
+        let size = tpm2::Header::parse(&cmd).map_or(0, |h| h.size) as usize;
+        let max = vtpm.io_size() as usize;
+        if size < tpm2::HEADER_LEN || size > max {
+            log::warn!("data channel: command size {size} outside 10..={max}; answering TPM_RC_COMMAND_SIZE");
+            s.write_all(&tpm2::error_response(tpm2::RC_COMMAND_SIZE))?;
+            discard_pending(s)?;
+            continue;
+        }
+        if cmd.len() < size {
+            cmd.resize(size, 0);
+        }
+        match fill(s, &mut cmd[tpm2::HEADER_LEN..size], true)? {
+            Fill::Full => {}
+            Fill::Eof => return Ok(()),
+            Fill::TimedOut => {
+                log::warn!(
+                    "data channel: command announced {size} bytes but stopped short; discarding it"
+                );
+                s.write_all(&tpm2::error_response(tpm2::RC_COMMAND_SIZE))?;
+                continue;
+            }
+        }
+        log::trace!(
+            "data: command {:#x}, {size} bytes",
+            tpm2::command_code(&cmd).unwrap_or(0)
+        );
+        vtpm.process(&cmd[..size], &mut out);
+        s.write_all(&out)?;
+    }
+}
+
+struct Active {
+    stream: UnixStream,
+    generation: u64,
+}
+
+/// The data connection set by CMD_SET_DATAFD, and what to do when it ends.
+#[derive(Debug)]
+pub struct DataChannel {
+    vtpm: Arc<Vtpm>,
+    current: Mutex<Option<ActiveDebug>>,
+    generation: AtomicU64,
+    exit_on_close: bool,
+    exits: Sender<Exit>,
+}
+
+/// Wrapper so DataChannel can derive Debug.
+struct ActiveDebug(Active);
+
+impl std::fmt::Debug for ActiveDebug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "data connection #{}", self.0.generation)
+    }
+}
+
+/// Whether the peer of `s` has hung up.
+fn hung_up(s: &UnixStream) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(n) if n > 0 => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+        _ => false,
+    }
+}
+
+impl DataChannel {
+    pub fn new(vtpm: Arc<Vtpm>, exit_on_close: bool, exits: Sender<Exit>) -> Arc<DataChannel> {
+        Arc::new(DataChannel {
+            vtpm,
+            current: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            exit_on_close,
+            exits,
+        })
+    }
+
+    /// Takes over `fd` as the data connection. Refuses (TPM_IOERROR) while
+    /// the previous connection is still open; one whose peer hung up is
+    /// replaced, as a VMM that reconnects after a reboot needs.
+    pub fn install(self: &Arc<Self>, fd: OwnedFd) -> Result<(), &'static str> {
+        let stat = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|_| "not a valid descriptor")?;
+        if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            return Err("the descriptor is not a socket");
+        }
+        let stream = UnixStream::from(fd);
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = cur.as_ref() {
+            if !hung_up(&old.0.stream) {
+                return Err("a data connection is already open");
+            }
+            log::info!(
+                "replacing data connection #{} whose peer hung up",
+                old.0.generation
+            );
+            let _ = old.0.stream.shutdown(std::net::Shutdown::Both);
+        }
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let keep = stream
+            .try_clone()
+            .map_err(|_| "cannot duplicate the descriptor")?;
+        *cur = Some(ActiveDebug(Active {
+            stream: keep,
+            generation,
+        }));
+        drop(cur);
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name(format!("data-{generation}"))
+            .spawn(move || me.run(stream, generation))
+            .map_err(|_| "cannot start the data thread")?;
+        Ok(())
+    }
+
+    fn run(&self, mut stream: UnixStream, generation: u64) {
+        log::info!("data connection #{generation} opened");
+        if let Err(e) = serve(&mut stream, &self.vtpm) {
+            log::warn!("data connection #{generation}: {e}");
+        }
+        log::info!("data connection #{generation} closed");
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if cur.as_ref().is_some_and(|a| a.0.generation == generation) {
+            *cur = None;
+            drop(cur);
+            if self.exit_on_close {
+                let _ = self.exits.send(Exit::DataClosed);
+            }
+        }
+    }
+}
+
+/// Accepts `--server` connections one at a time and serves each.
+pub fn serve_unix_listener(
+    l: UnixListener,
+    vtpm: Arc<Vtpm>,
+    exit_on_close: bool,
+    exits: Sender<Exit>,
+) {
+    for conn in l.incoming() {
+        match conn {
+            Ok(mut s) => finish(serve(&mut s, &vtpm), exit_on_close, &exits),
+            Err(e) => log::warn!("data server accept: {e}"),
+        }
+    }
+}
+
+/// Accepts `--server type=tcp` connections one at a time and serves each.
+pub fn serve_tcp_listener(
+    l: TcpListener,
+    vtpm: Arc<Vtpm>,
+    exit_on_close: bool,
+    exits: Sender<Exit>,
+) {
+    for conn in l.incoming() {
+        match conn {
+            Ok(mut s) => {
+                let _ = s.set_nodelay(true);
+                finish(serve(&mut s, &vtpm), exit_on_close, &exits)
+            }
+            Err(e) => log::warn!("data server accept: {e}"),
+        }
+    }
+}
+
+fn finish(r: io::Result<()>, exit_on_close: bool, exits: &Sender<Exit>) {
+    if let Err(e) = r {
+        log::warn!("data client: {e}");
+    }
+    if exit_on_close {
+        let _ = exits.send(Exit::DataClosed);
+    }
+}

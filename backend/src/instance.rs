@@ -1,0 +1,521 @@
+//! The vTPM instance: the TPM engine, its state directory and the power
+//! state machine every frontend drives.
+//!
+//! ```text
+//!            INIT (MainInit)                 STOP / INIT / SHUTDOWN
+//!  Stopped ───────────────────▶ Running ─────────────────────────▶ Stopped
+//!    ▲  SET_STATEBLOB, SET_BUFFERSIZE(n)      TPM commands, GET_STATEBLOB,
+//!    └─ allowed only here                     STORE_VOLATILE, HASH_*, ...
+//! ```
+//!
+//! Leaving Running sends TPM2_Shutdown(STATE) first (unless the guest's last
+//! command was a Shutdown, or `disable-auto-shutdown`), as swtpm does, so a
+//! reset does not count as a dictionary-attack event.
+
+use crate::ctrl::wire::{
+    blob_type, cmd, rc, Request, Response, STATE_FLAG_DECRYPTED, STATE_FLAG_ENCRYPTED,
+};
+use crate::ctrl::wire::{CAPABILITIES, INIT_FLAG_DELETE_VOLATILE};
+use crate::engine::{ffi, tpm2, Libtpms, StateType};
+use crate::storage::{blob, StateDir, PERMANENT, VOLATILE};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Largest state blob SET_STATEBLOB accepts (swtpm's limit).
+pub const MAX_STATE_BLOB: u32 = 512 * 1024;
+/// GET_INFO hands out JSON in chunks of at most this size.
+const INFO_CHUNK: usize = 3072;
+/// libtpms's default and largest I/O buffer for TPM 2.
+pub const DEFAULT_BUFFER_SIZE: u32 = 4096;
+
+#[derive(Debug, Error)]
+pub enum InstanceError {
+    #[error("libtpms is already in use in this process")]
+    EngineTaken,
+    #[error("libtpms refused to start (TPM result {0:#x})")]
+    Engine(u32),
+    #[error("the existing TPM state in {dir} cannot be loaded (TPM result {rc:#x}); refusing to start a blank TPM in its place")]
+    BadState { dir: String, rc: u32 },
+    #[error("TPM start-up failed: {0}")]
+    Startup(String),
+}
+
+/// Behaviour switches from the command line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    pub disable_auto_shutdown: bool,
+}
+
+/// How a started TPM should be brought up (`--flags startup-*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Startup {
+    Clear,
+    State,
+}
+
+/// Everything guarded by the engine lock.
+#[derive(Debug)]
+struct Engine {
+    tpm: Libtpms,
+    running: bool,
+    /// Requested buffer size, re-applied before every power-on.
+    buffer_size: u32,
+    last_was_shutdown: bool,
+    /// A permanent blob was set since the last power-on: persist it after.
+    permanent_set: bool,
+}
+
+/// A vTPM shared by the control and data frontends.
+#[derive(Debug)]
+pub struct Vtpm {
+    engine: Mutex<Engine>,
+    store: Arc<StateDir>,
+    opts: Options,
+    running: AtomicBool,
+    established: AtomicBool,
+    io_size: AtomicU32,
+}
+
+impl Vtpm {
+    /// Claims libtpms for `store` and checks that existing state loads.
+    pub fn new(store: Arc<StateDir>, opts: Options) -> Result<Vtpm, InstanceError> {
+        let tpm = match Libtpms::take(store.clone()) {
+            None => return Err(InstanceError::EngineTaken),
+            Some(Err(rc)) => return Err(InstanceError::Engine(rc)),
+            Some(Ok(t)) => t,
+        };
+        let mut engine = Engine {
+            tpm,
+            running: false,
+            buffer_size: 0,
+            last_was_shutdown: false,
+            permanent_set: false,
+        };
+        if store.file_of(PERMANENT).exists() {
+            if let Err(rc) = engine.tpm.validate_state(StateType::Permanent) {
+                return Err(InstanceError::BadState {
+                    dir: store.path().display().to_string(),
+                    rc,
+                });
+            }
+        }
+        let (size, _, _) = engine.tpm.set_buffer_size(0);
+        Ok(Vtpm {
+            engine: Mutex::new(engine),
+            store,
+            opts,
+            running: AtomicBool::new(false),
+            established: AtomicBool::new(false),
+            io_size: AtomicU32::new(size),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    pub fn store(&self) -> &StateDir {
+        &self.store
+    }
+
+    /// Largest command or response the data channel may carry.
+    pub fn io_size(&self) -> u32 {
+        self.io_size.load(Ordering::SeqCst)
+    }
+
+    /// Powers the TPM on (as `--flags not-need-init`), optionally followed
+    /// by TPM2_Startup.
+    pub fn start(&self, startup: Option<Startup>) -> Result<(), InstanceError> {
+        let r = self.init(0);
+        if r != rc::SUCCESS {
+            return Err(InstanceError::Startup(format!("INIT failed with {r:#x}")));
+        }
+        if let Some(s) = startup {
+            let su = if s == Startup::Clear {
+                tpm2::SU_CLEAR
+            } else {
+                tpm2::SU_STATE
+            };
+            let mut out = Vec::new();
+            self.process(&tpm2::startup_command(su), &mut out);
+            let code = tpm2::response_code(&out);
+            if code != tpm2::RC_SUCCESS && code != tpm2::RC_INITIALIZE {
+                return Err(InstanceError::Startup(format!(
+                    "TPM2_Startup answered {code:#x}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one data-channel command; the response is left in `out`.
+    pub fn process(&self, command: &[u8], out: &mut Vec<u8>) {
+        out.clear();
+        let mut e = self.lock();
+        if !e.running {
+            out.extend_from_slice(&tpm2::error_response(tpm2::RC_FAILURE));
+            return;
+        }
+        if self.store.is_fenced() {
+            // A TPM command after an outgoing state hand-off: the VM kept
+            // running here, so this copy is the live one again.
+            log::warn!("TPM command after GET_STATEBLOB(savestate): taking the state back");
+            self.store.set_fenced(false);
+        }
+        let max = self.io_size() as usize;
+        match e.tpm.process(command) {
+            Ok(resp) if resp.len() >= tpm2::HEADER_LEN && resp.len() <= max => {
+                out.extend_from_slice(resp);
+            }
+            Ok(resp) => {
+                log::error!(
+                    "libtpms produced a {}-byte response (limit {max}); answering TPM_RC_FAILURE",
+                    resp.len()
+                );
+                out.extend_from_slice(&tpm2::error_response(tpm2::RC_FAILURE));
+            }
+            Err(rc) => {
+                log::error!("libtpms failed to process a command: {rc:#x}");
+                out.extend_from_slice(&tpm2::error_response(tpm2::RC_FAILURE));
+            }
+        }
+        let code = tpm2::command_code(command);
+        e.last_was_shutdown =
+            code == Some(tpm2::CC_SHUTDOWN) && tpm2::response_code(out) == tpm2::RC_SUCCESS;
+    }
+
+    /// Answers a control request whose streamed data (if any) is `data`.
+    /// SET_DATAFD is the frontend's business and is not handled here.
+    pub fn control(&self, req: &Request, data: &[u8]) -> Response {
+        let code = req.code();
+        let result = match *req {
+            Request::GetCapability => return Response::Capability(CAPABILITIES),
+            Request::Init { flags } => self.init(flags),
+            Request::Shutdown | Request::Stop => {
+                self.power_off();
+                rc::SUCCESS
+            }
+            Request::GetTpmEstablished => {
+                if !self.is_running() {
+                    return Response::error_for(code, rc::BAD_ORDINAL);
+                }
+                let established = self.established.load(Ordering::SeqCst);
+                return Response::Established {
+                    result: rc::SUCCESS,
+                    established,
+                };
+            }
+            Request::SetLocality(loc) => {
+                if loc > 4 {
+                    rc::BAD_LOCALITY
+                } else {
+                    ffi::set_locality(loc);
+                    rc::SUCCESS
+                }
+            }
+            Request::CancelTpmCmd => {
+                if self.is_running() {
+                    ffi::cancel_command();
+                    rc::SUCCESS
+                } else {
+                    rc::BAD_ORDINAL
+                }
+            }
+            Request::HashStart => self.running_op(|e| e.tpm.hash_start()),
+            Request::HashData { .. } => self.running_op(|e| e.tpm.hash_data(data)),
+            Request::HashEnd => self.running_op(|e| e.tpm.hash_end()),
+            Request::StoreVolatile => self.store_volatile(),
+            Request::ResetTpmEstablished(loc) => self.reset_established(loc),
+            Request::GetStateBlob {
+                flags,
+                blob_type,
+                offset,
+            } => return self.get_stateblob(flags, blob_type, offset),
+            Request::SetStateBlob {
+                flags, blob_type, ..
+            } => self.set_stateblob(flags, blob_type, data),
+            Request::GetConfig => {
+                return Response::Config {
+                    flags: u32::from(self.store.has_key()),
+                }
+            }
+            Request::SetDataFd => rc::FAIL,
+            Request::SetBufferSize(size) => return self.set_buffer_size(size),
+            Request::GetInfo { flags, offset } => return self.get_info(flags, offset),
+            Request::LockStorage { retries } => self.lock_storage(retries),
+        };
+        if result == rc::SUCCESS {
+            Response::Result(rc::SUCCESS)
+        } else {
+            Response::error_for(code, result)
+        }
+    }
+
+    fn running_op(&self, f: impl FnOnce(&mut Engine) -> Result<(), u32>) -> u32 {
+        let mut e = self.lock();
+        if !e.running {
+            return rc::BAD_ORDINAL;
+        }
+        let r = f(&mut e).err().unwrap_or(rc::SUCCESS);
+        self.refresh_established(&mut e);
+        r
+    }
+
+    fn refresh_established(&self, e: &mut Engine) {
+        if e.running {
+            let v = e.tpm.established().unwrap_or(false);
+            self.established.store(v, Ordering::SeqCst);
+        }
+    }
+
+    fn init(&self, flags: u32) -> u32 {
+        let mut e = self.lock();
+        self.power_off_locked(&mut e);
+        if e.buffer_size != 0 {
+            let want = e.buffer_size;
+            e.tpm.set_buffer_size(want);
+        }
+        if let Err(r) = e.tpm.main_init() {
+            log::error!(
+                "INIT: libtpms could not start the TPM (result {r:#x}); see earlier errors"
+            );
+            e.tpm.terminate();
+            return r;
+        }
+        e.running = true;
+        e.last_was_shutdown = false;
+        self.running.store(true, Ordering::SeqCst);
+        let (size, _, _) = e.tpm.set_buffer_size(0);
+        self.io_size.store(size, Ordering::SeqCst);
+        if e.permanent_set {
+            e.permanent_set = false;
+            // The state came through SET_STATEBLOB: make it this directory's
+            // state now, or a crash would bring back the old one.
+            let persisted = e
+                .tpm
+                .get_state(StateType::Permanent)
+                .map_err(|r| format!("libtpms result {r:#x}"))
+                .and_then(|s| {
+                    self.store
+                        .write_blob(PERMANENT, &s)
+                        .map_err(|err| err.to_string())
+                });
+            if let Err(why) = persisted {
+                log::error!("INIT: could not persist the received permanent state: {why}");
+                self.power_off_locked(&mut e);
+                return rc::FAIL;
+            }
+        }
+        if flags & INIT_FLAG_DELETE_VOLATILE != 0 {
+            if let Err(err) = self.store.remove_blob(VOLATILE) {
+                log::warn!("INIT: could not delete the volatile state: {err}");
+            }
+        }
+        self.refresh_established(&mut e);
+        log::info!("TPM powered on (I/O buffer {size} bytes)");
+        rc::SUCCESS
+    }
+
+    /// Stops the TPM (STOP, SHUTDOWN, process exit).
+    pub fn power_off(&self) {
+        let mut e = self.lock();
+        self.power_off_locked(&mut e);
+    }
+
+    fn power_off_locked(&self, e: &mut Engine) {
+        if !e.running {
+            return;
+        }
+        if !self.opts.disable_auto_shutdown && !e.last_was_shutdown && !self.store.is_fenced() {
+            for su in [tpm2::SU_STATE, tpm2::SU_CLEAR] {
+                let rc = e
+                    .tpm
+                    .process(&tpm2::shutdown_command(su))
+                    .map(tpm2::response_code);
+                if matches!(rc, Ok(tpm2::RC_SUCCESS | tpm2::RC_INITIALIZE)) {
+                    break;
+                }
+            }
+        }
+        e.tpm.terminate();
+        e.running = false;
+        self.running.store(false, Ordering::SeqCst);
+        log::info!("TPM powered off");
+    }
+
+    fn store_volatile(&self) -> u32 {
+        let mut e = self.lock();
+        if !e.running {
+            return rc::BAD_ORDINAL;
+        }
+        match e.tpm.volatile_store() {
+            Ok(v) => match self.store.write_blob(VOLATILE, &v) {
+                Ok(()) => rc::SUCCESS,
+                Err(err) => {
+                    log::error!("STORE_VOLATILE: {err}");
+                    rc::FAIL
+                }
+            },
+            Err(r) => r,
+        }
+    }
+
+    fn reset_established(&self, loc: u8) -> u32 {
+        if loc > 4 {
+            return rc::BAD_LOCALITY;
+        }
+        self.running_op(|e| {
+            let saved = ffi::locality();
+            ffi::set_locality(loc);
+            let r = e.tpm.reset_established();
+            ffi::set_locality(saved);
+            r
+        })
+    }
+
+    fn get_stateblob(&self, flags: u32, ty: u32, offset: u32) -> Response {
+        let fail = |r| Response::error_for(cmd::GET_STATEBLOB, r);
+        let mut e = self.lock();
+        if !e.running {
+            return fail(rc::BAD_ORDINAL);
+        }
+        if self.store.has_key() && flags & STATE_FLAG_DECRYPTED == 0 {
+            log::error!(
+                "GET_STATEBLOB: exporting state still under the state-file key is not supported"
+            );
+            return fail(rc::FAIL);
+        }
+        let state = match ty {
+            blob_type::PERMANENT => e.tpm.get_state(StateType::Permanent),
+            blob_type::VOLATILE => e.tpm.get_state(StateType::Volatile),
+            blob_type::SAVESTATE => return fail(rc::RETRY),
+            _ => return fail(rc::FAIL),
+        };
+        let state = match state {
+            Ok(s) if !s.is_empty() => s,
+            Ok(_) => return fail(rc::RETRY),
+            Err(r) => return fail(r),
+        };
+        if ty == blob_type::VOLATILE {
+            if let Err(err) = self.store.remove_blob(VOLATILE) {
+                log::warn!("GET_STATEBLOB: could not delete the volatile state file: {err}");
+            }
+        }
+        log::warn!("GET_STATEBLOB: handing out TPM state type {ty} unencrypted");
+        let wire = blob::encode_migration(&state);
+        let Some(rest) = wire.get(offset as usize..) else {
+            return fail(rc::BAD_PARAMETER);
+        };
+        Response::StateBlob {
+            result: rc::SUCCESS,
+            flags: 0,
+            total: rest.len() as u32,
+            data: rest.to_vec(),
+        }
+    }
+
+    fn set_stateblob(&self, flags: u32, ty: u32, data: &[u8]) -> u32 {
+        let mut e = self.lock();
+        if e.running {
+            log::error!("SET_STATEBLOB refused: the TPM is running (send STOP first)");
+            return rc::BAD_ORDINAL;
+        }
+        let st = match ty {
+            blob_type::PERMANENT => StateType::Permanent,
+            blob_type::VOLATILE => StateType::Volatile,
+            blob_type::SAVESTATE => StateType::SaveState,
+            _ => {
+                log::error!("SET_STATEBLOB: unknown blob type {ty}");
+                return rc::FAIL;
+            }
+        };
+        if flags & STATE_FLAG_ENCRYPTED != 0 {
+            log::error!(
+                "SET_STATEBLOB: the blob is encrypted with a state-file key vtpmd does not have"
+            );
+            return rc::KEYNOTFOUND;
+        }
+        if let Err(err) = self.store.lock() {
+            log::error!("SET_STATEBLOB: {err}");
+            return rc::IOERROR;
+        }
+        let result = if data.is_empty() {
+            e.tpm.set_state(st, None)
+        } else {
+            match blob::decode_plain(data) {
+                Ok(raw) => e.tpm.set_state(st, Some(&raw)),
+                Err(err) => {
+                    log::error!("SET_STATEBLOB type {ty}: {err}");
+                    return err.tpm_result();
+                }
+            }
+        };
+        match result {
+            Ok(()) => {
+                if st == StateType::Permanent {
+                    e.permanent_set = !data.is_empty();
+                }
+                rc::SUCCESS
+            }
+            Err(r) => {
+                log::error!("SET_STATEBLOB type {ty}: libtpms rejected the state (result {r:#x})");
+                e.permanent_set = false;
+                r
+            }
+        }
+    }
+
+    fn set_buffer_size(&self, wanted: u32) -> Response {
+        let mut e = self.lock();
+        if wanted > 0 && e.running {
+            return Response::Result(rc::BAD_ORDINAL);
+        }
+        let (size, min, max) = e.tpm.set_buffer_size(wanted);
+        if wanted > 0 {
+            e.buffer_size = size;
+            self.io_size.store(size, Ordering::SeqCst);
+        }
+        Response::BufferSize { size, min, max }
+    }
+
+    fn get_info(&self, flags: u64, offset: u32) -> Response {
+        let mut e = self.lock();
+        let Ok(flags) = u32::try_from(flags) else {
+            return Response::Result(rc::BAD_PARAMETER);
+        };
+        let Some(json) = e.tpm.get_info(flags) else {
+            return Response::Result(0x17);
+        };
+        let mut bytes = json.into_bytes();
+        bytes.push(0);
+        let offset = offset as usize;
+        if offset >= bytes.len() {
+            return Response::Result(rc::BAD_PARAMETER);
+        }
+        let end = bytes.len().min(offset + INFO_CHUNK);
+        Response::Info {
+            total: bytes.len() as u32,
+            chunk: bytes[offset..end].to_vec(),
+        }
+    }
+
+    fn lock_storage(&self, retries: u32) -> u32 {
+        for attempt in 0..=retries {
+            match self.store.lock() {
+                Ok(()) => {
+                    self.store.set_fenced(false);
+                    return rc::SUCCESS;
+                }
+                Err(err) if attempt == retries => log::error!("LOCK_STORAGE: {err}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        rc::FAIL
+    }
+}

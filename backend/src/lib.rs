@@ -1,0 +1,20 @@
+//! vtpmd: a virtual TPM 2.0 backend for virtual machines.
+//!
+//! Where things are:
+//! * [`config`]: command line → validated configuration.
+//! * [`ctrl::wire`]: where a control command is decoded and its reply encoded.
+//! * [`ctrl::server`] and [`data`]: the control and data channel frontends.
+//! * [`instance`]: the vTPM's power state machine, shared by the frontends.
+//! * [`engine`]: libtpms (all its `unsafe` is in [`engine::ffi`]).
+//! * [`storage`]: where state is written (atomically, optionally sealed).
+//! * [`daemon`]: wiring it all together for `vtpmd socket`.
+
+pub mod config;
+pub mod ctrl;
+pub mod daemon;
+pub mod data;
+pub mod engine;
+pub mod fdpass;
+pub mod instance;
+pub mod logging;
+pub mod storage;

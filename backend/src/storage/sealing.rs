@@ -1,0 +1,294 @@
+//! At-rest encryption of state files (`--key`).
+//!
+//! One 256-bit key from the key file is expanded with HKDF-SHA256 into an
+//! AES-256 key and a separate HMAC-SHA256 key. A sealed file is
+//!
+//! ```text
+//! "VTPMSEAL" | u8 version (1) | u8 cipher (1 = AES-256-CBC + HMAC-SHA256)
+//! | be16 name_len | name | iv[16] | be32 ct_len | ciphertext | hmac[32]
+//! ```
+//!
+//! The HMAC covers every byte before it, header and blob name included, so a
+//! file cannot be renamed (volatile state passed off as permanent), truncated,
+//! or have its header edited without detection.
+
+use aes::cipher::{block_padding::Pkcs7, BlockDecryptMut, BlockEncryptMut, KeyIvInit};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::path::Path;
+use thiserror::Error;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+const MAGIC: &[u8; 8] = b"VTPMSEAL";
+const VERSION: u8 = 1;
+const CIPHER_AES256_CBC_HMAC_SHA256: u8 = 1;
+const IV_LEN: usize = 16;
+const TAG_LEN: usize = 32;
+
+type Aes256CbcEnc = cbc::Encryptor<aes::Aes256>;
+type Aes256CbcDec = cbc::Decryptor<aes::Aes256>;
+
+#[derive(Debug, Error)]
+pub enum SealError {
+    #[error("cannot read key file {path}: {source}")]
+    KeyFileRead {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("key file {path}: {why}")]
+    KeyFileFormat { path: String, why: String },
+    #[error("sealed state file is truncated or malformed ({0})")]
+    Malformed(&'static str),
+    #[error("sealed state file has unsupported version {0} or cipher {1}")]
+    Unsupported(u8, u8),
+    #[error("sealed state file is for blob '{found}', expected '{expected}'")]
+    WrongName { found: String, expected: String },
+    #[error("state file authentication failed: wrong --key, or the file was modified")]
+    BadMac,
+    #[error("state file decrypted to invalid padding")]
+    BadPadding,
+    #[error("no random numbers from the OS: {0}")]
+    Random(String),
+}
+
+/// How the key file is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFormat {
+    Hex,
+    Binary,
+}
+
+/// The two keys derived from the key file. Zeroized when dropped.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub struct StateKey {
+    enc: [u8; 32],
+    mac: [u8; 32],
+}
+
+impl std::fmt::Debug for StateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateKey(<redacted>)")
+    }
+}
+
+impl StateKey {
+    /// Derives the encryption and MAC keys from 32 bytes of key material.
+    pub fn from_master(master: &[u8; 32]) -> StateKey {
+        let hk = hkdf::Hkdf::<Sha256>::new(Some(b"vtpmd state at rest v1"), master);
+        let mut key = StateKey {
+            enc: [0; 32],
+            mac: [0; 32],
+        };
+        // Expanding 32 bytes from SHA-256 HKDF cannot fail.
+        hk.expand(b"aes-256-cbc", &mut key.enc)
+            .expect("hkdf length");
+        hk.expand(b"hmac-sha256", &mut key.mac)
+            .expect("hkdf length");
+        key
+    }
+
+    /// Reads a key file: 32 raw bytes, or 64 hex digits (optional 0x, whitespace).
+    pub fn from_file(path: &Path, format: KeyFormat) -> Result<StateKey, SealError> {
+        let shown = path.display().to_string();
+        let raw = Zeroizing::new(
+            std::fs::read(path).map_err(|source| SealError::KeyFileRead {
+                path: shown.clone(),
+                source,
+            })?,
+        );
+        let mut master = Zeroizing::new([0u8; 32]);
+        match format {
+            KeyFormat::Binary => {
+                if raw.len() != 32 {
+                    return Err(SealError::KeyFileFormat {
+                        path: shown,
+                        why: format!(
+                            "binary key must be exactly 32 bytes (AES-256), found {}",
+                            raw.len()
+                        ),
+                    });
+                }
+                master.copy_from_slice(&raw);
+            }
+            KeyFormat::Hex => {
+                let text = std::str::from_utf8(&raw).map_err(|_| SealError::KeyFileFormat {
+                    path: shown.clone(),
+                    why: "hex key file is not text".into(),
+                })?;
+                let t = text.trim();
+                let t = t.strip_prefix("0x").unwrap_or(t);
+                if t.len() != 64 {
+                    return Err(SealError::KeyFileFormat {
+                        path: shown,
+                        why: format!("hex key must be 64 hex digits (AES-256), found {}", t.len()),
+                    });
+                }
+                for (i, chunk) in t.as_bytes().chunks(2).enumerate() {
+                    let s = std::str::from_utf8(chunk).unwrap_or("zz");
+                    master[i] =
+                        u8::from_str_radix(s, 16).map_err(|_| SealError::KeyFileFormat {
+                            path: shown.clone(),
+                            why: "hex key holds a non-hex character".into(),
+                        })?;
+                }
+            }
+        }
+        Ok(StateKey::from_master(&master))
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        <Hmac<Sha256> as Mac>::new_from_slice(&self.mac).expect("any HMAC key length")
+    }
+
+    /// Encrypts and authenticates `plain` as blob `name`.
+    pub fn seal(&self, name: &str, plain: &[u8]) -> Result<Vec<u8>, SealError> {
+        let mut iv = [0u8; IV_LEN];
+        getrandom::getrandom(&mut iv).map_err(|e| SealError::Random(e.to_string()))?;
+        let ct =
+            Aes256CbcEnc::new(&self.enc.into(), &iv.into()).encrypt_padded_vec_mut::<Pkcs7>(plain);
+        let mut out = Vec::with_capacity(8 + 4 + name.len() + IV_LEN + 4 + ct.len() + TAG_LEN);
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.push(CIPHER_AES256_CBC_HMAC_SHA256);
+        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&iv);
+        out.extend_from_slice(&(ct.len() as u32).to_be_bytes());
+        out.extend_from_slice(&ct);
+        let mut m = self.mac();
+        m.update(&out);
+        out.extend_from_slice(&m.finalize().into_bytes());
+        Ok(out)
+    }
+
+    /// Verifies and decrypts a sealed file that must belong to blob `name`.
+    pub fn open(&self, name: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, SealError> {
+        let (version, cipher, found, iv, ct, body_len) = parse(sealed)?;
+        if version != VERSION || cipher != CIPHER_AES256_CBC_HMAC_SHA256 {
+            return Err(SealError::Unsupported(version, cipher));
+        }
+        let mut m = self.mac();
+        m.update(&sealed[..body_len]);
+        m.verify_slice(&sealed[body_len..])
+            .map_err(|_| SealError::BadMac)?;
+        if found != name.as_bytes() {
+            return Err(SealError::WrongName {
+                found: String::from_utf8_lossy(found).into_owned(),
+                expected: name.into(),
+            });
+        }
+        let iv: [u8; IV_LEN] = iv.try_into().map_err(|_| SealError::Malformed("iv"))?;
+        Aes256CbcDec::new(&self.enc.into(), &iv.into())
+            .decrypt_padded_vec_mut::<Pkcs7>(ct)
+            .map(Zeroizing::new)
+            .map_err(|_| SealError::BadPadding)
+    }
+}
+
+/// Whether `bytes` is a sealed file (so it needs `--key`).
+pub fn is_sealed(bytes: &[u8]) -> bool {
+    bytes.starts_with(MAGIC)
+}
+
+type Parts<'a> = (u8, u8, &'a [u8], &'a [u8], &'a [u8], usize);
+
+fn parse(b: &[u8]) -> Result<Parts<'_>, SealError> {
+    if !is_sealed(b) {
+        return Err(SealError::Malformed("magic"));
+    }
+    let take = |at: usize, n: usize, what: &'static str| {
+        b.get(at..at + n).ok_or(SealError::Malformed(what))
+    };
+    let version = b.get(8).copied().ok_or(SealError::Malformed("version"))?;
+    let cipher = b.get(9).copied().ok_or(SealError::Malformed("cipher"))?;
+    let name_len = usize::from(u16::from_be_bytes(
+        take(10, 2, "name length")?.try_into().unwrap_or([0; 2]),
+    ));
+    let name = take(12, name_len, "name")?;
+    let iv_at = 12 + name_len;
+    let iv = take(iv_at, IV_LEN, "iv")?;
+    let ct_len = u32::from_be_bytes(
+        take(iv_at + IV_LEN, 4, "ciphertext length")?
+            .try_into()
+            .unwrap_or([0; 4]),
+    ) as usize;
+    let ct_at = iv_at + IV_LEN + 4;
+    let ct = take(ct_at, ct_len, "ciphertext")?;
+    let body_len = ct_at + ct_len;
+    if b.len() != body_len + TAG_LEN {
+        return Err(SealError::Malformed("length"));
+    }
+    Ok((version, cipher, name, iv, ct, body_len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> StateKey {
+        StateKey::from_master(&[b; 32])
+    }
+
+    #[test]
+    fn round_trip() {
+        let s = key(1).seal("permall", b"tpm state").unwrap();
+        assert!(is_sealed(&s));
+        assert_eq!(&key(1).open("permall", &s).unwrap()[..], b"tpm state");
+        assert!(!s.windows(9).any(|w| w == b"tpm state"));
+    }
+
+    #[test]
+    fn wrong_key_and_tampering_fail() {
+        let s = key(1).seal("permall", &[7; 100]).unwrap();
+        assert!(matches!(key(2).open("permall", &s), Err(SealError::BadMac)));
+        for i in 0..s.len() {
+            let mut t = s.clone();
+            t[i] ^= 0x01;
+            assert!(key(1).open("permall", &t).is_err(), "flip at {i} accepted");
+        }
+    }
+
+    #[test]
+    fn renamed_blob_fails() {
+        let s = key(1).seal("volatilestate", b"v").unwrap();
+        assert!(matches!(
+            key(1).open("permall", &s),
+            Err(SealError::WrongName { .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_oversized_garbage() {
+        let s = key(1).seal("permall", b"abc").unwrap();
+        for n in 0..s.len() {
+            assert!(key(1).open("permall", &s[..n]).is_err());
+        }
+        let mut long = s.clone();
+        long.push(0);
+        assert!(matches!(
+            key(1).open("permall", &long),
+            Err(SealError::Malformed(_))
+        ));
+        assert!(key(1).open("permall", b"VTPMSEAL\xff\xff\xff\xff").is_err());
+    }
+
+    #[test]
+    fn key_file_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let hex = dir.path().join("k.hex");
+        std::fs::write(&hex, format!("0x{}\n", "ab".repeat(32))).unwrap();
+        let bin = dir.path().join("k.bin");
+        std::fs::write(&bin, [0xab; 32]).unwrap();
+        let a = StateKey::from_file(&hex, KeyFormat::Hex).unwrap();
+        let b = StateKey::from_file(&bin, KeyFormat::Binary).unwrap();
+        let s = a.seal("permall", b"x").unwrap();
+        assert_eq!(&b.open("permall", &s).unwrap()[..], b"x");
+        std::fs::write(&hex, "abcd").unwrap();
+        assert!(StateKey::from_file(&hex, KeyFormat::Hex).is_err());
+        std::fs::write(&hex, "zz".repeat(32)).unwrap();
+        assert!(StateKey::from_file(&hex, KeyFormat::Hex).is_err());
+        std::fs::write(&bin, [1; 16]).unwrap();
+        assert!(StateKey::from_file(&bin, KeyFormat::Binary).is_err());
+        assert!(StateKey::from_file(&dir.path().join("missing"), KeyFormat::Hex).is_err());
+    }
+}
