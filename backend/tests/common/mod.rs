@@ -1,0 +1,329 @@
+//! Test support: start real vtpmd (and swtpm) processes, talk to them over
+//! real sockets, and build raw TPM 2.0 commands.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const VTPMD: &str = env!("CARGO_BIN_EXE_vtpmd");
+
+/// A running backend process, killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub ctrl: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `vtpmd socket --tpm2` on state dir `dir` with a unix control
+    /// socket, plus `extra` arguments.
+    pub fn start(dir: &Path, extra: &[&str]) -> Daemon {
+        Self::start_bin(VTPMD, dir, extra)
+    }
+
+    pub fn start_bin(bin: &str, dir: &Path, extra: &[&str]) -> Daemon {
+        let ctrl = dir.join("ctrl.sock");
+        let log = dir.join("vtpmd.log");
+        let _ = std::fs::remove_file(&ctrl);
+        let child = Command::new(bin)
+            .arg("socket")
+            .arg("--tpm2")
+            .arg("--tpmstate")
+            .arg(format!("dir={}", dir.join("state").display()))
+            .arg("--ctrl")
+            .arg(format!("type=unixio,path={}", ctrl.display()))
+            .arg("--log")
+            .arg(format!("file={},level=20", log.display()))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn backend");
+        let mut d = Daemon {
+            child,
+            dir: dir.to_path_buf(),
+            ctrl,
+            log,
+        };
+        d.wait_for_socket();
+        d
+    }
+
+    fn wait_for_socket(&mut self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if UnixStream::connect(&self.ctrl).is_ok() {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!(
+                    "backend exited with {st} before listening: {err}\nlog: {}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("control socket {} did not appear", self.ctrl.display());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Makes `<tmp>/state` and returns the temp dir.
+pub fn state_dir() -> tempfile::TempDir {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::create_dir(t.path().join("state")).unwrap();
+    t
+}
+
+/// A control-channel client.
+pub struct Ctrl {
+    pub s: UnixStream,
+}
+
+impl Ctrl {
+    pub fn connect(path: &Path) -> Ctrl {
+        let s = UnixStream::connect(path).expect("connect ctrl");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Ctrl { s }
+    }
+
+    /// Sends raw bytes and reads exactly `reply_len` bytes.
+    pub fn raw(&mut self, bytes: &[u8], reply_len: usize) -> Vec<u8> {
+        self.s.write_all(bytes).unwrap();
+        let mut r = vec![0u8; reply_len];
+        self.s.read_exact(&mut r).expect("control reply");
+        r
+    }
+
+    pub fn cmd(&mut self, code: u32, body: &[u8], reply_len: usize) -> Vec<u8> {
+        let mut v = code.to_be_bytes().to_vec();
+        v.extend_from_slice(body);
+        self.raw(&v, reply_len)
+    }
+
+    /// The be32 result of a result-only command.
+    pub fn result(&mut self, code: u32, body: &[u8]) -> u32 {
+        be32(&self.cmd(code, body, 4), 0)
+    }
+
+    /// SET_DATAFD with a fresh socketpair; returns our end.
+    pub fn set_datafd(&mut self) -> (u32, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        vtpmd::fdpass::send_with_fd(&self.s, &0x10u32.to_be_bytes(), theirs.as_raw_fd()).unwrap();
+        drop(theirs);
+        let mut r = [0u8; 4];
+        self.s.read_exact(&mut r).unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        (be32(&r, 0), ours)
+    }
+
+    /// QEMU's start-up: SET_DATAFD, probe, caps, STOP/SET_BUFFERSIZE x2, INIT.
+    pub fn qemu_start(&mut self, bufsize: u32) -> UnixStream {
+        let (rc, mut data) = self.set_datafd();
+        assert_eq!(rc, 0, "SET_DATAFD");
+        let probe = tpm(&mut data, &[0x80, 0x01, 0, 0, 0, 0x0a, 0, 0, 0x01, 0x81]);
+        assert_eq!(&probe[..2], &[0x80, 0x01], "probe tag");
+        let caps = self.cmd(1, &[], 8);
+        assert_eq!(be32(&caps, 4) & 0x348f, 0x348f);
+        assert_eq!(self.result(0x0e, &[]), 0);
+        let bs = self.cmd(0x11, &[0; 4], 16);
+        assert_eq!(be32(&bs, 0), 0);
+        assert_eq!(self.result(0x0e, &[]), 0);
+        let bs = self.cmd(0x11, &bufsize.to_be_bytes(), 16);
+        assert_eq!(be32(&bs, 4), bufsize);
+        assert_eq!(self.result(0x02, &[0; 4]), 0, "INIT");
+        data
+    }
+}
+
+pub fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+pub fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes(b[at..at + 2].try_into().unwrap())
+}
+
+/// Sends a TPM command on a data stream and reads its whole response.
+pub fn tpm<S: Read + Write>(s: &mut S, cmd: &[u8]) -> Vec<u8> {
+    s.write_all(cmd).unwrap();
+    read_response(s)
+}
+
+pub fn read_response<S: Read>(s: &mut S) -> Vec<u8> {
+    let mut h = [0u8; 10];
+    s.read_exact(&mut h).expect("response header");
+    let size = be32(&h, 2) as usize;
+    assert!((10..=4096).contains(&size), "response size {size}");
+    let mut r = h.to_vec();
+    r.resize(size, 0);
+    s.read_exact(&mut r[10..]).unwrap();
+    r
+}
+
+pub fn rc(resp: &[u8]) -> u32 {
+    be32(resp, 6)
+}
+
+/// Raw TPM 2.0 commands with empty password authorisation.
+pub mod cmd {
+    fn finish(tag: u16, cc: u32, body: &[u8]) -> Vec<u8> {
+        let mut v = tag.to_be_bytes().to_vec();
+        v.extend_from_slice(&((10 + body.len()) as u32).to_be_bytes());
+        v.extend_from_slice(&cc.to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    /// One TPM_RS_PW session with empty auth.
+    fn pw_auth(b: &mut Vec<u8>) {
+        b.extend_from_slice(&9u32.to_be_bytes());
+        b.extend_from_slice(&0x4000_0009u32.to_be_bytes());
+        b.extend_from_slice(&[0, 0, 0, 0, 0]);
+    }
+
+    pub fn startup_clear() -> Vec<u8> {
+        finish(0x8001, 0x144, &[0, 0])
+    }
+
+    pub fn startup_state() -> Vec<u8> {
+        finish(0x8001, 0x144, &[0, 1])
+    }
+
+    pub fn shutdown_state() -> Vec<u8> {
+        finish(0x8001, 0x145, &[0, 1])
+    }
+
+    pub fn get_random(n: u16) -> Vec<u8> {
+        finish(0x8001, 0x17b, &n.to_be_bytes())
+    }
+
+    pub fn pcr_extend(pcr: u32, digest: &[u8; 32]) -> Vec<u8> {
+        let mut b = pcr.to_be_bytes().to_vec();
+        pw_auth(&mut b);
+        b.extend_from_slice(&1u32.to_be_bytes());
+        b.extend_from_slice(&0x000bu16.to_be_bytes());
+        b.extend_from_slice(digest);
+        finish(0x8002, 0x182, &b)
+    }
+
+    pub fn pcr_read(pcr: u32) -> Vec<u8> {
+        let mut sel = [0u8; 3];
+        sel[(pcr / 8) as usize] = 1 << (pcr % 8);
+        let mut b = 1u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&0x000bu16.to_be_bytes());
+        b.push(3);
+        b.extend_from_slice(&sel);
+        finish(0x8001, 0x17e, &b)
+    }
+
+    /// The SHA-256 digest from a PCR_Read response for one PCR.
+    pub fn pcr_value(resp: &[u8]) -> [u8; 32] {
+        resp[30..62].try_into().unwrap()
+    }
+
+    /// An ordinary NV index with empty auth, AUTHREAD|AUTHWRITE|NO_DA.
+    pub fn nv_define(index: u32, size: u16) -> Vec<u8> {
+        let mut b = 0x4000_0001u32.to_be_bytes().to_vec();
+        pw_auth(&mut b);
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(&14u16.to_be_bytes());
+        b.extend_from_slice(&index.to_be_bytes());
+        b.extend_from_slice(&0x000bu16.to_be_bytes());
+        b.extend_from_slice(&(0x0000_0004u32 | 0x0004_0000 | 0x0200_0000).to_be_bytes());
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(&size.to_be_bytes());
+        finish(0x8002, 0x12a, &b)
+    }
+
+    pub fn nv_write(index: u32, data: &[u8]) -> Vec<u8> {
+        let mut b = index.to_be_bytes().to_vec();
+        b.extend_from_slice(&index.to_be_bytes());
+        pw_auth(&mut b);
+        b.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        b.extend_from_slice(data);
+        b.extend_from_slice(&[0, 0]);
+        finish(0x8002, 0x137, &b)
+    }
+
+    pub fn nv_read(index: u32, size: u16) -> Vec<u8> {
+        let mut b = index.to_be_bytes().to_vec();
+        b.extend_from_slice(&index.to_be_bytes());
+        pw_auth(&mut b);
+        b.extend_from_slice(&size.to_be_bytes());
+        b.extend_from_slice(&[0, 0]);
+        finish(0x8002, 0x14e, &b)
+    }
+
+    /// The data bytes of an NV_Read response.
+    pub fn nv_data(resp: &[u8]) -> Vec<u8> {
+        let n = super::be16(resp, 14) as usize;
+        resp[16..16 + n].to_vec()
+    }
+
+    /// CreatePrimary RSA-2048 storage key under the owner (slow: prime search).
+    pub fn create_primary_rsa(unique: u8) -> Vec<u8> {
+        let mut b = 0x4000_0001u32.to_be_bytes().to_vec();
+        pw_auth(&mut b);
+        b.extend_from_slice(&[0, 4, 0, 0, 0, 0]); // inSensitive: empty auth + data
+        let mut public = Vec::new();
+        public.extend_from_slice(&0x0001u16.to_be_bytes()); // RSA
+        public.extend_from_slice(&0x000bu16.to_be_bytes()); // SHA-256
+        public.extend_from_slice(&0x0003_0072u32.to_be_bytes()); // fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|restricted|decrypt
+        public.extend_from_slice(&[0, 0]); // authPolicy
+        public.extend_from_slice(&0x0006u16.to_be_bytes()); // AES
+        public.extend_from_slice(&128u16.to_be_bytes());
+        public.extend_from_slice(&0x0043u16.to_be_bytes()); // CFB
+        public.extend_from_slice(&0x0010u16.to_be_bytes()); // scheme NULL
+        public.extend_from_slice(&2048u16.to_be_bytes());
+        public.extend_from_slice(&0u32.to_be_bytes()); // exponent
+        public.extend_from_slice(&1u16.to_be_bytes());
+        public.push(unique);
+        b.extend_from_slice(&(public.len() as u16).to_be_bytes());
+        b.extend_from_slice(&public);
+        b.extend_from_slice(&[0, 0]); // outsideInfo
+        b.extend_from_slice(&0u32.to_be_bytes()); // creationPCR
+        finish(0x8002, 0x131, &b)
+    }
+}
