@@ -68,15 +68,27 @@ fn fill<S: DataStream>(s: &mut S, buf: &mut [u8], started: bool) -> io::Result<F
     Ok(Fill::Full)
 }
 
-/// Reads and drops whatever is already queued, to resynchronise after a
-/// malformed command.
-fn discard_pending<S: DataStream>(s: &mut S) -> io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_millis(50)))?;
+/// Drops the body of an oversized command so the stream stays in step: up
+/// to `len` bytes, or what arrives before the client pauses when `len` is
+/// implausibly large (a garbage header).
+fn skip_body<S: DataStream>(s: &mut S, len: usize) -> io::Result<()> {
+    const PLAUSIBLE: usize = 1 << 20;
+    let pause = if len > PLAUSIBLE {
+        Duration::from_millis(50)
+    } else {
+        COMMAND_TIMEOUT
+    };
+    s.set_read_timeout(Some(pause))?;
     let mut sink = [0u8; 4096];
+    let mut left = if len > PLAUSIBLE { usize::MAX } else { len };
     let r = loop {
-        match s.read(&mut sink) {
+        if left == 0 {
+            break Ok(());
+        }
+        let n = left.min(sink.len());
+        match s.read(&mut sink[..n]) {
             Ok(0) => break Ok(()),
-            Ok(_) => {}
+            Ok(got) => left -= got,
             Err(e) if is_timeout(&e) => break Ok(()),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => break Err(e),
@@ -105,8 +117,10 @@ pub fn serve<S: DataStream>(s: &mut S, vtpm: &Vtpm) -> io::Result<()> {
         let max = vtpm.io_size() as usize;
         if size < tpm2::HEADER_LEN || size > max {
             log::warn!("data channel: command size {size} outside 10..={max}; answering TPM_RC_COMMAND_SIZE");
+            if size > max {
+                skip_body(s, size - tpm2::HEADER_LEN)?;
+            }
             s.write_all(&tpm2::error_response(tpm2::RC_COMMAND_SIZE))?;
-            discard_pending(s)?;
             continue;
         }
         if cmd.len() < size {
