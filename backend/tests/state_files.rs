@@ -170,7 +170,6 @@ fn kill_9_during_nv_writes_never_loses_the_state() {
             v == last_acked || v == last_acked + 1,
             "round {round}: read {v}, last acknowledged {last_acked}"
         );
-        last_acked = v;
         // Write in a loop from a thread and kill -9 at a varying moment.
         let writer = std::thread::spawn(move || {
             let mut acked = v;
