@@ -1,0 +1,40 @@
+# vtpmd: build, demo and test entry points. Every target installs what it
+# needs first (Debian packages via scripts/install-deps.sh).
+
+CARGO ?= cargo
+VTPMD := $(CURDIR)/target/release/vtpmd
+
+.PHONY: all deps build demo test lint unit-and-integration kernel-tests clean
+
+all: build
+
+deps:
+	bash scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build --release --workspace
+
+# Boot a small Linux guest with a vTPM served by vtpmd and show tpm2-tools
+# working inside it.
+demo: build
+	TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/demo.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+# Unit tests, host integration tests (real sockets, real libtpms, tpm2-tools
+# against vtpmd and swtpm side by side).
+unit-and-integration: build
+	$(CARGO) test --release --workspace
+
+# Real guests: Debian kernel + busybox/tpm2-tools initramfs under QEMU TCG,
+# tpm-crb and tpm-tis, two boots each on one state directory.
+kernel-tests: build
+	TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-tests.sh
+
+test: deps lint unit-and-integration kernel-tests
+
+clean:
+	$(CARGO) clean
+	rm -rf build
