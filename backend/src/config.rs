@@ -315,7 +315,8 @@ impl SocketArgs {
         Ok(cfg)
     }
 
-    fn state(&self) -> Result<(PathBuf, u32), ConfigError> {
+    /// The state directory and file mode from `--tpmstate`.
+    pub fn state(&self) -> Result<(PathBuf, u32), ConfigError> {
         const OPT: &str = "--tpmstate";
         let s = self.tpmstate.as_deref().ok_or(ConfigError::NoState)?;
         let kv = parse_kv(OPT, s, &["dir", "mode", "backend-uri"])?;

@@ -11,6 +11,25 @@ fn main() -> ExitCode {
         println!("{}", capabilities_json());
         return ExitCode::SUCCESS;
     }
+    if args.print_states {
+        return match args.state() {
+            Ok((dir, _)) => {
+                let states: Vec<String> = StateDir::list(&dir)
+                    .into_iter()
+                    .map(|(n, size)| format!("{{\"name\": \"{n}\", \"size\": {size}}}"))
+                    .collect();
+                println!(
+                    "{{ \"type\": \"swtpm\", \"states\": [ {} ] }}",
+                    states.join(", ")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vtpmd: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let cfg = match args.validate() {
         Ok(c) => c,
         Err(e) => {
@@ -18,17 +37,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if args.print_states {
-        let states: Vec<String> = StateDir::list(&cfg.state_dir)
-            .into_iter()
-            .map(|(n, size)| format!("{{\"name\": \"{n}\", \"size\": {size}}}"))
-            .collect();
-        println!(
-            "{{ \"type\": \"swtpm\", \"states\": [ {} ] }}",
-            states.join(", ")
-        );
-        return ExitCode::SUCCESS;
-    }
     if let Err(e) = vtpmd::logging::init(
         cfg.log
             .as_ref()
