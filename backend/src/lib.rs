@@ -17,4 +17,5 @@ pub mod engine;
 pub mod fdpass;
 pub mod instance;
 pub mod logging;
+pub mod migration;
 pub mod storage;

@@ -1,0 +1,273 @@
+//! Host migration keys: an RSA-3072 key pair per host. A source wraps each
+//! migration's instance keys to the destination's public key (RSA-OAEP with
+//! SHA-256); a destination signs its receipt with its private key (RSA-PSS
+//! with SHA-256).
+
+use rsa::pkcs8::{
+    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding,
+};
+use rsa::traits::PublicKeyParts;
+use rsa::{Oaep, Pss, RsaPrivateKey, RsaPublicKey};
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use thiserror::Error;
+
+/// Size of newly generated host keys.
+pub const HOST_KEY_BITS: usize = 3072;
+/// Smallest peer key accepted.
+pub const MIN_PEER_BITS: usize = 3072;
+
+#[derive(Debug, Error)]
+pub enum KeyError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{what} is not a PEM {kind} key: {why}")]
+    Parse {
+        what: String,
+        kind: &'static str,
+        why: String,
+    },
+    #[error("peer key has {0} bits; at least {MIN_PEER_BITS} are required")]
+    TooSmall(usize),
+    #[error("RSA operation failed: {0}")]
+    Rsa(String),
+    #[error("peer key {0} is not in the trusted peers directory")]
+    Untrusted(String),
+}
+
+/// SHA-256 of the public key's DER (SubjectPublicKeyInfo), lower-case hex.
+pub fn fingerprint(key: &RsaPublicKey) -> String {
+    let der = key
+        .to_public_key_der()
+        .map(|d| d.as_bytes().to_vec())
+        .unwrap_or_default();
+    hex(&Sha256::digest(der))
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// A host's private key.
+pub struct HostKey {
+    private: RsaPrivateKey,
+    public: RsaPublicKey,
+}
+
+impl std::fmt::Debug for HostKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HostKey({})", fingerprint(&self.public))
+    }
+}
+
+impl HostKey {
+    pub fn generate() -> Result<HostKey, KeyError> {
+        let private = RsaPrivateKey::new(&mut rand_core::OsRng, HOST_KEY_BITS)
+            .map_err(|e| KeyError::Rsa(e.to_string()))?;
+        let public = private.to_public_key();
+        Ok(HostKey { private, public })
+    }
+
+    pub fn load(path: &Path) -> Result<HostKey, KeyError> {
+        let pem = fs::read_to_string(path).map_err(|source| KeyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let private = RsaPrivateKey::from_pkcs8_pem(&pem).map_err(|e| KeyError::Parse {
+            what: path.display().to_string(),
+            kind: "PKCS#8 private",
+            why: e.to_string(),
+        })?;
+        let public = private.to_public_key();
+        Ok(HostKey { private, public })
+    }
+
+    /// Writes `host-key.pem` (0600) and `host-key.pub.pem` into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<(), KeyError> {
+        let priv_path = dir.join("host-key.pem");
+        let pub_path = dir.join("host-key.pub.pem");
+        let werr = |p: &Path| {
+            let p = p.display().to_string();
+            move |source| KeyError::Write { path: p, source }
+        };
+        let pem = self
+            .private
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|e| KeyError::Rsa(e.to_string()))?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&priv_path)
+            .map_err(werr(&priv_path))?;
+        f.write_all(pem.as_bytes()).map_err(werr(&priv_path))?;
+        f.sync_all().map_err(werr(&priv_path))?;
+        fs::write(&pub_path, self.public_pem()).map_err(werr(&pub_path))
+    }
+
+    pub fn public(&self) -> &RsaPublicKey {
+        &self.public
+    }
+
+    pub fn public_pem(&self) -> String {
+        self.public
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap_or_default()
+    }
+
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.public)
+    }
+
+    /// Unwraps what a source wrapped to this host.
+    pub fn unwrap_key(&self, wrapped: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyError> {
+        self.private
+            .decrypt(Oaep::new::<Sha256>(), wrapped)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|e| KeyError::Rsa(e.to_string()))
+    }
+
+    pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let digest = Sha256::digest(msg);
+        self.private
+            .sign_with_rng(&mut rand_core::OsRng, Pss::new::<Sha256>(), &digest)
+            .map_err(|e| KeyError::Rsa(e.to_string()))
+    }
+}
+
+/// Parses a peer's public key (PEM SubjectPublicKeyInfo).
+pub fn parse_public(pem: &str, what: &str) -> Result<RsaPublicKey, KeyError> {
+    let key = RsaPublicKey::from_public_key_pem(pem).map_err(|e| KeyError::Parse {
+        what: what.to_string(),
+        kind: "public",
+        why: e.to_string(),
+    })?;
+    let bits = key.size() * 8;
+    if bits < MIN_PEER_BITS {
+        return Err(KeyError::TooSmall(bits));
+    }
+    Ok(key)
+}
+
+/// Wraps `secret` to `peer` with RSA-OAEP-SHA256.
+pub fn wrap_key(peer: &RsaPublicKey, secret: &[u8]) -> Result<Vec<u8>, KeyError> {
+    peer.encrypt(&mut rand_core::OsRng, Oaep::new::<Sha256>(), secret)
+        .map_err(|e| KeyError::Rsa(e.to_string()))
+}
+
+pub fn verify(peer: &RsaPublicKey, msg: &[u8], sig: &[u8]) -> bool {
+    peer.verify(Pss::new::<Sha256>(), &Sha256::digest(msg), sig)
+        .is_ok()
+}
+
+/// Checks `key` against the `*.pem` public keys in `dir`.
+pub fn check_trusted(dir: &Path, key: &RsaPublicKey) -> Result<(), KeyError> {
+    let want = fingerprint(key);
+    let entries = fs::read_dir(dir).map_err(|source| KeyError::Read {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().and_then(|x| x.to_str()) != Some("pem") {
+            continue;
+        }
+        if let Ok(pem) = fs::read_to_string(&p) {
+            if let Ok(k) = RsaPublicKey::from_public_key_pem(&pem) {
+                if fingerprint(&k) == want {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Err(KeyError::Untrusted(want))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::OnceLock;
+
+    /// Two host keys shared by the tests (generation takes a while).
+    pub fn keys() -> &'static (HostKey, HostKey) {
+        static K: OnceLock<(HostKey, HostKey)> = OnceLock::new();
+        K.get_or_init(|| (HostKey::generate().unwrap(), HostKey::generate().unwrap()))
+    }
+
+    #[test]
+    fn wrap_unwrap_sign_verify() {
+        let (a, b) = keys();
+        let w = wrap_key(a.public(), b"instance keys").unwrap();
+        assert_eq!(&a.unwrap_key(&w).unwrap()[..], b"instance keys");
+        assert!(b.unwrap_key(&w).is_err());
+        let sig = a.sign(b"receipt").unwrap();
+        assert!(verify(a.public(), b"receipt", &sig));
+        assert!(!verify(a.public(), b"receipt!", &sig));
+        assert!(!verify(b.public(), b"receipt", &sig));
+    }
+
+    #[test]
+    fn save_load_and_trust() {
+        let (a, b) = keys();
+        let d = tempfile::tempdir().unwrap();
+        a.save(d.path()).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &fs::metadata(d.path().join("host-key.pem"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(a.save(d.path()).is_err(), "never overwrites a key");
+        let loaded = HostKey::load(&d.path().join("host-key.pem")).unwrap();
+        assert_eq!(loaded.fingerprint(), a.fingerprint());
+        let pem = fs::read_to_string(d.path().join("host-key.pub.pem")).unwrap();
+        let pk = parse_public(&pem, "peer").unwrap();
+        check_trusted(d.path(), &pk).unwrap();
+        assert!(matches!(
+            check_trusted(d.path(), b.public()),
+            Err(KeyError::Untrusted(_))
+        ));
+    }
+
+    #[test]
+    fn bad_public_keys() {
+        assert!(parse_public("garbage", "x").is_err());
+        assert!(parse_public("", "x").is_err());
+        let small = RsaPrivateKey::new(&mut rand_core::OsRng, 1024)
+            .unwrap()
+            .to_public_key();
+        let pem = small.to_public_key_pem(LineEnding::LF).unwrap();
+        assert!(matches!(
+            parse_public(&pem, "x"),
+            Err(KeyError::TooSmall(1024))
+        ));
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        assert_eq!(unhex(&hex(&[0, 1, 0xfe])).unwrap(), vec![0, 1, 0xfe]);
+        assert!(unhex("abc").is_none());
+        assert!(unhex("zz").is_none());
+    }
+}
