@@ -23,6 +23,8 @@ use std::time::Duration;
 
 /// Time allowed for the rest of a request once its first bytes arrived.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+/// Time allowed for padding after a locality byte that is usable as it is.
+const PADDING_TIMEOUT: Duration = Duration::from_millis(20);
 /// Time allowed between pieces of streamed SET_STATEBLOB / HASH_DATA data.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// HASH_DATA is streamed through; more than this in one request is refused.
@@ -107,10 +109,15 @@ fn read_request<C: CtrlConn>(c: &mut C, fds: &mut Vec<OwnedFd>) -> io::Result<Ne
                     buf[wire::fixed_len(&req)..have].to_vec(),
                 ))
             }
-            Err(DecodeError::Incomplete { need, .. }) => {
+            Err(DecodeError::Incomplete { need, usable, .. }) => {
                 if buf.len() < need {
                     buf.resize(need, 0);
                 }
+                c.set_timeout(Some(if usable {
+                    PADDING_TIMEOUT
+                } else {
+                    REQUEST_TIMEOUT
+                }))?;
                 match c.recv(&mut buf[have..need], fds) {
                     Ok(0) => return Ok(Next::Closed),
                     Ok(n) => {

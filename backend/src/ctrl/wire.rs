@@ -135,8 +135,14 @@ impl Request {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
     /// More bytes are needed; `need` is the total the fixed part takes.
+    /// `usable`: what is there already decodes if no more arrives (a
+    /// locality byte sent without its padding, as tpm2-tss does).
     #[error("request incomplete: have {have} of {need} bytes")]
-    Incomplete { have: usize, need: usize },
+    Incomplete {
+        have: usize,
+        need: usize,
+        usable: bool,
+    },
     #[error("unknown control command {0:#x}")]
     Unknown(u32),
     #[error("command {cmd:#x} takes a {expected}-byte body, got {got}")]
@@ -187,6 +193,7 @@ pub fn decode(buf: &[u8], final_read: bool) -> Result<Request, DecodeError> {
         return Err(DecodeError::Incomplete {
             have: buf.len(),
             need: 4,
+            usable: false,
         });
     }
     let code = be32(buf, 0);
@@ -206,6 +213,7 @@ pub fn decode(buf: &[u8], final_read: bool) -> Result<Request, DecodeError> {
             DecodeError::Incomplete {
                 have: buf.len(),
                 need: 4 + expected,
+                usable: short_locality,
             }
         });
     }
