@@ -271,3 +271,14 @@ pub(crate) mod tests {
         assert!(unhex("zz").is_none());
     }
 }
+
+#[cfg(test)]
+impl HostKey {
+    /// A copy of a key, for tests that need owned keys.
+    pub fn load_from_parts(k: &HostKey) -> HostKey {
+        HostKey {
+            private: k.private.clone(),
+            public: k.public.clone(),
+        }
+    }
+}

@@ -1,0 +1,611 @@
+//! The migration lifecycle of one vTPM instance (seed 002, FIG. 10-17):
+//!
+//! ```text
+//! source:      running ─outgoing─▶ prepared ─1st GET_STATEBLOB─▶ source-locked
+//!                 ▲                                                  │ all 3 fetched
+//!                 └──── LOCK_STORAGE / abort ◀── exported ◀──────────┘
+//!                                                  │ receipt (complete) or SHUTDOWN
+//!                                                  ▼
+//!                                            migrated-out (state erased, tombstone)
+//! destination: destination-locked ─incoming-info─▶ (id issued) ─SET ×3, digest ok, INIT─▶ running
+//! ```
+//!
+//! A locked instance executes no TPM command. The destination unlocks only
+//! when the digest it recomputed equals the one carried in the final piece;
+//! its migration id is then consumed, so the same stream cannot load twice.
+
+use super::keys::{self, HostKey};
+use super::piece::{Exporter, Importer, MigrationId, PieceError, ID_LEN};
+use rsa::RsaPublicKey;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Arc;
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error("{0}")]
+    State(String),
+    #[error("bad migration id: {0}")]
+    BadId(String),
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+    #[error(transparent)]
+    Piece(#[from] PieceError),
+    #[error("receipt rejected: {0}")]
+    Receipt(String),
+}
+
+fn state_err(s: impl Into<String>) -> SessionError {
+    SessionError::State(s.into())
+}
+
+/// The lifecycle states reported by `vtpmctl status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Running,
+    Prepared,
+    SourceLocked,
+    Exported,
+    MigratedOut,
+    DestinationLocked,
+}
+
+/// The destination's signed acknowledgement (seed 000).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub migration_id: String,
+    pub digest: String,
+    pub destination_key: String,
+    pub signature: String,
+}
+
+fn receipt_message(id: &[u8], digest: &[u8]) -> Vec<u8> {
+    let mut m = b"vtpmd-receipt-v1".to_vec();
+    m.extend_from_slice(id);
+    m.extend_from_slice(digest);
+    m
+}
+
+/// What the source leaves in its state directory after the hand-over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub migrated_out: bool,
+    pub migration_id: String,
+    pub destination_key: String,
+    pub digest: String,
+    /// "receipt" or "shutdown-after-export".
+    pub confirmed_by: String,
+    pub unix_time: u64,
+}
+
+enum State {
+    Running,
+    Prepared {
+        id: MigrationId,
+        peer: RsaPublicKey,
+    },
+    Source {
+        id: MigrationId,
+        peer: RsaPublicKey,
+        digest: [u8; 32],
+        blobs: Vec<Vec<u8>>,
+        fetched: [bool; 3],
+    },
+    MigratedOut {
+        id: MigrationId,
+    },
+    Destination {
+        issued: Option<MigrationId>,
+        importer: Option<Importer>,
+    },
+}
+
+/// Migration configuration and lifecycle of the instance.
+pub struct Session {
+    host: Option<Arc<HostKey>>,
+    trusted: Option<PathBuf>,
+    allow_plain: bool,
+    state: State,
+    /// The last completed import, for the receipt.
+    imported: Option<(MigrationId, [u8; 32])>,
+    consumed: Vec<MigrationId>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Session({:?})", self.phase())
+    }
+}
+
+fn parse_id(s: &str) -> Result<MigrationId, SessionError> {
+    let v = keys::unhex(s.trim()).ok_or_else(|| SessionError::BadId("not hex".into()))?;
+    v.try_into().map_err(|_| {
+        SessionError::BadId(format!(
+            "must be {ID_LEN} bytes ({} hex digits)",
+            ID_LEN * 2
+        ))
+    })
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Session {
+    pub fn new(
+        host: Option<Arc<HostKey>>,
+        trusted: Option<PathBuf>,
+        allow_plain: bool,
+        incoming: bool,
+    ) -> Session {
+        let state = if incoming {
+            State::Destination {
+                issued: None,
+                importer: None,
+            }
+        } else {
+            State::Running
+        };
+        Session {
+            host,
+            trusted,
+            allow_plain,
+            state,
+            imported: None,
+            consumed: Vec::new(),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        match &self.state {
+            State::Running => Phase::Running,
+            State::Prepared { .. } => Phase::Prepared,
+            State::Source { fetched, .. } if fetched.iter().all(|f| *f) => Phase::Exported,
+            State::Source { .. } => Phase::SourceLocked,
+            State::MigratedOut { .. } => Phase::MigratedOut,
+            State::Destination { .. } => Phase::DestinationLocked,
+        }
+    }
+
+    /// Whether TPM commands and ordinary INITs may run.
+    pub fn unlocked(&self) -> bool {
+        matches!(self.state, State::Running | State::Prepared { .. })
+    }
+
+    pub fn has_host_key(&self) -> bool {
+        self.host.is_some()
+    }
+
+    pub fn allow_plain(&self) -> bool {
+        self.allow_plain
+    }
+
+    fn host(&self) -> Result<&Arc<HostKey>, SessionError> {
+        self.host
+            .as_ref()
+            .ok_or_else(|| state_err("no --host-key configured"))
+    }
+
+    /// Destination: a fresh single-use migration id and this host's key.
+    pub fn issue_incoming(&mut self) -> Result<serde_json::Value, SessionError> {
+        let host = self.host()?.clone();
+        match &self.state {
+            State::Destination { importer: None, .. } => {}
+            State::Destination {
+                importer: Some(_), ..
+            } => return Err(state_err("an incoming migration is already being received")),
+            _ => {
+                return Err(state_err(
+                    "not waiting for an incoming migration (start vtpmd with --migration incoming)",
+                ))
+            }
+        }
+        let mut id = [0u8; ID_LEN];
+        getrandom::getrandom(&mut id).map_err(|_| state_err("no random numbers from the OS"))?;
+        self.state = State::Destination {
+            issued: Some(id),
+            importer: None,
+        };
+        Ok(serde_json::json!({
+            "migration_id": keys::hex(&id),
+            "public_key": host.public_pem(),
+            "key_fingerprint": host.fingerprint(),
+        }))
+    }
+
+    /// Source: prepares a migration to exactly the destination that issued `id`.
+    pub fn prepare_outgoing(
+        &mut self,
+        peer_pem: &str,
+        id: &str,
+    ) -> Result<serde_json::Value, SessionError> {
+        if !matches!(self.state, State::Running | State::Prepared { .. }) {
+            return Err(state_err(format!(
+                "cannot prepare a migration while {:?}",
+                self.phase()
+            )));
+        }
+        let id = parse_id(id)?;
+        let peer = keys::parse_public(peer_pem, "peer key")?;
+        if let Some(dir) = &self.trusted {
+            keys::check_trusted(dir, &peer)?;
+        }
+        if let Some(h) = &self.host {
+            if keys::fingerprint(&peer) == h.fingerprint() {
+                return Err(state_err("the peer key is this host's own key"));
+            }
+        }
+        let fpr = keys::fingerprint(&peer);
+        self.state = State::Prepared { id, peer };
+        Ok(
+            serde_json::json!({ "state": "prepared", "migration_id": keys::hex(&id), "peer_key": fpr }),
+        )
+    }
+
+    /// Source, GET_STATEBLOB: the sealed blob of `blob_type` (1..=3). The
+    /// first call locks the instance and seals everything from `snapshot`
+    /// (permanent, volatile). `Ok(None)`: no migration prepared.
+    pub fn export(
+        &mut self,
+        blob_type: u32,
+        snapshot: impl FnOnce() -> Result<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>), String>,
+    ) -> Result<Option<Vec<u8>>, SessionError> {
+        if !(1..=3).contains(&blob_type) {
+            return Err(state_err(format!("unknown blob type {blob_type}")));
+        }
+        if let State::Prepared { id, peer } = &self.state {
+            let (perm, vol) = snapshot().map_err(state_err)?;
+            let mut e = Exporter::new(*id, peer)?;
+            let blobs = vec![
+                e.seal_state(1, &perm)?,
+                e.seal_state(2, &vol)?,
+                e.seal_final()?,
+            ];
+            log::info!(
+                "migration {}: source locked, state sealed for {}",
+                keys::hex(id),
+                keys::fingerprint(peer)
+            );
+            self.state = State::Source {
+                id: *id,
+                peer: peer.clone(),
+                digest: e.digest(),
+                blobs,
+                fetched: [false; 3],
+            };
+        }
+        match &mut self.state {
+            State::Source { blobs, fetched, .. } => {
+                let i = blob_type as usize - 1;
+                fetched[i] = true;
+                Ok(Some(blobs[i].clone()))
+            }
+            State::Running => Ok(None),
+            _ => Err(state_err(format!(
+                "GET_STATEBLOB refused while {:?}",
+                self.phase()
+            ))),
+        }
+    }
+
+    /// Destination, SET_STATEBLOB.
+    pub fn import(&mut self, blob_type: u32, data: &[u8]) -> Result<(), SessionError> {
+        let host = self.host()?.clone();
+        let State::Destination { issued, importer } = &mut self.state else {
+            return Err(state_err(format!(
+                "SET_STATEBLOB refused: this instance is {:?}, not waiting for a migration",
+                self.phase()
+            )));
+        };
+        let id = issued
+            .ok_or_else(|| state_err("no migration id issued yet (vtpmctl incoming-info)"))?;
+        if self.consumed.contains(&id) {
+            return Err(state_err("this migration id was already used"));
+        }
+        let imp = importer.get_or_insert_with(|| Importer::new(id));
+        imp.accept(blob_type, data, &host)?;
+        Ok(())
+    }
+
+    /// Destination, INIT: the verified state, if the digests matched. On
+    /// success the instance unlocks and the id is consumed.
+    #[allow(clippy::type_complexity)]
+    pub fn take_verified(
+        &mut self,
+    ) -> Result<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>, MigrationId), SessionError> {
+        let State::Destination { issued, importer } = &mut self.state else {
+            return Err(state_err("no incoming migration"));
+        };
+        let Some(imp) = importer.as_mut().filter(|i| i.complete()) else {
+            return Err(state_err(
+                "destination locked: the incoming state is incomplete or failed verification (migration digest not matched)",
+            ));
+        };
+        let id = issued.ok_or_else(|| state_err("no migration id"))?;
+        let perm = std::mem::take(&mut imp.permanent);
+        let vol = std::mem::take(&mut imp.volatile);
+        self.imported = Some((id, imp.digest()));
+        self.consumed.push(id);
+        self.state = State::Running;
+        Ok((perm, vol, id))
+    }
+
+    /// Destination: INIT failed after take_verified; stay locked.
+    pub fn relock_destination(&mut self) {
+        self.state = State::Destination {
+            issued: None,
+            importer: None,
+        };
+        self.imported = None;
+    }
+
+    /// Source: the VM resumed here (LOCK_STORAGE) or the admin aborted.
+    /// Returns true if a lock was released.
+    pub fn resume_source(&mut self) -> bool {
+        match &self.state {
+            State::Source { id, .. } => {
+                log::warn!(
+                    "migration {}: abandoned, the source keeps its TPM",
+                    keys::hex(id)
+                );
+                self.state = State::Running;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Admin abort: also forgets a prepared migration.
+    pub fn abort(&mut self) -> Result<(), SessionError> {
+        match self.state {
+            State::Prepared { .. } => {
+                self.state = State::Running;
+                Ok(())
+            }
+            State::Source { .. } => {
+                self.resume_source();
+                Ok(())
+            }
+            _ => Err(state_err(format!(
+                "nothing to abort while {:?}",
+                self.phase()
+            ))),
+        }
+    }
+
+    fn tombstone(&self, by: &str) -> Option<Tombstone> {
+        match &self.state {
+            State::Source {
+                id, peer, digest, ..
+            } => Some(Tombstone {
+                migrated_out: true,
+                migration_id: keys::hex(id),
+                destination_key: keys::fingerprint(peer),
+                digest: keys::hex(digest),
+                confirmed_by: by.into(),
+                unix_time: now(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Source, `vtpmctl complete`: checks the destination's receipt; the
+    /// caller then erases the state and writes the tombstone.
+    pub fn complete(&mut self, r: &Receipt) -> Result<Tombstone, SessionError> {
+        let State::Source {
+            id, peer, digest, ..
+        } = &self.state
+        else {
+            return Err(state_err(format!(
+                "no exported migration to complete ({:?})",
+                self.phase()
+            )));
+        };
+        if self.phase() != Phase::Exported {
+            return Err(state_err(
+                "the export is not finished (QEMU has not fetched all three blobs)",
+            ));
+        }
+        if r.migration_id != keys::hex(id) {
+            return Err(SessionError::Receipt("it is for another migration".into()));
+        }
+        if r.digest != keys::hex(digest) {
+            return Err(SessionError::Receipt(
+                "its digest differs from the exported state's".into(),
+            ));
+        }
+        if r.destination_key != keys::fingerprint(peer) {
+            return Err(SessionError::Receipt("it is signed by another host".into()));
+        }
+        let sig = keys::unhex(&r.signature)
+            .ok_or_else(|| SessionError::Receipt("signature is not hex".into()))?;
+        if !keys::verify(peer, &receipt_message(id, digest), &sig) {
+            return Err(SessionError::Receipt("bad signature".into()));
+        }
+        let t = self
+            .tombstone("receipt")
+            .ok_or_else(|| state_err("no source state"))?;
+        self.state = State::MigratedOut { id: *id };
+        Ok(t)
+    }
+
+    /// Source, SHUTDOWN: after a completed export QEMU's SHUTDOWN means the
+    /// migration succeeded; returns the tombstone to write then.
+    pub fn shutdown_after_export(&mut self) -> Option<Tombstone> {
+        if self.phase() != Phase::Exported {
+            return None;
+        }
+        let t = self.tombstone("shutdown-after-export")?;
+        if let State::Source { id, .. } = &self.state {
+            self.state = State::MigratedOut { id: *id };
+        }
+        Some(t)
+    }
+
+    /// Destination, `vtpmctl receipt`.
+    pub fn receipt(&self) -> Result<Receipt, SessionError> {
+        let (id, digest) = self
+            .imported
+            .ok_or_else(|| state_err("no completed incoming migration"))?;
+        let host = self.host()?;
+        let sig = host.sign(&receipt_message(&id, &digest))?;
+        Ok(Receipt {
+            migration_id: keys::hex(&id),
+            digest: keys::hex(&digest),
+            destination_key: host.fingerprint(),
+            signature: keys::hex(&sig),
+        })
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let (id, digest, peer) = match &self.state {
+            State::Prepared { id, peer } => (Some(*id), None, Some(keys::fingerprint(peer))),
+            State::Source {
+                id, peer, digest, ..
+            } => (Some(*id), Some(*digest), Some(keys::fingerprint(peer))),
+            State::MigratedOut { id } => (Some(*id), None, None),
+            State::Destination { issued, .. } => (*issued, None, None),
+            State::Running => (self.imported.map(|i| i.0), self.imported.map(|i| i.1), None),
+        };
+        serde_json::json!({
+            "state": self.phase(),
+            "migration_id": id.map(|i| keys::hex(&i)),
+            "digest": digest.map(|d| keys::hex(&d)),
+            "peer_key": peer,
+            "host_key": self.host.as_ref().map(|h| h.fingerprint()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::keys::tests::keys as test_keys;
+
+    fn pair() -> (Session, Session) {
+        let (a, b) = test_keys();
+        let a = Arc::new(HostKey::load_from_parts(a));
+        let b = Arc::new(HostKey::load_from_parts(b));
+        (
+            Session::new(Some(a), None, false, false),
+            Session::new(Some(b), None, false, true),
+        )
+    }
+
+    fn snap() -> Result<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>), String> {
+        Ok((
+            Zeroizing::new(b"permanent".to_vec()),
+            Zeroizing::new(b"volatile".to_vec()),
+        ))
+    }
+
+    fn migrate(src: &mut Session, dst: &mut Session) -> Vec<Vec<u8>> {
+        let info = dst.issue_incoming().unwrap();
+        src.prepare_outgoing(
+            info["public_key"].as_str().unwrap(),
+            info["migration_id"].as_str().unwrap(),
+        )
+        .unwrap();
+        (1..=3)
+            .map(|t| src.export(t, snap).unwrap().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn full_lifecycle_with_receipt() {
+        let (mut src, mut dst) = pair();
+        assert_eq!(src.phase(), Phase::Running);
+        assert_eq!(dst.phase(), Phase::DestinationLocked);
+        let blobs = migrate(&mut src, &mut dst);
+        assert_eq!(src.phase(), Phase::Exported);
+        assert!(!src.unlocked());
+        assert!(dst.take_verified().is_err(), "nothing imported yet");
+        for (i, b) in blobs.iter().enumerate() {
+            dst.import(i as u32 + 1, b).unwrap();
+        }
+        let (p, v, _) = dst.take_verified().unwrap();
+        assert_eq!((&p[..], &v[..]), (&b"permanent"[..], &b"volatile"[..]));
+        assert!(dst.unlocked());
+        let r = dst.receipt().unwrap();
+        let mut forged = r.clone();
+        forged.digest = "00".repeat(32);
+        assert!(matches!(
+            src.complete(&forged),
+            Err(SessionError::Receipt(_))
+        ));
+        let t = src.complete(&r).unwrap();
+        assert_eq!(t.migration_id, r.migration_id);
+        assert_eq!(src.phase(), Phase::MigratedOut);
+    }
+
+    #[test]
+    fn unprepared_export_is_plain_path_and_resume_releases_the_lock() {
+        let (mut src, mut dst) = pair();
+        assert_eq!(src.export(1, snap).unwrap(), None);
+        let _ = migrate(&mut src, &mut dst);
+        assert!(src.resume_source());
+        assert_eq!(src.phase(), Phase::Running);
+        assert!(src.shutdown_after_export().is_none());
+    }
+
+    #[test]
+    fn replay_into_second_destination_and_twice_into_one() {
+        let (mut src, mut dst) = pair();
+        let blobs = migrate(&mut src, &mut dst);
+        let (_, b) = test_keys();
+        let mut dst2 = Session::new(
+            Some(Arc::new(HostKey::load_from_parts(b))),
+            None,
+            false,
+            true,
+        );
+        dst2.issue_incoming().unwrap();
+        assert!(
+            dst2.import(1, &blobs[0]).is_err(),
+            "another destination's id"
+        );
+        for (i, blob) in blobs.iter().enumerate() {
+            dst.import(i as u32 + 1, blob).unwrap();
+        }
+        dst.take_verified().unwrap();
+        assert!(
+            dst.import(1, &blobs[0]).is_err(),
+            "unlocked instance takes no blobs"
+        );
+    }
+
+    #[test]
+    fn bad_admin_input() {
+        let (mut src, mut dst) = pair();
+        assert!(src.prepare_outgoing("junk", &"00".repeat(32)).is_err());
+        let info = dst.issue_incoming().unwrap();
+        let pem = info["public_key"].as_str().unwrap();
+        assert!(matches!(
+            src.prepare_outgoing(pem, "xyz"),
+            Err(SessionError::BadId(_))
+        ));
+        assert!(matches!(
+            src.prepare_outgoing(pem, "00"),
+            Err(SessionError::BadId(_))
+        ));
+        assert!(
+            src.issue_incoming().is_err(),
+            "a running source issues no ids"
+        );
+        assert!(src
+            .complete(&dst.receipt().unwrap_or(Receipt {
+                migration_id: String::new(),
+                digest: String::new(),
+                destination_key: String::new(),
+                signature: String::new()
+            }))
+            .is_err());
+        assert!(src.abort().is_err());
+    }
+}
