@@ -99,6 +99,28 @@ pub struct SocketArgs {
     /// Print the state blobs present in --tpmstate as JSON and exit.
     #[arg(long)]
     pub print_states: bool,
+    /// This host's migration key (private RSA key, PEM, from `vtpmctl
+    /// keygen`). Enables sealed migration; plaintext or swtpm-format blobs
+    /// are then refused on SET_STATEBLOB.
+    #[arg(long, value_name = "FILE")]
+    pub host_key: Option<PathBuf>,
+    /// Only wrap migrations to destination keys found (as *.pem) here.
+    #[arg(long, value_name = "DIR")]
+    pub trusted_peers: Option<PathBuf>,
+    /// Administrator channel for vtpmctl: path=SOCK (created 0600). QEMU's
+    /// control socket cannot authorise a migration; this one can.
+    #[arg(long, value_name = "path=SOCK")]
+    pub admin: Option<String>,
+    /// `incoming`: this instance is a migration destination; it starts
+    /// locked on an empty state directory and unlocks only on a verified
+    /// sealed migration (needs --host-key).
+    #[arg(long, value_name = "incoming")]
+    pub migration: Option<String>,
+    /// Allow GET_STATEBLOB without a prepared sealed migration, handing the
+    /// TPM state out unencrypted as swtpm does (savevm, snapshots, migration
+    /// to swtpm). Off by default: the state would be readable and clonable.
+    #[arg(long)]
+    pub allow_plaintext_migration: bool,
 
     // swtpm options vtpmd does not implement: accepted by the parser only to
     // be refused by name.
@@ -116,8 +138,6 @@ pub struct SocketArgs {
     pub profile: Option<String>,
     #[arg(long, hide = true)]
     pub vtpm_proxy: bool,
-    #[arg(long, hide = true)]
-    pub migration: Option<String>,
 }
 
 /// Where a channel listens.
@@ -156,6 +176,11 @@ pub struct SocketConfig {
     pub terminate: bool,
     pub daemon: bool,
     pub key: Option<KeyConfig>,
+    pub host_key: Option<PathBuf>,
+    pub trusted_peers: Option<PathBuf>,
+    pub admin: Option<PathBuf>,
+    pub incoming: bool,
+    pub allow_plaintext_migration: bool,
 }
 
 /// Splits `a=1,b,c=3` into a map, refusing keys not in `accepted`.
@@ -262,7 +287,7 @@ fn parse_endpoint(
 impl SocketArgs {
     /// Validates the arguments into a configuration.
     pub fn validate(&self) -> Result<SocketConfig, ConfigError> {
-        let refused: [(&str, bool); 8] = [
+        let refused: [(&str, bool); 7] = [
             ("--migration-key", self.migration_key.is_some()),
             ("--locality", self.locality.is_some()),
             ("--seccomp", self.seccomp.is_some()),
@@ -270,7 +295,6 @@ impl SocketArgs {
             ("--chroot", self.chroot.is_some()),
             ("--profile", self.profile.is_some()),
             ("--vtpm-proxy", self.vtpm_proxy),
-            ("--migration", self.migration.is_some()),
         ];
         if let Some((name, _)) = refused.iter().find(|(_, given)| *given) {
             return Err(ConfigError::Unsupported(name.to_string()));
@@ -308,7 +332,27 @@ impl SocketArgs {
             terminate: self.terminate,
             daemon: self.daemon,
             key: self.key.as_deref().map(parse_key).transpose()?,
+            host_key: self.host_key.clone(),
+            trusted_peers: self.trusted_peers.clone(),
+            admin: self.admin.as_deref().map(parse_admin).transpose()?,
+            incoming: match self.migration.as_deref() {
+                None => false,
+                Some("incoming") => true,
+                Some(other) => {
+                    return Err(invalid(
+                        "--migration",
+                        format!("'{other}' is not supported (only 'incoming')"),
+                    ))
+                }
+            },
+            allow_plaintext_migration: self.allow_plaintext_migration,
         };
+        if cfg.incoming && cfg.host_key.is_none() {
+            return Err(invalid("--migration", "incoming needs --host-key"));
+        }
+        if cfg.trusted_peers.is_some() && cfg.host_key.is_none() {
+            return Err(invalid("--trusted-peers", "needs --host-key"));
+        }
         if let Some(flags) = &self.flags {
             apply_flags(&mut cfg, flags)?;
         }
@@ -403,6 +447,14 @@ fn parse_pid(s: &str) -> Result<PathBuf, ConfigError> {
         .filter(|f| !f.is_empty())
         .map(PathBuf::from)
         .ok_or_else(|| invalid("--pid", "file=PATH is required"))
+}
+
+fn parse_admin(s: &str) -> Result<PathBuf, ConfigError> {
+    let kv = parse_kv("--admin", s, &["path"])?;
+    kv.get("path")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .ok_or_else(|| invalid("--admin", "path=SOCK is required"))
 }
 
 fn parse_key(s: &str) -> Result<KeyConfig, ConfigError> {

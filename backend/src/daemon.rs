@@ -5,6 +5,8 @@ use crate::config::{Endpoint, SocketConfig};
 use crate::ctrl::server::{self, Context};
 use crate::data::{self, DataChannel};
 use crate::instance::{InstanceError, Options, Vtpm};
+use crate::migration::keys::{HostKey, KeyError};
+use crate::migration::session::Session;
 use crate::storage::sealing::{SealError, StateKey};
 use crate::storage::{StateDir, StorageError};
 use std::fs;
@@ -38,6 +40,8 @@ pub enum RunError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Instance(#[from] InstanceError),
+    #[error(transparent)]
+    HostKey(#[from] KeyError),
     #[error("cannot {what} {target}: {source}")]
     Io {
         what: &'static str,
@@ -101,14 +105,43 @@ pub fn run(cfg: &SocketConfig) -> Result<Exit, RunError> {
         .map(|k| StateKey::from_file(&k.file, k.format))
         .transpose()?;
     let store = Arc::new(StateDir::open(&cfg.state_dir, cfg.state_mode, key)?);
+    if cfg.incoming {
+        store.require_empty()?;
+    }
+    let host_key = cfg
+        .host_key
+        .as_deref()
+        .map(HostKey::load)
+        .transpose()?
+        .map(Arc::new);
+    let session = Session::new(
+        host_key,
+        cfg.trusted_peers.clone(),
+        cfg.allow_plaintext_migration,
+        cfg.incoming,
+    );
+    if cfg.allow_plaintext_migration {
+        log::warn!("--allow-plaintext-migration: GET_STATEBLOB may hand out this TPM's secrets unencrypted");
+    }
     let vtpm = Arc::new(Vtpm::new(
         store,
         Options {
             disable_auto_shutdown: cfg.disable_auto_shutdown,
         },
+        session,
     )?);
     let ctrl = cfg.ctrl.as_ref().map(bind).transpose()?;
     let data_server = cfg.server.as_ref().map(bind).transpose()?;
+    let admin = cfg
+        .admin
+        .as_ref()
+        .map(|p| {
+            bind(&Endpoint::Unix {
+                path: p.clone(),
+                mode: Some(0o600),
+            })
+        })
+        .transpose()?;
 
     if cfg.daemon {
         nix::unistd::daemon(true, false).map_err(|e| RunError::Io {
@@ -173,6 +206,14 @@ pub fn run(cfg: &SocketConfig) -> Result<Exit, RunError> {
                 )?;
             }
         }
+    }
+    if let Some(Listener::Unix(l, p)) = admin {
+        sockets.push(p);
+        let v = vtpm.clone();
+        spawn(
+            "admin-listen",
+            Box::new(move || crate::admin::serve_listener(l, v)),
+        )?;
     }
     let sig_tx = tx.clone();
     let mut signals =

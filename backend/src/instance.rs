@@ -17,11 +17,13 @@ use crate::ctrl::wire::{
 };
 use crate::ctrl::wire::{CAPABILITIES, INIT_FLAG_DELETE_VOLATILE};
 use crate::engine::{ffi, tpm2, Libtpms, StateType};
+use crate::migration::session::{Phase, Receipt, Session};
 use crate::storage::{blob, StateDir, PERMANENT, VOLATILE};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use thiserror::Error;
+use zeroize::Zeroizing;
 
 /// Largest state blob SET_STATEBLOB accepts (swtpm's limit).
 pub const MAX_STATE_BLOB: u32 = 512 * 1024;
@@ -65,6 +67,8 @@ struct Engine {
     last_was_shutdown: bool,
     /// A permanent blob was set since the last power-on: persist it after.
     permanent_set: bool,
+    /// Migration lifecycle: while locked no TPM command runs.
+    session: Session,
 }
 
 /// A vTPM shared by the control and data frontends.
@@ -80,7 +84,11 @@ pub struct Vtpm {
 
 impl Vtpm {
     /// Claims libtpms for `store` and checks that existing state loads.
-    pub fn new(store: Arc<StateDir>, opts: Options) -> Result<Vtpm, InstanceError> {
+    pub fn new(
+        store: Arc<StateDir>,
+        opts: Options,
+        session: Session,
+    ) -> Result<Vtpm, InstanceError> {
         let tpm = match Libtpms::take(store.clone()) {
             None => return Err(InstanceError::EngineTaken),
             Some(Err(rc)) => return Err(InstanceError::Engine(rc)),
@@ -92,6 +100,7 @@ impl Vtpm {
             buffer_size: 0,
             last_was_shutdown: false,
             permanent_set: false,
+            session,
         };
         if store.file_of(PERMANENT).exists() {
             if let Err(rc) = engine.tpm.validate_state(StateType::Permanent) {
@@ -162,6 +171,14 @@ impl Vtpm {
             out.extend_from_slice(&tpm2::error_response(tpm2::RC_FAILURE));
             return;
         }
+        if !e.session.unlocked() {
+            log::warn!(
+                "TPM command refused: the instance is {:?}",
+                e.session.phase()
+            );
+            out.extend_from_slice(&tpm2::error_response(tpm2::RC_FAILURE));
+            return;
+        }
         if self.store.is_fenced() {
             // A TPM command after an outgoing state hand-off: the VM kept
             // running here, so this copy is the live one again.
@@ -197,7 +214,11 @@ impl Vtpm {
         let result = match *req {
             Request::GetCapability => return Response::Capability(CAPABILITIES),
             Request::Init { flags } => self.init(flags),
-            Request::Shutdown | Request::Stop => {
+            Request::Shutdown => {
+                self.shutdown();
+                rc::SUCCESS
+            }
+            Request::Stop => {
                 self.power_off();
                 rc::SUCCESS
             }
@@ -276,7 +297,48 @@ impl Vtpm {
 
     fn init(&self, flags: u32) -> u32 {
         let mut e = self.lock();
+        if !e.session.unlocked() {
+            if e.session.phase() != Phase::DestinationLocked {
+                log::error!("INIT refused: the instance is {:?}", e.session.phase());
+                return rc::FAIL;
+            }
+            let (perm, vol, id) = match e.session.take_verified() {
+                Ok(v) => v,
+                Err(err) => {
+                    log::error!("INIT refused: {err}");
+                    return rc::FAIL;
+                }
+            };
+            self.power_off_locked(&mut e);
+            let set = e
+                .tpm
+                .set_state(StateType::Permanent, Some(&perm))
+                .and_then(|()| {
+                    e.tpm
+                        .set_state(StateType::Volatile, (!vol.is_empty()).then_some(&vol[..]))
+                });
+            if let Err(r) = set {
+                log::error!("INIT: libtpms rejected the migrated state ({r:#x}); staying locked");
+                e.session.relock_destination();
+                return r;
+            }
+            e.permanent_set = true;
+            let r = self.power_on_locked(&mut e, flags);
+            if r == rc::SUCCESS {
+                log::info!(
+                    "migration {}: digest verified, destination unlocked",
+                    crate::migration::keys::hex(&id)
+                );
+            } else {
+                e.session.relock_destination();
+            }
+            return r;
+        }
         self.power_off_locked(&mut e);
+        self.power_on_locked(&mut e, flags)
+    }
+
+    fn power_on_locked(&self, e: &mut Engine, flags: u32) -> u32 {
         if e.buffer_size != 0 {
             let want = e.buffer_size;
             e.tpm.set_buffer_size(want);
@@ -308,7 +370,7 @@ impl Vtpm {
                 });
             if let Err(why) = persisted {
                 log::error!("INIT: could not persist the received permanent state: {why}");
-                self.power_off_locked(&mut e);
+                self.power_off_locked(e);
                 return rc::FAIL;
             }
         }
@@ -317,9 +379,77 @@ impl Vtpm {
                 log::warn!("INIT: could not delete the volatile state: {err}");
             }
         }
-        self.refresh_established(&mut e);
+        self.refresh_established(e);
         log::info!("TPM powered on (I/O buffer {size} bytes)");
         rc::SUCCESS
+    }
+
+    /// CMD_SHUTDOWN: after a completed export this is QEMU quitting at the
+    /// end of a successful migration, so the source copy is erased.
+    pub fn shutdown(&self) {
+        let mut e = self.lock();
+        if let Some(t) = e.session.shutdown_after_export() {
+            self.erase_for_migration(&t);
+        }
+        self.power_off_locked(&mut e);
+    }
+
+    fn erase_for_migration(&self, t: &crate::migration::session::Tombstone) {
+        let json = serde_json::to_vec_pretty(t).unwrap_or_default();
+        match self.store.erase_with_tombstone(&json) {
+            Ok(()) => log::warn!(
+                "migration {}: TPM handed over to {}; local state erased, tombstone left",
+                t.migration_id,
+                t.destination_key
+            ),
+            Err(err) => log::error!(
+                "migration {}: erasing the source state failed: {err}",
+                t.migration_id
+            ),
+        }
+    }
+
+    /// Handles one admin-channel request (see `admin`).
+    pub fn admin(&self, op: &str, args: &serde_json::Value) -> Result<serde_json::Value, String> {
+        let mut e = self.lock();
+        let s = |k: &str| {
+            args.get(k)
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| format!("'{k}' (a string) is required"))
+        };
+        match op {
+            "status" => {
+                let mut v = e.session.status();
+                v["tpm_running"] = e.running.into();
+                Ok(v)
+            }
+            "incoming-info" => e.session.issue_incoming().map_err(|x| x.to_string()),
+            "outgoing" => e
+                .session
+                .prepare_outgoing(&s("peer_key")?, &s("migration_id")?)
+                .map_err(|x| x.to_string()),
+            "abort" => {
+                e.session.abort().map_err(|x| x.to_string())?;
+                self.store.set_fenced(false);
+                Ok(e.session.status())
+            }
+            "receipt" => e
+                .session
+                .receipt()
+                .map(|r| serde_json::json!(r))
+                .map_err(|x| x.to_string()),
+            "complete" => {
+                let r: Receipt =
+                    serde_json::from_value(args.get("receipt").cloned().unwrap_or_default())
+                        .map_err(|x| format!("'receipt' is not a receipt: {x}"))?;
+                let t = e.session.complete(&r).map_err(|x| x.to_string())?;
+                self.erase_for_migration(&t);
+                Ok(serde_json::json!(t))
+            }
+            other => Err(format!(
+                "unknown op '{other}' (status, incoming-info, outgoing, abort, receipt, complete)"
+            )),
+        }
     }
 
     /// Stops the TPM (STOP, SHUTDOWN, process exit).
@@ -391,24 +521,38 @@ impl Vtpm {
             );
             return fail(rc::FAIL);
         }
-        let state = match ty {
-            blob_type::PERMANENT => e.tpm.get_state(StateType::Permanent),
-            blob_type::VOLATILE => e.tpm.get_state(StateType::Volatile),
-            blob_type::SAVESTATE => return fail(rc::RETRY),
-            _ => return fail(rc::FAIL),
-        };
-        let state = match state {
-            Ok(s) if !s.is_empty() => s,
-            Ok(_) => return fail(rc::RETRY),
-            Err(r) => return fail(r),
-        };
-        if ty == blob_type::VOLATILE {
-            if let Err(err) = self.store.remove_blob(VOLATILE) {
-                log::warn!("GET_STATEBLOB: could not delete the volatile state file: {err}");
+        let Engine { tpm, session, .. } = &mut *e;
+        let sealed = session.export(ty, || {
+            let perm = tpm
+                .get_state(StateType::Permanent)
+                .map_err(|r| format!("permanent state: {r:#x}"))?;
+            let vol = tpm
+                .get_state(StateType::Volatile)
+                .map_err(|r| format!("volatile state: {r:#x}"))?;
+            Ok((Zeroizing::new(perm), Zeroizing::new(vol)))
+        });
+        let wire = match sealed {
+            Ok(Some(blob)) => {
+                // From the first sealed blob on, this copy is frozen.
+                self.store.set_fenced(true);
+                blob
             }
-        }
-        log::warn!("GET_STATEBLOB: handing out TPM state type {ty} unencrypted");
-        let wire = blob::encode_migration(&state);
+            Ok(None) if e.session.allow_plain() => match self.plain_blob(&mut e, ty) {
+                Ok(w) => w,
+                Err(r) => return fail(r),
+            },
+            Ok(None) => {
+                log::error!(
+                    "GET_STATEBLOB refused: no migration is prepared for this vTPM (run `vtpmctl outgoing` \
+                     first); plaintext export needs --allow-plaintext-migration"
+                );
+                return fail(rc::FAIL);
+            }
+            Err(err) => {
+                log::error!("GET_STATEBLOB type {ty}: {err}");
+                return fail(rc::FAIL);
+            }
+        };
         let Some(rest) = wire.get(offset as usize..) else {
             return fail(rc::BAD_PARAMETER);
         };
@@ -418,6 +562,28 @@ impl Vtpm {
             total: rest.len() as u32,
             data: rest.to_vec(),
         }
+    }
+
+    /// swtpm's unprotected blob format, only with --allow-plaintext-migration.
+    fn plain_blob(&self, e: &mut Engine, ty: u32) -> Result<Vec<u8>, u32> {
+        let state = match ty {
+            blob_type::PERMANENT => e.tpm.get_state(StateType::Permanent),
+            blob_type::VOLATILE => e.tpm.get_state(StateType::Volatile),
+            blob_type::SAVESTATE => return Err(rc::RETRY),
+            _ => return Err(rc::FAIL),
+        };
+        let state = match state {
+            Ok(s) if !s.is_empty() => Zeroizing::new(s),
+            Ok(_) => return Err(rc::RETRY),
+            Err(r) => return Err(r),
+        };
+        if ty == blob_type::VOLATILE {
+            if let Err(err) = self.store.remove_blob(VOLATILE) {
+                log::warn!("GET_STATEBLOB: could not delete the volatile state file: {err}");
+            }
+        }
+        log::warn!("GET_STATEBLOB: handing out TPM state type {ty} UNENCRYPTED (--allow-plaintext-migration)");
+        Ok(blob::encode_migration(&state))
     }
 
     fn set_stateblob(&self, flags: u32, ty: u32, data: &[u8]) -> u32 {
@@ -444,6 +610,16 @@ impl Vtpm {
         if let Err(err) = self.store.lock() {
             log::error!("SET_STATEBLOB: {err}");
             return rc::IOERROR;
+        }
+        if e.session.has_host_key() {
+            // Sealed migration only: no plaintext or swtpm blobs (no downgrade).
+            return match e.session.import(ty, data) {
+                Ok(()) => rc::SUCCESS,
+                Err(err) => {
+                    log::error!("SET_STATEBLOB type {ty} refused: {err}");
+                    rc::FAIL
+                }
+            };
         }
         let result = if data.is_empty() {
             e.tpm.set_state(st, None)
@@ -506,6 +682,10 @@ impl Vtpm {
     }
 
     fn lock_storage(&self, retries: u32) -> u32 {
+        if self.lock().session.resume_source() {
+            // The VM resumed here after a failed migration: carry on.
+            self.store.set_fenced(false);
+        }
         for attempt in 0..=retries {
             match self.store.lock() {
                 Ok(()) => {

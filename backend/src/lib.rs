@@ -9,6 +9,7 @@
 //! * [`storage`]: where state is written (atomically, optionally sealed).
 //! * [`daemon`]: wiring it all together for `vtpmd socket`.
 
+pub mod admin;
 pub mod config;
 pub mod ctrl;
 pub mod daemon;

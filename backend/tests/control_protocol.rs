@@ -125,7 +125,7 @@ fn vm_reset_keeps_nv_and_resets_pcrs() {
 #[test]
 fn plain_migration_between_two_daemons_and_swtpm_compatible_blobs() {
     let (ts, td) = (state_dir(), state_dir());
-    let src = Daemon::start(ts.path(), &[]);
+    let src = Daemon::start(ts.path(), &["--allow-plaintext-migration"]);
     let dst = Daemon::start(td.path(), &[]);
     let mut cs = Ctrl::connect(&src.ctrl);
     let mut data = cs.qemu_start(3968);
@@ -181,6 +181,26 @@ fn plain_migration_between_two_daemons_and_swtpm_compatible_blobs() {
     // A failed migration: the source resumes; LOCK_STORAGE is idempotent.
     assert_eq!(cs.result(0x13, &300u32.to_be_bytes()), 0);
     assert_eq!(cs.result(0x13, &300u32.to_be_bytes()), 0);
+    assert_eq!(rc(&tpm(&mut data, &cmd::get_random(8))), 0);
+}
+
+#[test]
+fn unprepared_get_stateblob_is_refused_by_default() {
+    let t = state_dir();
+    let d = Daemon::start(t.path(), &[]);
+    let mut c = Ctrl::connect(&d.ctrl);
+    let mut data = c.qemu_start(3968);
+    assert_eq!(rc(&tpm(&mut data, &cmd::startup_clear())), 0);
+    for ty in 1u32..=3 {
+        let mut body = 1u32.to_be_bytes().to_vec();
+        body.extend_from_slice(&ty.to_be_bytes());
+        body.extend_from_slice(&0u32.to_be_bytes());
+        let hdr = c.cmd(0x0c, &body, 16);
+        assert_eq!(be32(&hdr, 0), 9, "type {ty}: refused");
+        assert_eq!(be32(&hdr, 12), 0, "no data");
+    }
+    assert!(d.log_text().contains("no migration is prepared"));
+    // The source keeps running.
     assert_eq!(rc(&tpm(&mut data, &cmd::get_random(8))), 0);
 }
 

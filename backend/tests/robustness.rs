@@ -15,7 +15,7 @@ const NV: u32 = 0x0150_0020;
 /// A running TPM with known NV and PCR contents.
 fn prepared() -> (tempfile::TempDir, Daemon, Ctrl, UnixStream, [u8; 32]) {
     let t = state_dir();
-    let d = Daemon::start(t.path(), &[]);
+    let d = Daemon::start(t.path(), &["--allow-plaintext-migration"]);
     let mut c = Ctrl::connect(&d.ctrl);
     let mut data = c.qemu_start(4096);
     assert_eq!(rc(&tpm(&mut data, &cmd::startup_clear())), 0);

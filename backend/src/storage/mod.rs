@@ -28,6 +28,8 @@ use zeroize::Zeroizing;
 /// The blobs libtpms stores.
 pub const PERMANENT: &str = "permall";
 pub const VOLATILE: &str = "volatilestate";
+/// Left behind by a vTPM that migrated away.
+pub const TOMBSTONE: &str = "vtpmd-tombstone.json";
 
 #[derive(Debug, Error)]
 pub enum StorageError {
@@ -58,6 +60,10 @@ pub enum StorageError {
     },
     #[error("state directory is fenced for migration; refusing to write {0}")]
     Fenced(String),
+    #[error("this vTPM migrated away and must not be started again here: {dir}/{TOMBSTONE} says {content}")]
+    Tombstoned { dir: String, content: String },
+    #[error("state directory {0} already holds a TPM; an incoming migration needs an empty one")]
+    NotEmpty(String),
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StorageError + 'a {
@@ -94,6 +100,13 @@ impl StateDir {
             Err(e) => return Err(io("stat", dir)(e)),
             Ok(m) if !m.is_dir() => return Err(StorageError::NotADirectory(shown)),
             Ok(_) => {}
+        }
+        if let Ok(content) = fs::read_to_string(dir.join(TOMBSTONE)) {
+            let content = content.split_whitespace().collect::<Vec<_>>().join(" ");
+            return Err(StorageError::Tombstoned {
+                dir: shown,
+                content,
+            });
         }
         let dir_handle = File::open(dir).map_err(io("open", dir))?;
         let sd = StateDir {
@@ -247,6 +260,33 @@ impl StateDir {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(io("remove", &path)(e)),
             _ => self.dir_handle.sync_all().map_err(io("fsync", &self.dir)),
         }
+    }
+
+    /// Fails if the directory already holds TPM state.
+    pub fn require_empty(&self) -> Result<(), StorageError> {
+        if self.file_of(PERMANENT).exists() {
+            return Err(StorageError::NotEmpty(self.dir.display().to_string()));
+        }
+        Ok(())
+    }
+
+    /// After a completed outgoing migration: writes the tombstone, then
+    /// removes the state. Bypasses the fence: this is the fence's purpose.
+    pub fn erase_with_tombstone(&self, tombstone: &[u8]) -> Result<(), StorageError> {
+        let tmp = self.dir.join(format!("{TOMBSTONE}.tmp"));
+        let dst = self.dir.join(TOMBSTONE);
+        let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
+        f.write_all(tombstone).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("fsync", &tmp))?;
+        fs::rename(&tmp, &dst).map_err(io("rename", &dst))?;
+        for name in [PERMANENT, VOLATILE] {
+            let p = self.file_of(name);
+            match fs::remove_file(&p) {
+                Err(e) if e.kind() != ErrorKind::NotFound => return Err(io("remove", &p)(e)),
+                _ => {}
+            }
+        }
+        self.dir_handle.sync_all().map_err(io("fsync", &self.dir))
     }
 
     /// The blobs present and their file sizes (for --print-states).
