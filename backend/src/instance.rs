@@ -426,7 +426,7 @@ impl Vtpm {
             "incoming-info" => e.session.issue_incoming().map_err(|x| x.to_string()),
             "outgoing" => e
                 .session
-                .prepare_outgoing(&s("peer_key")?, &s("migration_id")?)
+                .prepare_outgoing(s("peer_key")?, s("migration_id")?)
                 .map_err(|x| x.to_string()),
             "abort" => {
                 e.session.abort().map_err(|x| x.to_string())?;

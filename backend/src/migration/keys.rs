@@ -205,6 +205,17 @@ pub fn check_trusted(dir: &Path, key: &RsaPublicKey) -> Result<(), KeyError> {
 }
 
 #[cfg(test)]
+impl HostKey {
+    /// A copy of a key, for tests that need owned keys.
+    pub fn load_from_parts(k: &HostKey) -> HostKey {
+        HostKey {
+            private: k.private.clone(),
+            public: k.public.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use std::sync::OnceLock;
@@ -269,16 +280,5 @@ pub(crate) mod tests {
         assert_eq!(unhex(&hex(&[0, 1, 0xfe])).unwrap(), vec![0, 1, 0xfe]);
         assert!(unhex("abc").is_none());
         assert!(unhex("zz").is_none());
-    }
-}
-
-#[cfg(test)]
-impl HostKey {
-    /// A copy of a key, for tests that need owned keys.
-    pub fn load_from_parts(k: &HostKey) -> HostKey {
-        HostKey {
-            private: k.private.clone(),
-            public: k.public.clone(),
-        }
     }
 }

@@ -498,7 +498,9 @@ mod tests {
         )
     }
 
-    fn snap() -> Result<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>), String> {
+    type Snapshot = Result<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>), String>;
+
+    fn snap() -> Snapshot {
         Ok((
             Zeroizing::new(b"permanent".to_vec()),
             Zeroizing::new(b"volatile".to_vec()),
