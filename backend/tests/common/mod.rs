@@ -9,7 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub const VTPMD: &str = env!("CARGO_BIN_EXE_vtpmd");
+/// The vtpmd binary: this package's, or the workspace sibling's when the
+/// tests of another package include this module.
+pub const VTPMD: &str = match option_env!("CARGO_BIN_EXE_vtpmd") {
+    Some(p) => p,
+    None => concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/vtpmd"),
+};
 
 /// A running backend process, killed when dropped.
 pub struct Daemon {

@@ -1,0 +1,401 @@
+//! Sealed migration between two real vtpmd processes, driven like QEMU on the
+//! control sockets and like an administrator through vtpmctl, plus the
+//! attack matrix: every tampered, dropped, spliced, replayed, misdirected or
+//! plaintext stream must fail closed.
+
+#[path = "../../backend/tests/common/mod.rs"]
+mod common;
+use common::*;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+const VTPMCTL: &str = env!("CARGO_BIN_EXE_vtpmctl");
+const NV: u32 = 0x0150_0040;
+const PCR: u32 = 16;
+
+fn ctl(args: &[&str]) -> (bool, serde_json::Value) {
+    let out = Command::new(VTPMCTL)
+        .args(args)
+        .output()
+        .expect("run vtpmctl");
+    let v = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("vtpmctl printed non-JSON: {:?}", out));
+    (out.status.success(), v)
+}
+
+/// Two host keys made once with `vtpmctl keygen`.
+fn host_keys() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
+    static K: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
+    K.get_or_init(|| {
+        let t = tempfile::tempdir().unwrap();
+        for h in ["a", "b"] {
+            let (ok, v) = ctl(&["keygen", "--out", t.path().join(h).to_str().unwrap()]);
+            assert!(ok, "{v}");
+        }
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        (t, a, b)
+    })
+}
+
+struct Node {
+    _t: tempfile::TempDir,
+    d: Daemon,
+    admin: PathBuf,
+}
+
+fn node(key: &Path, incoming: bool) -> Node {
+    let t = state_dir();
+    let admin = t.path().join("admin.sock");
+    let mut args = vec![
+        "--host-key".to_string(),
+        key.join("host-key.pem").display().to_string(),
+        "--admin".to_string(),
+        format!("path={}", admin.display()),
+    ];
+    if incoming {
+        args.extend(["--migration".to_string(), "incoming".to_string()]);
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = Daemon::start(t.path(), &a);
+    Node { _t: t, d, admin }
+}
+
+impl Node {
+    fn admin(&self) -> &str {
+        self.admin.to_str().unwrap()
+    }
+    fn state(&self) -> String {
+        ctl(&["status", "--admin", self.admin()]).1["state"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string()
+    }
+}
+
+/// Fetches the three blobs as QEMU's pre_save does.
+fn get_blobs(c: &mut Ctrl) -> Vec<(u32, Vec<u8>)> {
+    (1u32..=3)
+        .map(|ty| {
+            let mut body = 1u32.to_be_bytes().to_vec();
+            body.extend_from_slice(&ty.to_be_bytes());
+            body.extend_from_slice(&0u32.to_be_bytes());
+            let hdr = c.cmd(0x0c, &body, 16);
+            assert_eq!(be32(&hdr, 0), 0, "GET_STATEBLOB {ty}");
+            assert_eq!(be32(&hdr, 8), be32(&hdr, 12));
+            let mut blob = vec![0u8; be32(&hdr, 12) as usize];
+            c.s.read_exact(&mut blob).unwrap();
+            assert!(!blob.is_empty(), "blob {ty} must never be empty");
+            (ty, blob)
+        })
+        .collect()
+}
+
+/// QEMU's post_load on a destination: STOP, SET x3 (skipping empty ones),
+/// INIT(DELETE_VOLATILE). Returns the INIT result (or the first SET error).
+fn put_blobs(c: &mut Ctrl, blobs: &[(u32, Vec<u8>)]) -> u32 {
+    assert_eq!(c.result(0x0e, &[]), 0);
+    for (ty, blob) in blobs.iter().filter(|(_, b)| !b.is_empty()) {
+        let mut msg = 0x0du32.to_be_bytes().to_vec();
+        msg.extend_from_slice(&0u32.to_be_bytes());
+        msg.extend_from_slice(&ty.to_be_bytes());
+        msg.extend_from_slice(&(blob.len() as u32).to_be_bytes());
+        msg.extend_from_slice(blob);
+        let r = be32(&c.raw(&msg, 4), 0);
+        if r != 0 {
+            return r;
+        }
+    }
+    c.result(0x02, &[0, 0, 0, 1])
+}
+
+/// A running source TPM with NV and PCR contents; returns the PCR value.
+fn running_source(src: &Node) -> (Ctrl, std::os::unix::net::UnixStream, [u8; 32]) {
+    let mut c = Ctrl::connect(&src.d.ctrl);
+    let mut data = c.qemu_start(3968);
+    assert_eq!(rc(&tpm(&mut data, &cmd::startup_clear())), 0);
+    assert_eq!(rc(&tpm(&mut data, &cmd::nv_define(NV, 8))), 0);
+    assert_eq!(rc(&tpm(&mut data, &cmd::nv_write(NV, b"sealed!!"))), 0);
+    assert_eq!(rc(&tpm(&mut data, &cmd::pcr_extend(PCR, &[0x42; 32]))), 0);
+    let pcr = cmd::pcr_value(&tpm(&mut data, &cmd::pcr_read(PCR)));
+    (c, data, pcr)
+}
+
+/// Destination issues an id, the source prepares for it and exports.
+fn export_to(src: &Node, dst: &Node, c: &mut Ctrl) -> Vec<(u32, Vec<u8>)> {
+    let (ok, info) = ctl(&["incoming-info", "--admin", dst.admin()]);
+    assert!(ok, "{info}");
+    let peer = dst._t.path().join("peer.pem");
+    std::fs::write(&peer, info["public_key"].as_str().unwrap()).unwrap();
+    let id = info["migration_id"].as_str().unwrap();
+    let (ok, v) = ctl(&[
+        "outgoing",
+        "--admin",
+        src.admin(),
+        "--peer-key",
+        peer.to_str().unwrap(),
+        "--migration-id",
+        id,
+    ]);
+    assert!(ok, "{v}");
+    let blobs = get_blobs(c);
+    assert_eq!(src.state(), "exported");
+    blobs
+}
+
+/// The destination refused: INIT failed, TPM commands refused, still locked.
+fn assert_dest_refuses(dst: &Node, init_rc: u32, what: &str) {
+    assert_ne!(init_rc, 0, "{what}: destination accepted the stream");
+    assert_eq!(dst.state(), "destination-locked", "{what}");
+    let mut c = Ctrl::connect(&dst.d.ctrl);
+    let (_, mut data) = c.set_datafd();
+    let r = tpm(&mut data, &cmd::get_random(8));
+    assert_ne!(rc(&r), 0, "{what}: destination served a TPM command");
+}
+
+/// The source resumes (QEMU's LOCK_STORAGE on `cont`) with its TPM intact.
+fn assert_source_resumes(
+    src: &Node,
+    c: &mut Ctrl,
+    data: &mut std::os::unix::net::UnixStream,
+    pcr: &[u8; 32],
+) {
+    assert_eq!(c.result(0x13, &300u32.to_be_bytes()), 0);
+    assert_eq!(src.state(), "running");
+    assert_eq!(&cmd::pcr_value(&tpm(data, &cmd::pcr_read(PCR))), pcr);
+    assert_eq!(cmd::nv_data(&tpm(data, &cmd::nv_read(NV, 8))), b"sealed!!");
+}
+
+#[test]
+fn sealed_migration_end_to_end_with_receipt_and_tombstone() {
+    let (_, ka, kb) = host_keys();
+    let src = node(ka, false);
+    let dst = node(kb, true);
+    assert_eq!(dst.state(), "destination-locked");
+    let (mut c, mut data, pcr) = running_source(&src);
+    let blobs = export_to(&src, &dst, &mut c);
+    // Locked source: no TPM command runs, nothing is written.
+    assert_ne!(rc(&tpm(&mut data, &cmd::get_random(8))), 0);
+    // Nothing in the stream is plaintext NV.
+    assert!(blobs
+        .iter()
+        .all(|(_, b)| !b.windows(8).any(|w| w == b"sealed!!")));
+
+    let mut cd = Ctrl::connect(&dst.d.ctrl);
+    let (_, mut ddata) = cd.set_datafd();
+    assert_eq!(put_blobs(&mut cd, &blobs), 0, "INIT on the destination");
+    assert_eq!(dst.state(), "running");
+    assert_eq!(cmd::pcr_value(&tpm(&mut ddata, &cmd::pcr_read(PCR))), pcr);
+    assert_eq!(
+        cmd::nv_data(&tpm(&mut ddata, &cmd::nv_read(NV, 8))),
+        b"sealed!!"
+    );
+
+    let receipt = dst._t.path().join("receipt.json");
+    let (ok, r) = ctl(&[
+        "receipt",
+        "--admin",
+        dst.admin(),
+        "--out",
+        receipt.to_str().unwrap(),
+    ]);
+    assert!(ok, "{r}");
+    let (ok, t) = ctl(&[
+        "complete",
+        "--admin",
+        src.admin(),
+        "--receipt",
+        receipt.to_str().unwrap(),
+    ]);
+    assert!(ok, "{t}");
+    assert_eq!(src.state(), "migrated-out");
+    let sdir = src._t.path().join("state");
+    let left: Vec<String> = std::fs::read_dir(&sdir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        left.iter()
+            .all(|n| n == "vtpmd-tombstone.json" || n == ".lock"),
+        "{left:?}"
+    );
+    // Restarting on the tombstoned directory fails with a clear message.
+    let Node { _t: keep, d, .. } = src;
+    drop(d);
+    let out = Command::new(VTPMD)
+        .args([
+            "socket",
+            "--tpm2",
+            "--ctrl",
+            "type=unixio,path=/tmp/never.sock",
+            "--tpmstate",
+        ])
+        .arg(format!("dir={}", sdir.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("migrated away"),
+        "{out:?}"
+    );
+    drop(keep);
+}
+
+#[test]
+fn shutdown_after_export_erases_the_source() {
+    let (_, ka, kb) = host_keys();
+    let mut src = node(ka, false);
+    let dst = node(kb, true);
+    let (mut c, _data, _) = running_source(&src);
+    let _ = export_to(&src, &dst, &mut c);
+    assert_eq!(c.result(0x03, &[]), 0);
+    assert!(src.d.wait_exit(std::time::Duration::from_secs(5)).is_some());
+    let sdir = src._t.path().join("state");
+    assert!(sdir.join("vtpmd-tombstone.json").exists());
+    assert!(!sdir.join("tpm2-00.permall").exists());
+}
+
+#[test]
+fn attack_matrix_fails_closed() {
+    let (_, ka, kb) = host_keys();
+    let src = node(ka, false);
+    let (mut c, mut data, pcr) = running_source(&src);
+
+    type Tamper = fn(&mut Vec<(u32, Vec<u8>)>, &[(u32, Vec<u8>)]);
+    let cases: Vec<(&str, Tamper)> = vec![
+        ("byte flipped in permanent", |b, _| b[0].1[200] ^= 1),
+        ("byte flipped in volatile", |b, _| {
+            let n = b[1].1.len();
+            b[1].1[n / 2] ^= 1
+        }),
+        ("byte flipped in final", |b, _| {
+            let n = b[2].1.len();
+            b[2].1[n - 40] ^= 1
+        }),
+        ("volatile dropped", |b, _| b[1].1.clear()),
+        ("final dropped", |b, _| b[2].1.clear()),
+        ("volatile spliced from another migration", |b, other| {
+            b[1] = other[1].clone()
+        }),
+        ("plaintext blobs", |b, _| {
+            for (_, blob) in b.iter_mut() {
+                *blob = vtpmd::storage::blob::encode_migration(&[0u8; 64]);
+            }
+        }),
+    ];
+    // An earlier migration of the same VM, for splicing.
+    let other_dst = node(kb, true);
+    let other = export_to(&src, &other_dst, &mut c);
+    assert_source_resumes(&src, &mut c, &mut data, &pcr);
+
+    for (what, tamper) in cases {
+        let dst = node(kb, true);
+        let mut blobs = export_to(&src, &dst, &mut c);
+        tamper(&mut blobs, &other);
+        let mut cd = Ctrl::connect(&dst.d.ctrl);
+        let r = put_blobs(&mut cd, &blobs);
+        assert_dest_refuses(&dst, r, what);
+        assert_source_resumes(&src, &mut c, &mut data, &pcr);
+    }
+
+    // The same stream into a second destination, and twice into one.
+    let dst = node(kb, true);
+    let blobs = export_to(&src, &dst, &mut c);
+    let second = node(kb, true);
+    let _ = ctl(&["incoming-info", "--admin", second.admin()]);
+    let mut c2 = Ctrl::connect(&second.d.ctrl);
+    let r = put_blobs(&mut c2, &blobs);
+    assert_dest_refuses(&second, r, "stream loaded into a second destination");
+    let mut cd = Ctrl::connect(&dst.d.ctrl);
+    assert_eq!(
+        put_blobs(&mut cd, &blobs),
+        0,
+        "the genuine destination still accepts it"
+    );
+    let r = put_blobs(&mut cd, &blobs);
+    assert_ne!(r, 0, "the same stream loaded twice");
+
+    // Wrapped for another host's key: the destination holds key A, the
+    // source wrapped to B.
+    assert_source_resumes(&src, &mut c, &mut data, &pcr);
+    let wrong = node(ka, true);
+    let genuine = node(kb, true);
+    let (ok, info) = ctl(&["incoming-info", "--admin", wrong.admin()]);
+    assert!(ok);
+    let (_, binfo) = ctl(&["incoming-info", "--admin", genuine.admin()]);
+    let peer = genuine._t.path().join("peer.pem");
+    std::fs::write(&peer, binfo["public_key"].as_str().unwrap()).unwrap();
+    let id = info["migration_id"].as_str().unwrap();
+    let (ok, _) = ctl(&[
+        "outgoing",
+        "--admin",
+        src.admin(),
+        "--peer-key",
+        peer.to_str().unwrap(),
+        "--migration-id",
+        id,
+    ]);
+    assert!(ok);
+    let blobs = get_blobs(&mut c);
+    let mut cw = Ctrl::connect(&wrong.d.ctrl);
+    let r = put_blobs(&mut cw, &blobs);
+    assert_dest_refuses(&wrong, r, "blobs wrapped for another host's key");
+    assert_source_resumes(&src, &mut c, &mut data, &pcr);
+}
+
+#[test]
+fn admin_socket_and_cli_bad_input() {
+    let (_, ka, _) = host_keys();
+    let src = node(ka, false);
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(&src.admin).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    for bad in [
+        "not json",
+        "{}",
+        "{\"op\": 5}",
+        "{\"op\": \"explode\"}",
+        "{\"op\": \"outgoing\"}",
+        "[1,2]",
+    ] {
+        (&s).write_all(format!("{bad}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ok"], false, "{bad} -> {line}");
+        assert!(v["error"].as_str().unwrap().len() > 5);
+    }
+    // Oversized request: refused, connection closed, daemon keeps serving.
+    let big = "x".repeat(70_000);
+    (&s).write_all(big.as_bytes()).unwrap();
+    (&s).write_all(b"\n").unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("longer than"), "{line}");
+    assert_eq!(src.state(), "running");
+    let peer = src._t.path().join("junk.pem");
+    std::fs::write(
+        &peer,
+        "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+    )
+    .unwrap();
+    let (ok, v) = ctl(&[
+        "outgoing",
+        "--admin",
+        src.admin(),
+        "--peer-key",
+        peer.to_str().unwrap(),
+        "--migration-id",
+        "00",
+    ]);
+    assert!(!ok && v["error"].is_string(), "{v}");
+    let (ok, v) = ctl(&["incoming-info", "--admin", src.admin()]);
+    assert!(!ok, "a source issues no ids: {v}");
+    let (ok, v) = ctl(&["status", "--admin", "/nonexistent.sock"]);
+    assert!(
+        !ok && v["error"].as_str().unwrap().contains("cannot reach"),
+        "{v}"
+    );
+    assert_eq!(src.state(), "running");
+}
