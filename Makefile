@@ -29,9 +29,11 @@ unit-and-integration: build
 	$(CARGO) test --release --workspace
 
 # Real guests: Debian kernel + busybox/tpm2-tools initramfs under QEMU TCG,
-# tpm-crb and tpm-tis, two boots each on one state directory.
+# tpm-crb and tpm-tis, two boots each on one state directory; then sealed
+# live migration, save-to-file secrecy against swtpm, and the attack matrix.
 kernel-tests: build
 	TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-tests.sh
+	TPM_BACKEND_BIN=$(VTPMD) python3 kernel-tests/migration-test.py
 
 test: deps lint unit-and-integration kernel-tests
 

@@ -19,7 +19,7 @@ tpm2=$(command -v tpm2) || { echo "build-initramfs: tpm2-tools is not installed"
 cp "$tpm2" "$root/bin/tpm2"
 for tool in getrandom pcrread pcrextend createprimary create load sign verifysignature nvdefine nvwrite \
             nvread evictcontrol readpublic quote checkquote startauthsession sessionconfig flushcontext \
-            getcap; do
+            getcap loadexternal hash; do
   ln -sf tpm2 "$root/bin/tpm2_$tool"
 done
 

@@ -13,6 +13,7 @@ PACKAGES=(
 )
 
 missing=()
+command -v python3 >/dev/null 2>&1 || missing+=(python3)   # kernel-tests/migration-test.py
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done

@@ -1,0 +1,468 @@
+#!/usr/bin/env python3
+"""Sealed live migration of a running Linux guest between two QEMU processes,
+each with its own vtpmd, state directory and host key (vtpmctl prepares it),
+plus a save-to-file secrecy check against swtpm, the attack matrix through
+QEMU's own migration stream, and a destination killed mid-migration.
+
+Prints "PASS: ..." / "FAIL: ..." per check and "N passed, M failed" last.
+"""
+import json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.environ.get("KT_BUILD", os.path.join(ROOT, "build", "kernel-tests"))
+VTPMD = os.environ.get("TPM_BACKEND_BIN", os.path.join(ROOT, "target", "release", "vtpmd"))
+VTPMCTL = os.environ.get("VTPMCTL_BIN", os.path.join(ROOT, "target", "release", "vtpmctl"))
+QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
+WORK = tempfile.mkdtemp(prefix="vtpm-mig-")
+LOGS = os.path.join(BUILD, "logs")
+NV = "0x1500016"
+PERSIST = "0x81000101"
+results = [0, 0]
+procs = []
+
+
+def check(ok, what, detail=""):
+    results[0 if ok else 1] += 1
+    print(("PASS: " if ok else "FAIL: ") + what + ("" if ok or not detail else " -- " + str(detail)[:400]), flush=True)
+    return ok
+
+
+def wait_for(pred, timeout, what):
+    end = time.time() + timeout
+    while time.time() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise RuntimeError("timed out waiting for " + what)
+
+
+def tpm_args(sock):
+    lines = [l.strip() for l in open(os.path.join(ROOT, "qemu-configs", "tpm-crb.args")) if l.strip() and not l.startswith("#")]
+    return [l.replace("@SOCK@", sock) for l in lines]
+
+
+def ctl(*args):
+    p = subprocess.run([VTPMCTL, *args], capture_output=True, text=True)
+    try:
+        return p.returncode == 0, json.loads(p.stdout)
+    except ValueError:
+        return False, {"error": p.stdout + p.stderr}
+
+
+class Backend:
+    def __init__(self, name, binary=VTPMD, key=None, incoming=False, extra=()):
+        self.dir = os.path.join(WORK, name)
+        self.state = os.path.join(self.dir, "state")
+        os.makedirs(self.state, exist_ok=True)
+        self.ctrl = os.path.join(self.dir, "ctrl.sock")
+        self.admin = os.path.join(self.dir, "admin.sock")
+        self.log = os.path.join(LOGS, "mig-backend-%s.log" % name)
+        cmd = [binary, "socket", "--tpm2", "--tpmstate", "dir=" + self.state, "--ctrl", "type=unixio,path=" + self.ctrl,
+               "--log", "file=%s,level=20" % self.log, *extra]
+        if key:
+            cmd += ["--host-key", os.path.join(key, "host-key.pem"), "--admin", "path=" + self.admin]
+        if incoming:
+            cmd += ["--migration", "incoming"]
+        self.p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.log + ".stderr", "w"))
+        procs.append(self.p)
+        wait_for(lambda: os.path.exists(self.ctrl) or self.p.poll() is not None, 10, name + " control socket")
+        if self.p.poll() is not None:
+            raise RuntimeError("%s exited: %s" % (name, open(self.log + ".stderr").read()))
+
+    def status(self):
+        return ctl("status", "--admin", self.admin)[1].get("state")
+
+
+class Guest:
+    """A QEMU process with the test guest in mode 'migrate'."""
+
+    def __init__(self, name, backend, incoming=None):
+        self.name = name
+        d = os.path.join(WORK, "q-" + name)
+        os.makedirs(d, exist_ok=True)
+        self.serial_path = os.path.join(d, "serial.sock")
+        self.mon_path = os.path.join(d, "mon.sock")
+        self.log = os.path.join(LOGS, "mig-qemu-%s.log" % name)
+        cmd = [QEMU, "-accel", "tcg", "-m", "256", "-smp", "1", "-display", "none", "-no-reboot",
+               "-kernel", os.path.join(BUILD, "vmlinuz"), "-initrd", os.path.join(BUILD, "initramfs.cpio.gz"),
+               "-append", "console=ttyS0 panic=-1 quiet loglevel=3 vtpm.mode=migrate",
+               "-serial", "unix:%s,server=on,wait=off" % self.serial_path,
+               "-monitor", "unix:%s,server=on,wait=off" % self.mon_path, *tpm_args(backend.ctrl)]
+        if incoming:
+            cmd += ["-incoming", incoming]
+        self.p = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        procs.append(self.p)
+        wait_for(lambda: (os.path.exists(self.serial_path) and os.path.exists(self.mon_path)) or self.p.poll() is not None,
+                 20, name + " sockets")
+        self.buf = ""
+        self.ser = None
+        self.mon = None
+        if self.p.poll() is None:
+            self.ser = socket.socket(socket.AF_UNIX)
+            self.ser.connect(self.serial_path)
+            self.mon = socket.socket(socket.AF_UNIX)
+            self.mon.connect(self.mon_path)
+            self.mon.settimeout(10)
+            self._mon_read()
+
+    def _mon_read(self):
+        out = b""
+        while not out.endswith(b"(qemu) "):
+            chunk = self.mon.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+        return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out.decode(errors="replace"))
+
+    def hmp(self, line):
+        self.mon.sendall((line + "\n").encode())
+        return self._mon_read()
+
+    def read_until(self, marker, timeout):
+        self.ser.settimeout(1)
+        end = time.time() + timeout
+        while marker not in self.buf:
+            if time.time() > end:
+                raise RuntimeError("%s: no '%s' on the serial console; got: %s" % (self.name, marker, self.buf[-800:]))
+            try:
+                chunk = self.ser.recv(65536)
+                if not chunk:
+                    raise RuntimeError(self.name + ": serial console closed")
+                self.buf += chunk.decode(errors="replace").replace("\r", "")
+            except socket.timeout:
+                pass
+        i = self.buf.index(marker)
+        out, self.buf = self.buf[:i], self.buf[i + len(marker):]
+        return out
+
+    def run(self, script, timeout=120):
+        """Runs a shell line in the guest; returns its R:key=value results."""
+        self.ser.sendall((script + "\n").encode())
+        out = self.read_until("VTPM-CMD-DONE\n", timeout)
+        return dict(re.findall(r"^R:([\w-]+)=(.*)$", out, re.M))
+
+    def migrate(self, uri, timeout=120):
+        self.hmp('migrate -d "%s"' % uri)
+        end = time.time() + timeout
+        while time.time() < end:
+            info = self.hmp("info migrate")
+            m = re.search(r"Migration status: (\S+)", info)
+            if m and m.group(1) in ("completed", "failed", "cancelled"):
+                return m.group(1)
+            time.sleep(0.2)
+        return "timeout"
+
+    def stop(self, quit_cmd=True):
+        if self.p.poll() is None and quit_cmd and self.mon:
+            try:
+                self.mon.sendall(b"quit\n")
+            except OSError:
+                pass
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+SETUP = ("tpm2_pcrextend 16:sha256=$(printf 'before migration' | sha256sum | cut -d' ' -f1) >/dev/null && "
+         "echo R:pcr=$(tpm2_pcrread sha256:16 | tail -n 1 | awk '{print $2}'); "
+         "tpm2_getrandom -o /tmp/secret 64 && tpm2_nvdefine %s -C o -s 64 -a 'ownerread|ownerwrite' >/dev/null && "
+         "tpm2_nvwrite %s -C o -i /tmp/secret && echo R:secret=$(od -An -tx1 -v /tmp/secret | tr -d ' \\n'); "
+         "tpm2_createprimary -C o -G ecc256 -c /tmp/p.ctx >/dev/null && tpm2_create -C /tmp/p.ctx -G ecc256 "
+         "-a 'fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign' -u /tmp/k.pub -r /tmp/k.priv >/dev/null && "
+         "tpm2_load -C /tmp/p.ctx -u /tmp/k.pub -r /tmp/k.priv -c /tmp/k.ctx >/dev/null && "
+         "tpm2_evictcontrol -C o -c /tmp/k.ctx %s >/dev/null && tpm2_readpublic -c %s -o /tmp/before.pub >/dev/null && "
+         "echo R:pub=$(sha256sum < /tmp/before.pub | cut -d' ' -f1)" % (NV, NV, PERSIST, PERSIST))
+
+# Best effort to leave no raw copy of the secret in guest RAM (which QEMU
+# migrates in clear whatever the vTPM does): overwrite the file in place,
+# push a large command through the TPM's command buffer, and fill free
+# memory with zeros so freed pages that held it are reused.
+SCRUB = ("dd if=/dev/zero of=/tmp/secret bs=64 count=1 conv=notrunc 2>/dev/null; rm -f /tmp/secret; "
+         "head -c 1000 /dev/zero > /tmp/z && tpm2_hash -g sha256 /tmp/z >/dev/null; "
+         "avail=$(awk '/MemAvailable/ {print int($2/1024)}' /proc/meminfo); "
+         "dd if=/dev/zero of=/tmp/fill bs=1M count=$((avail - 24)) 2>/dev/null; rm -f /tmp/fill; "
+         "echo R:scrubbed=$avail")
+
+AFTER = ("echo R:pcr=$(tpm2_pcrread sha256:16 | tail -n 1 | awk '{print $2}'); "
+         "tpm2_nvread %s -C o -s 64 -o /tmp/nv-after && echo R:secret=$(od -An -tx1 -v /tmp/nv-after | tr -d ' \\n'); "
+         "printf 'signed after migration' > /tmp/m && tpm2_sign -c %s -g sha256 -o /tmp/s /tmp/m && "
+         "tpm2_loadexternal -C n -u /tmp/before.pub -c /tmp/ext.ctx >/dev/null && "
+         "tpm2_verifysignature -c /tmp/ext.ctx -g sha256 -m /tmp/m -s /tmp/s && echo R:verified=yes" % (NV, PERSIST))
+
+
+def keygen(name):
+    d = os.path.join(WORK, "keys-" + name)
+    ok, v = ctl("keygen", "--out", d)
+    if not ok:
+        raise RuntimeError("keygen: %s" % v)
+    return d
+
+
+def prepare(src, dst):
+    ok, info = ctl("incoming-info", "--admin", dst.admin)
+    assert ok, info
+    pem = os.path.join(dst.dir, "peer.pem")
+    open(pem, "w").write(info["public_key"])
+    ok, v = ctl("outgoing", "--admin", src.admin, "--peer-key", pem, "--migration-id", info["migration_id"])
+    assert ok, v
+    return pem, info["migration_id"]
+
+
+def boot_source(name, backend):
+    g = Guest(name, backend)
+    g.read_until("VTPM-READY\n", 120)
+    return g
+
+
+def live_migration(ka, kb):
+    print("== live migration between two QEMU + vtpmd pairs", flush=True)
+    src = Backend("live-src", key=ka)
+    gs = boot_source("live-src", src)
+    before = gs.run(SETUP)
+    check(len(before.get("secret", "")) == 128 and len(before.get("pcr", "")) == 66 and len(before.get("pub", "")) == 64,
+          "guest set up PCR, NV secret, persistent key", before)
+    dst = Backend("live-dst", key=kb, incoming=True)
+    mig = os.path.join(WORK, "live.sock")
+    gd = Guest("live-dst", dst, incoming="unix:" + mig)
+    prepare(src, dst)
+    status = gs.migrate("unix:" + mig)
+    check(status == "completed", "live migration completed", status)
+    after = gd.run(AFTER)
+    check(after.get("pcr") == before.get("pcr"), "destination guest reads the PCR it extended before", (before.get("pcr"), after.get("pcr")))
+    check(after.get("secret") == before.get("secret"), "destination guest reads the same NV contents")
+    check(after.get("verified") == "yes", "persistent key signs after migration; verifies with the public key saved before")
+    check(dst.status() == "running", "destination unlocked", dst.status())
+    receipt = os.path.join(WORK, "receipt.json")
+    ok, r = ctl("receipt", "--admin", dst.admin, "--out", receipt)
+    check(ok, "destination issued a signed receipt", r)
+    ok, t = ctl("complete", "--admin", src.admin, "--receipt", receipt)
+    check(ok, "source verified the receipt and completed", t)
+    left = sorted(os.listdir(src.state))
+    check(left == [".lock", "vtpmd-tombstone.json"] or left == ["vtpmd-tombstone.json"], "source state directory holds only the tombstone", left)
+    check(src.status() == "migrated-out", "source is migrated-out", src.status())
+    gs.stop()
+    gd.run("echo R:alive=yes")
+    gd.stop()
+
+
+def read_file(p):
+    with open(p, "rb") as f:
+        return f.read()
+
+
+def secrecy_vs_swtpm(ka, kb):
+    print("== migration saved to a file: vtpmd vs swtpm", flush=True)
+    out = {}
+    for kind in ("vtpmd", "swtpm"):
+        if kind == "vtpmd":
+            src = Backend("file-src-vtpmd", key=ka)
+        else:
+            src = Backend("file-src-swtpm", binary="swtpm")
+        g = boot_source("file-" + kind, src)
+        setup = g.run(SETUP)
+        g.run(SCRUB)
+        secret = bytes.fromhex(setup.get("secret", ""))
+        if kind == "vtpmd":
+            dst = Backend("file-dst", key=kb, incoming=True)
+            prepare(src, dst)
+        path = os.path.join(WORK, "saved-%s.mig" % kind)
+        status = g.migrate("exec:cat > " + path)
+        data = read_file(path)
+        found = len(secret) == 64 and secret in data
+        at = data.find(secret) if found else -1
+        out[kind] = found
+        print("   %s: migration %s, %d bytes; the guest's 64-byte NV secret %s in the file%s"
+              % (kind, status, len(data), "IS" if found else "is NOT", " (at offset %d)" % at if found else ""), flush=True)
+        g.hmp("cont")
+        alive = g.run("tpm2_getrandom --hex 8 >/dev/null && echo R:tpm=ok")
+        check(alive.get("tpm") == "ok", "%s source resumes after save-to-file (cont)" % kind)
+        g.stop()
+    check(out.get("vtpmd") is False, "vtpmd: the NV secret is not in the saved migration stream")
+    check(out.get("swtpm") is True, "swtpm (reference): the NV secret is in the saved stream in clear (the difference vtpmd makes)")
+    return os.path.join(WORK, "saved-swtpm.mig")
+
+
+MAGIC = b"VTPMMIG1"
+
+
+def blobs_in(data):
+    """(offset of the u32 flags, size, offset of data) for the three TPM blobs."""
+    found = []
+    i = data.find(MAGIC)
+    while i >= 0:
+        size = int.from_bytes(data[i - 4:i], "big")
+        found.append((i - 8, size, i))
+        i = data.find(MAGIC, i + size)
+    return found
+
+
+def flip(n):
+    def f(data, other):
+        b = blobs_in(data)[n]
+        pos = b[2] + b[1] // 2
+        return data[:pos] + bytes([data[pos] ^ 1]) + data[pos + 1:]
+    return f
+
+
+def drop_volatile(data, other):
+    flags_at, size, at = blobs_in(data)[1]
+    return data[:flags_at + 4] + (0).to_bytes(4, "big") + data[at + size:]
+
+
+def splice_volatile(data, other):
+    flags_at, size, at = blobs_in(data)[1]
+    oflags, osize, oat = blobs_in(other)[1]
+    return data[:flags_at] + other[oflags:oat + osize] + data[at + size:]
+
+
+def attack_matrix(ka, kb, swtpm_file):
+    print("== attack matrix through QEMU's migration stream", flush=True)
+    kc = keygen("c")
+    src = Backend("atk-src", key=ka)
+    g = boot_source("atk-src", src)
+    base = g.run(SETUP)
+
+    def export(dst, peer_pem=None, peer_id=None):
+        if peer_pem:
+            ok, v = ctl("outgoing", "--admin", src.admin, "--peer-key", peer_pem, "--migration-id", peer_id)
+            assert ok, v
+        else:
+            prepare(src, dst)
+        path = os.path.join(WORK, "atk-%d.mig" % time.time_ns())
+        status = g.migrate("exec:cat > " + path)
+        assert status == "completed", status
+        g.hmp("cont")
+        return read_file(path)
+
+    def source_intact(what):
+        r = g.run("echo R:pcr=$(tpm2_pcrread sha256:16 | tail -n 1 | awk '{print $2}'); "
+                  "tpm2_nvread %s -C o -s 64 -o /tmp/x && echo R:secret=$(od -An -tx1 -v /tmp/x | tr -d ' \\n')" % NV)
+        return len(r.get("pcr", "")) == 66 and r.get("pcr") == base.get("pcr") and r.get("secret") == base.get("secret")
+
+    def load(name, dst, data):
+        path = os.path.join(WORK, name + ".mig")
+        open(path, "wb").write(data)
+        gd = Guest("atk-" + name, dst, incoming="exec:cat " + path)
+        try:
+            gd.p.wait(120)
+            failed = gd.p.returncode != 0
+        except subprocess.TimeoutExpired:
+            failed = False
+        gd.stop(quit_cmd=False)
+        return failed
+
+    # A stream of an earlier migration of the same VM, for splicing.
+    other = export(Backend("atk-other", key=kb, incoming=True))
+    cases = [("byte flipped in the permanent blob", flip(0)), ("byte flipped in the volatile blob", flip(1)),
+             ("byte flipped in the final blob", flip(2)), ("volatile blob dropped", drop_volatile),
+             ("volatile blob spliced from another migration of this VM", splice_volatile)]
+    for i, (what, tamper) in enumerate(cases):
+        dst = Backend("atk-dst-%d" % i, key=kb, incoming=True)
+        data = export(dst)
+        failed = load("case-%d" % i, dst, tamper(data, other))
+        check(failed and dst.status() == "destination-locked" and source_intact(what),
+              "%s: destination QEMU fails, vtpmd stays locked, source resumes intact" % what, dst.status())
+
+    # The same stream into a second destination; then twice into one.
+    dst = Backend("atk-genuine", key=kb, incoming=True)
+    data = export(dst)
+    second = Backend("atk-second", key=kb, incoming=True)
+    ctl("incoming-info", "--admin", second.admin)
+    failed = load("second-destination", second, data)
+    check(failed and second.status() == "destination-locked", "same stream into a second destination is refused", second.status())
+    path = os.path.join(WORK, "genuine.mig")
+    open(path, "wb").write(data)
+    gd = Guest("atk-genuine", dst, incoming="exec:cat " + path)
+    ok = wait_for(lambda: dst.status() == "running" or gd.p.poll() is not None, 120, "genuine load")
+    check(dst.status() == "running", "the genuine destination accepts the stream", dst.status())
+    gd.p.kill()
+    gd.p.wait()
+    failed = load("twice", dst, data)
+    check(failed, "the same stream loaded twice into one destination is refused")
+    check(source_intact("after replays"), "source still intact after the replays")
+
+    # Wrapped for another host's key.
+    wrong = Backend("atk-wrong-host", key=kc, incoming=True)
+    ok, info = ctl("incoming-info", "--admin", wrong.admin)
+    other_dst = Backend("atk-b-holder", key=kb, incoming=True)
+    ok2, binfo = ctl("incoming-info", "--admin", other_dst.admin)
+    pem_b = os.path.join(WORK, "b.pem")
+    open(pem_b, "w").write(binfo["public_key"])
+    data = export(None, peer_pem=pem_b, peer_id=info["migration_id"])
+    failed = load("wrong-host", wrong, data)
+    check(failed and wrong.status() == "destination-locked" and source_intact("wrong host"),
+          "blobs wrapped for another host's key are refused", wrong.status())
+
+    # Plaintext (swtpm) stream into a destination with a host key.
+    plain_dst = Backend("atk-plain", key=kb, incoming=True)
+    ctl("incoming-info", "--admin", plain_dst.admin)
+    failed = load("plaintext", plain_dst, read_file(swtpm_file))
+    check(failed and plain_dst.status() == "destination-locked", "plaintext blobs are refused by a destination with a host key",
+          plain_dst.status())
+    g.stop()
+
+
+def killed_destination(ka, kb):
+    print("== destination killed during the migration", flush=True)
+    src = Backend("kill-src", key=ka)
+    g = boot_source("kill-src", src)
+    base = g.run(SETUP)
+    dst = Backend("kill-dst", key=kb, incoming=True)
+    mig = os.path.join(WORK, "kill.sock")
+    gd = Guest("kill-dst", dst, incoming="unix:" + mig)
+    prepare(src, dst)
+    g.hmp("migrate_set_parameter max-bandwidth 20M")
+    g.hmp("migrate -d unix:" + mig)
+    time.sleep(1.0)
+    gd.p.kill()
+    dst.p.kill()
+    status = "?"
+    end = time.time() + 60
+    while time.time() < end:
+        m = re.search(r"Migration status: (\S+)", g.hmp("info migrate"))
+        status = m.group(1) if m else "?"
+        if status in ("failed", "completed", "cancelled"):
+            break
+        time.sleep(0.2)
+    check(status == "failed", "migration fails when the destination dies", status)
+    g.hmp("cont")
+    r = g.run("echo R:pcr=$(tpm2_pcrread sha256:16 | tail -n 1 | awk '{print $2}'); "
+              "tpm2_nvread %s -C o -s 64 -o /tmp/x && echo R:secret=$(od -An -tx1 -v /tmp/x | tr -d ' \\n'); "
+              "tpm2_getrandom --hex 8 >/dev/null && echo R:tpm=ok" % NV)
+    check(r.get("tpm") == "ok" and r.get("pcr") == base.get("pcr") and r.get("secret") == base.get("secret"),
+          "after cont the source guest's TPM works with its state unchanged", r)
+    check(src.status() in ("running", "prepared"), "source not locked (the prepared id stays until abort)", src.status())
+    ok, v = ctl("abort", "--admin", src.admin)
+    check(ok and src.status() == "running", "vtpmctl abort drops the stale preparation", v)
+    g.stop()
+
+
+def main():
+    os.makedirs(LOGS, exist_ok=True)
+    try:
+        ka, kb = keygen("a"), keygen("b")
+        live_migration(ka, kb)
+        swtpm_file = secrecy_vs_swtpm(ka, kb)
+        attack_matrix(ka, kb, swtpm_file)
+        killed_destination(ka, kb)
+    except Exception as e:  # a crashed step is a failure, not a pass
+        import traceback
+        traceback.print_exc()
+        check(False, "migration test aborted", e)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        shutil.rmtree(WORK, ignore_errors=True)
+    print("%d passed, %d failed" % tuple(results))
+    return 0 if results[1] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
