@@ -4,7 +4,7 @@
 CARGO ?= cargo
 VTPMD := $(CURDIR)/target/release/vtpmd
 
-.PHONY: all deps build demo test lint unit-and-integration kernel-tests clean
+.PHONY: all deps build demo test lint unit-and-integration kernel-tests bench bench-smoke clean
 
 all: build
 
@@ -35,7 +35,15 @@ kernel-tests: build
 	TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-tests.sh
 	TPM_BACKEND_BIN=$(VTPMD) python3 kernel-tests/migration-test.py
 
-test: deps lint unit-and-integration kernel-tests
+# vtpmd vs swtpm vs in-process libtpms, side by side (not a timed test).
+bench: build
+	./target/release/vtpm-bench
+
+# A few iterations of every benchmark row, so the harness cannot rot.
+bench-smoke: build
+	./target/release/vtpm-bench --smoke
+
+test: deps lint unit-and-integration bench-smoke kernel-tests
 
 clean:
 	$(CARGO) clean

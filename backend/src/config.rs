@@ -350,6 +350,9 @@ impl SocketArgs {
         if cfg.incoming && cfg.host_key.is_none() {
             return Err(invalid("--migration", "incoming needs --host-key"));
         }
+        if cfg.incoming && cfg.not_need_init {
+            return Err(invalid("--migration", "an incoming destination stays locked until the migration arrives; drop --flags not-need-init/startup-*"));
+        }
         if cfg.trusted_peers.is_some() && cfg.host_key.is_none() {
             return Err(invalid("--trusted-peers", "needs --host-key"));
         }
