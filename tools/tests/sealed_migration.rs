@@ -399,3 +399,48 @@ fn admin_socket_and_cli_bad_input() {
     );
     assert_eq!(src.state(), "running");
 }
+
+#[test]
+fn trusted_peers_limit_whom_the_source_wraps_to() {
+    let (_, ka, kb) = host_keys();
+    let t = state_dir();
+    let trusted = t.path().join("trusted");
+    std::fs::create_dir(&trusted).unwrap();
+    std::fs::copy(ka.join("host-key.pub.pem"), trusted.join("a.pem")).unwrap();
+    let admin = t.path().join("admin.sock");
+    let d = Daemon::start(
+        t.path(),
+        &[
+            "--host-key",
+            ka.join("host-key.pem").to_str().unwrap(),
+            "--trusted-peers",
+            trusted.to_str().unwrap(),
+            "--admin",
+            &format!("path={}", admin.display()),
+        ],
+    );
+    let peer = kb.join("host-key.pub.pem");
+    let id = "11".repeat(32);
+    let args = [
+        "outgoing",
+        "--admin",
+        admin.to_str().unwrap(),
+        "--peer-key",
+        peer.to_str().unwrap(),
+        "--migration-id",
+        &id,
+    ];
+    let (ok, v) = ctl(&args);
+    assert!(
+        !ok && v["error"]
+            .as_str()
+            .unwrap()
+            .contains("not in the trusted peers"),
+        "{v}"
+    );
+    std::fs::copy(&peer, trusted.join("b.pem")).unwrap();
+    let (ok, v) = ctl(&args);
+    assert!(ok, "{v}");
+    assert_eq!(v["state"], "prepared");
+    drop(d);
+}
