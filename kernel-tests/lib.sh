@@ -1,61 +1,106 @@
-# Shared by the kernel-test scripts (sourced).
+# kernel-tests/lib.sh: shared by the kernel-test scripts (sourced, bash).
+#
+# Environment:
+#   TPM_BACKEND_BIN  the vTPM backend, called exactly like `swtpm socket`
+#                    (default: swtpm; `make kernel-tests` passes vtpmd)
+#   KT_BACKEND_ARGS  extra backend arguments, split on spaces (default: none)
+#   KT_BUILD         build directory (default: build/kernel-tests)
+#   KT_TIMEOUT       seconds one guest boot may take (default: 300)
+#   QEMU             QEMU binary (default: qemu-system-x86_64)
+
 KT_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 KT_ROOT=$(cd "$KT_HERE/.." && pwd)
 KT_BUILD=${KT_BUILD:-$KT_ROOT/build/kernel-tests}
-TPM_BACKEND_BIN=${TPM_BACKEND_BIN:-$KT_ROOT/target/release/vtpmd}
+TPM_BACKEND_BIN=${TPM_BACKEND_BIN:-swtpm}
+KT_BACKEND_ARGS=${KT_BACKEND_ARGS:-}
+KT_TIMEOUT=${KT_TIMEOUT:-300}
 QEMU=${QEMU:-qemu-system-x86_64}
-KT_TIMEOUT=${KT_TIMEOUT:-600}
 
-# tpm_args DEVICE SOCK: the QEMU TPM arguments from qemu-configs/.
+die() { echo "$*" >&2; exit 1; }
+
+# device_name DEV: "crb" or "tpm-crb" -> "tpm-crb" (likewise tis).
+device_name() {
+  case "$1" in
+    crb | tpm-crb) echo tpm-crb ;;
+    tis | tpm-tis) echo tpm-tis ;;
+    *) echo "unknown TPM device '$1' (use tpm-crb or tpm-tis)" >&2; return 1 ;;
+  esac
+}
+
+# tpm_args DEVICE SOCK: QEMU's TPM arguments, one per line, read from
+# qemu-configs/DEVICE.args with @SOCK@ replaced.
 tpm_args() {
-  local file="$KT_ROOT/qemu-configs/tpm-$1.args"
-  [ -f "$file" ] || { echo "no QEMU config $file" >&2; return 1; }
-  grep -v '^#' "$file" | grep -v '^$' | sed "s|@SOCK@|$2|"
+  local file="$KT_ROOT/qemu-configs/$1.args"
+  [ -f "$file" ] || { echo "missing QEMU config $file" >&2; return 1; }
+  grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "$file" | sed "s|@SOCK@|$2|g"
 }
 
-# start_backend STATEDIR SOCK LOG [extra args...]: starts the backend in the
-# background, waits for its control socket; sets BACKEND_PID.
+# qemu_command DEVICE SOCK MODE: sets the array QEMU_CMD to the command line
+# of one test guest (kernel parameter vtpm.mode=MODE).
+qemu_command() {
+  local dev=$1 sock=$2 mode=$3 tpm
+  tpm=$(tpm_args "$dev" "$sock") || return 1
+  QEMU_CMD=("$QEMU" -accel tcg -m 512 -smp 1 -nographic -no-reboot -nic none
+    -kernel "$KT_BUILD/vmlinuz" -initrd "$KT_BUILD/initramfs.cpio.gz"
+    -append "console=ttyS0 panic=-1 quiet loglevel=3 vtpm.mode=$mode")
+  mapfile -t -O "${#QEMU_CMD[@]}" QEMU_CMD <<<"$tpm"
+}
+
+# start_backend STATEDIR SOCK LOG PIDFILE: starts the backend in the
+# background on STATEDIR with its control socket at SOCK and waits (bounded)
+# for the socket; QEMU's emulator backend needs it listening before start.
+# Sets BACKEND_PID. The backend's stdout/stderr go to LOG.stderr.
 start_backend() {
-  local state=$1 sock=$2 log=$3
-  shift 3
+  local state=$1 sock=$2 log=$3 pidfile=$4 _
+  command -v "$TPM_BACKEND_BIN" >/dev/null || { echo "backend '$TPM_BACKEND_BIN' not found (set TPM_BACKEND_BIN)" >&2; return 1; }
   mkdir -p "$state"
-  rm -f "$sock"
+  rm -f "$sock" "$pidfile"
+  # shellcheck disable=SC2086 # KT_BACKEND_ARGS is split on purpose
   "$TPM_BACKEND_BIN" socket --tpm2 --tpmstate "dir=$state" \
-    --ctrl "type=unixio,path=$sock" --log "file=$log,level=20" "$@" &
+    --ctrl "type=unixio,path=$sock" --log "file=$log,level=20" \
+    --pid "file=$pidfile" $KT_BACKEND_ARGS >"$log.stderr" 2>&1 &
   BACKEND_PID=$!
-  local i
-  for i in $(seq 1 500); do
-    [ -S "$sock" ] && return 0
-    kill -0 "$BACKEND_PID" 2>/dev/null || { echo "backend exited at start-up; log:" >&2; tail -n 20 "$log" >&2; return 1; }
-    sleep 0.01
+  for _ in $(seq 1 100); do
+    [ -S "$sock" ] && break
+    if ! kill -0 "$BACKEND_PID" 2>/dev/null; then
+      echo "backend $TPM_BACKEND_BIN exited at start-up; its output:" >&2
+      tail -n 20 "$log.stderr" "$log" >&2 2>/dev/null || true
+      return 1
+    fi
+    sleep 0.1
   done
-  echo "backend's control socket $sock did not appear" >&2
-  return 1
+  if [ ! -S "$sock" ]; then
+    echo "backend's control socket $sock did not appear within 10 s; killing it" >&2
+    kill "$BACKEND_PID" 2>/dev/null
+    return 1
+  fi
+  if [ "$(cat "$pidfile" 2>/dev/null)" != "$BACKEND_PID" ]; then
+    echo "warning: pid file $pidfile does not hold the backend's pid $BACKEND_PID" >&2
+  fi
 }
 
-# stop_backend: waits for the backend to exit after QEMU's SHUTDOWN, kills
-# it if it does not.
+# stop_backend: the backend exits by itself on QEMU's CMD_SHUTDOWN; give it
+# 5 s, then kill it and say so. Sets BACKEND_END to "exited" or "killed".
+# shellcheck disable=SC2034 # BACKEND_END is read by the caller
 stop_backend() {
-  local i
-  for i in $(seq 1 300); do
-    kill -0 "$BACKEND_PID" 2>/dev/null || { wait "$BACKEND_PID" 2>/dev/null; return 0; }
-    sleep 0.01
+  local _
+  for _ in $(seq 1 50); do
+    if ! kill -0 "$BACKEND_PID" 2>/dev/null; then
+      wait "$BACKEND_PID" 2>/dev/null || true
+      BACKEND_END=exited
+      return 0
+    fi
+    sleep 0.1
   done
-  echo "backend $BACKEND_PID still running 3 s after QEMU quit; killing it" >&2
-  kill "$BACKEND_PID" 2>/dev/null
-  wait "$BACKEND_PID" 2>/dev/null
-  return 0
+  echo "backend (pid $BACKEND_PID) still running 5 s after QEMU quit; killing it" >&2
+  kill "$BACKEND_PID" 2>/dev/null || true
+  sleep 1
+  kill -9 "$BACKEND_PID" 2>/dev/null || true
+  wait "$BACKEND_PID" 2>/dev/null || true
+  BACKEND_END=killed
 }
 
-# qemu_cmd DEVICE SOCK MODE: the QEMU command line for a test guest.
-qemu_cmd() {
-  local dev=$1 sock=$2 mode=$3
-  echo "$QEMU" -accel tcg -m 512 -smp 1 -nographic -no-reboot \
-    -kernel "$KT_BUILD/vmlinuz" -initrd "$KT_BUILD/initramfs.cpio.gz" \
-    -append "'console=ttyS0 panic=-1 quiet loglevel=3 vtpm.mode=$mode'" \
-    $(tpm_args "$dev" "$sock")
-}
-
+# prepare_guest: kernel and initramfs, both cached.
 prepare_guest() {
   bash "$KT_HERE/fetch-kernel.sh"
   bash "$KT_HERE/build-initramfs.sh"

@@ -24,7 +24,7 @@ use std::time::Duration;
 /// Time allowed for the rest of a request once its first bytes arrived.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
 /// Time allowed for padding after a locality byte that is usable as it is.
-const PADDING_TIMEOUT: Duration = Duration::from_millis(20);
+const PADDING_TIMEOUT: Duration = Duration::from_millis(1);
 /// Time allowed between pieces of streamed SET_STATEBLOB / HASH_DATA data.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// HASH_DATA is streamed through; more than this in one request is refused.
