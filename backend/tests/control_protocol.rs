@@ -258,7 +258,7 @@ fn cancel_is_answered_while_a_long_command_runs() {
     assert_eq!(rc(&tpm(&mut data, &cmd::startup_clear())), 0);
     let mut done = 0;
     for unique in 0..3u8 {
-        data.write_all(&cmd::create_primary_rsa(unique)).unwrap();
+        data.write_all(&cmd::create_primary("rsa", unique)).unwrap();
         std::thread::sleep(Duration::from_millis(2));
         // The control channel answers while the data command is in flight.
         assert_eq!(c.result(0x09, &[]), 0);

@@ -3,6 +3,7 @@
 //! process with no transport at all. `--smoke` runs a few iterations of each
 //! row so `make test` keeps the harness working; it asserts no timings.
 
+#[path = "../../backend/tests/common/cmd.rs"]
 mod tpm_cmds;
 
 use std::collections::HashMap;

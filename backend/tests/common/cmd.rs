@@ -1,5 +1,7 @@
-//! The TPM 2.0 commands the benchmark times, built by hand (empty password
-//! authorisation, objects marked noDA so no dictionary-attack retries).
+//! Raw TPM 2.0 commands built by hand (empty password authorisation,
+//! objects marked noDA so no dictionary-attack retries), shared by the
+//! integration tests and the benchmark (`bench/` includes this file).
+#![allow(dead_code)]
 
 fn finish(tag: u16, cc: u32, body: &[u8]) -> Vec<u8> {
     let mut v = tag.to_be_bytes().to_vec();
@@ -23,6 +25,14 @@ pub fn startup_clear() -> Vec<u8> {
     finish(0x8001, 0x144, &[0, 0])
 }
 
+pub fn startup_state() -> Vec<u8> {
+    finish(0x8001, 0x144, &[0, 1])
+}
+
+pub fn shutdown_state() -> Vec<u8> {
+    finish(0x8001, 0x145, &[0, 1])
+}
+
 pub fn get_random(n: u16) -> Vec<u8> {
     finish(0x8001, 0x17b, &n.to_be_bytes())
 }
@@ -34,6 +44,11 @@ pub fn pcr_read(pcr: u32) -> Vec<u8> {
     b.extend_from_slice(&[0, 0x0b, 3]);
     b.extend_from_slice(&sel);
     finish(0x8001, 0x17e, &b)
+}
+
+/// The SHA-256 digest from a PCR_Read response for one PCR.
+pub fn pcr_value(resp: &[u8]) -> [u8; 32] {
+    resp[30..62].try_into().unwrap()
 }
 
 pub fn pcr_extend(pcr: u32, digest: &[u8; 32]) -> Vec<u8> {
@@ -84,6 +99,12 @@ pub fn nv_read(index: u32, size: u16) -> Vec<u8> {
     b.extend_from_slice(&size.to_be_bytes());
     b.extend_from_slice(&[0, 0]);
     finish(0x8002, 0x14e, &b)
+}
+
+/// The data bytes of an NV_Read response.
+pub fn nv_data(resp: &[u8]) -> Vec<u8> {
+    let n = u16::from_be_bytes([resp[14], resp[15]]) as usize;
+    resp[16..16 + n].to_vec()
 }
 
 /// CreatePrimary under the owner: an ECC P-256 or RSA-2048 storage key, or
