@@ -115,7 +115,7 @@ pub fn serve<S: DataStream>(s: &mut S, vtpm: &Vtpm) -> io::Result<()> {
         }
         let size = tpm2::Header::parse(&cmd).map_or(0, |h| h.size) as usize;
         let max = vtpm.io_size() as usize;
-        if size < tpm2::HEADER_LEN || size > max {
+        if !tpm2::command_size_ok(size, max) {
             log::warn!("data channel: command size {size} outside 10..={max}; answering TPM_RC_COMMAND_SIZE");
             if size > max {
                 skip_body(s, size - tpm2::HEADER_LEN)?;

@@ -1,10 +1,11 @@
 //! Receiving and sending file descriptors over unix sockets (SCM_RIGHTS), as
-//! CMD_SET_DATAFD needs. The only unsafe code outside the libtpms FFI.
+//! CMD_SET_DATAFD needs, and taking over an inherited listening socket
+//! (`vtpmd vhost-user --fd`). The only unsafe code outside the libtpms FFI.
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 
 /// Reads into `buf` and collects any descriptors that came with the bytes.
 /// Returns the byte count (0 at end of stream).
@@ -52,6 +53,30 @@ pub fn send_with_fd(sock: &UnixStream, bytes: &[u8], fd: RawFd) -> io::Result<us
     .map_err(io::Error::from)
 }
 
+/// Takes over `fd`, inherited from the parent process, as a listening unix
+/// socket. Refuses a descriptor that is not open, not a unix stream socket,
+/// or not listening, rather than adopting something else's descriptor.
+pub fn inherited_listener(fd: RawFd) -> io::Result<UnixListener> {
+    use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, UnixAddr};
+    let bad = |why: String| io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd}: {why}"));
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)
+        .map_err(|e| bad(format!("not an open descriptor ({e})")))?;
+    // SAFETY: `fd` is open (checked above) and was handed to this process
+    // to own by its parent; it is borrowed only for the checks below.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    getsockname::<UnixAddr>(fd).map_err(|e| bad(format!("not a unix socket ({e})")))?;
+    if getsockopt(&borrowed, sockopt::SockType).map_err(|e| bad(e.to_string()))? != SockType::Stream
+    {
+        return Err(bad("not a stream socket".into()));
+    }
+    if !getsockopt(&borrowed, sockopt::AcceptConn).map_err(|e| bad(e.to_string()))? {
+        return Err(bad("the socket is not listening".into()));
+    }
+    // SAFETY: `fd` is an open, listening unix stream socket (checked above)
+    // that the parent gave this process; from here on the listener owns it.
+    Ok(unsafe { UnixListener::from_raw_fd(fd) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +108,25 @@ mod tests {
         assert!(fds.is_empty());
         drop(a);
         assert_eq!(recv_with_fds(&b, &mut buf, &mut fds).unwrap(), 0);
+    }
+
+    #[test]
+    fn inherited_listener_checks_the_descriptor() {
+        use std::os::fd::IntoRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("f")).unwrap();
+        let e = inherited_listener(file.as_raw_fd()).unwrap_err();
+        assert!(e.to_string().contains("not a unix socket"), "{e}");
+        let (a, _b) = UnixStream::pair().unwrap();
+        let e = inherited_listener(a.as_raw_fd()).unwrap_err();
+        assert!(e.to_string().contains("not listening"), "{e}");
+        let e = inherited_listener(9999).unwrap_err();
+        assert!(e.to_string().contains("not an open descriptor"), "{e}");
+        let path = dir.path().join("s");
+        let l = UnixListener::bind(&path).unwrap();
+        let fd = l.into_raw_fd();
+        let l = inherited_listener(fd).unwrap();
+        let _c = UnixStream::connect(&path).unwrap();
+        assert!(l.accept().is_ok());
     }
 }

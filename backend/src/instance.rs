@@ -18,6 +18,7 @@ use crate::ctrl::wire::{
 use crate::ctrl::wire::{CAPABILITIES, INIT_FLAG_DELETE_VOLATILE};
 use crate::engine::{ffi, tpm2, Libtpms, StateType};
 use crate::migration::session::{Phase, Receipt, Session};
+use crate::migration::stream;
 use crate::storage::{blob, StateDir, PERMANENT, VOLATILE};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -561,6 +562,92 @@ impl Vtpm {
             flags: 0,
             total: rest.len() as u32,
             data: rest.to_vec(),
+        }
+    }
+
+    /// Device-state SAVE (vhost-user): the blobs GET_STATEBLOB hands out,
+    /// laid end to end ([`stream`]). The same rules apply: sealed pieces for
+    /// a prepared migration, after which this copy is locked; plaintext only
+    /// with --allow-plaintext-migration; otherwise refused.
+    pub fn export_state_stream(&self) -> Result<Vec<u8>, String> {
+        let mut blobs = Vec::new();
+        for ty in [
+            blob_type::PERMANENT,
+            blob_type::VOLATILE,
+            blob_type::SAVESTATE,
+        ] {
+            if ty == blob_type::SAVESTATE && self.lock().session.phase() != Phase::SourceLocked {
+                // Plaintext export has no third blob.
+                break;
+            }
+            match self.get_stateblob(STATE_FLAG_DECRYPTED, ty, 0) {
+                Response::StateBlob {
+                    result: rc::SUCCESS,
+                    data,
+                    ..
+                } => blobs.push((ty, data)),
+                Response::StateBlob { result, .. } => {
+                    return Err(format!(
+                    "state blob type {ty} refused (result {result:#x}); the reason is logged above"
+                ))
+                }
+                other => return Err(format!("state blob type {ty}: unexpected {other:?}")),
+            }
+        }
+        Ok(stream::encode(&blobs))
+    }
+
+    /// Device-state LOAD (vhost-user): the stream's blobs go through
+    /// SET_STATEBLOB, then INIT, exactly as QEMU sends them, so a sealed
+    /// destination unlocks only when the migration digest matches. On
+    /// failure a destination stays locked and can be given a new migration
+    /// id (`vtpmctl incoming-info`) for another attempt.
+    pub fn import_state_stream(&self, bytes: &[u8]) -> Result<(), String> {
+        let result = self.import_blobs(bytes);
+        if result.is_err() {
+            let mut e = self.lock();
+            if e.session.phase() == Phase::DestinationLocked {
+                e.session.relock_destination();
+            }
+        }
+        result
+    }
+
+    fn import_blobs(&self, bytes: &[u8]) -> Result<(), String> {
+        let blobs = stream::decode(bytes).map_err(|e| e.to_string())?;
+        if self.is_running() {
+            // Only an instance without a host key gets here running (a
+            // sealed destination starts powered off); the load replaces it.
+            log::warn!("device state LOAD: replacing the running TPM's state");
+            self.power_off();
+        }
+        for (ty, data) in blobs {
+            let r = self.set_stateblob(0, ty, data);
+            if r != rc::SUCCESS {
+                return Err(format!(
+                    "state blob type {ty} refused (result {r:#x}); the reason is logged above"
+                ));
+            }
+        }
+        match self.init(0) {
+            rc::SUCCESS => Ok(()),
+            r => Err(format!(
+                "the loaded state did not start (result {r:#x}); the reason is logged above"
+            )),
+        }
+    }
+
+    /// A guest reset reported by a frontend that has no CMD_INIT
+    /// (vhost-user RESET_DEVICE): power-cycle the TPM as INIT does. While the
+    /// instance is locked for a migration nothing happens.
+    pub fn reset(&self) {
+        if !self.lock().session.unlocked() {
+            log::warn!("device reset ignored: the instance is locked for a migration");
+            return;
+        }
+        let r = self.init(0);
+        if r != rc::SUCCESS {
+            log::error!("device reset: the TPM did not restart (result {r:#x})");
         }
     }
 

@@ -2,55 +2,88 @@
 
 use clap::Parser;
 use std::process::ExitCode;
-use vtpmd::config::{capabilities_json, Cli, Command};
+use vtpmd::config::{self, Cli, Command, ConfigError, InstanceConfig};
+use vtpmd::daemon::{Exit, RunError};
 use vtpmd::storage::StateDir;
 
 fn main() -> ExitCode {
-    let Command::Socket(args) = Cli::parse().command;
-    if args.print_capabilities {
-        println!("{}", capabilities_json());
-        return ExitCode::SUCCESS;
-    }
-    if args.print_states {
-        return match args.state() {
-            Ok((dir, _)) => {
-                let states: Vec<String> = StateDir::list(&dir)
-                    .into_iter()
-                    .map(|(n, size)| format!("{{\"name\": \"{n}\", \"size\": {size}}}"))
-                    .collect();
-                println!(
-                    "{{ \"type\": \"swtpm\", \"states\": [ {} ] }}",
-                    states.join(", ")
-                );
-                ExitCode::SUCCESS
+    match Cli::parse().command {
+        Command::Socket(args) => {
+            if args.print_capabilities {
+                println!("{}", config::capabilities_json());
+                return ExitCode::SUCCESS;
             }
-            Err(e) => {
-                eprintln!("vtpmd: {e}");
-                ExitCode::from(2)
+            if args.print_states {
+                return print_states(&args.instance);
             }
-        };
+            let cfg = args.validate();
+            launch(cfg, |c| (&c.instance, vtpmd::socket::run as fn(&_) -> _))
+        }
+        Command::VhostUser(args) => {
+            if args.print_capabilities {
+                println!("{}", config::vhost_user::capabilities_json());
+                return ExitCode::SUCCESS;
+            }
+            let cfg = args.validate();
+            launch(cfg, |c| {
+                (&c.instance, vtpmd::vhost_user::run as fn(&_) -> _)
+            })
+        }
     }
-    let cfg = match args.validate() {
+}
+
+/// Logging set-up, then the frontend's `run`.
+fn launch<C>(
+    cfg: Result<C, ConfigError>,
+    parts: impl FnOnce(&C) -> (&InstanceConfig, fn(&C) -> Result<Exit, RunError>),
+) -> ExitCode {
+    let cfg = match cfg {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vtpmd: {e}");
             return ExitCode::from(2);
         }
     };
+    let (instance, run) = parts(&cfg);
     if let Err(e) = vtpmd::logging::init(
-        cfg.log
+        instance
+            .log
             .as_ref()
             .map(|l| (l.file.as_path(), l.level, l.truncate)),
     ) {
         eprintln!("vtpmd: cannot open the log file: {e}");
         return ExitCode::FAILURE;
     }
-    match vtpmd::daemon::run(&cfg) {
+    match run(&cfg) {
+        Ok(Exit::Failed(why)) => {
+            eprintln!("vtpmd: {why}");
+            ExitCode::FAILURE
+        }
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");
             eprintln!("vtpmd: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_states(args: &config::InstanceArgs) -> ExitCode {
+    match args.state() {
+        Ok((dir, _)) => {
+            let states: Vec<String> = StateDir::list(&dir)
+                .into_iter()
+                .map(|(n, size)| format!("{{\"name\": \"{n}\", \"size\": {size}}}"))
+                .collect();
+            println!(
+                "{{ \"type\": \"swtpm\", \"states\": [ {} ] }}",
+                states.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vtpmd: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -48,6 +48,19 @@ impl Header {
     }
 }
 
+/// Whether a command of `size` bytes may be executed with an I/O buffer of
+/// `max` bytes.
+pub fn command_size_ok(size: usize, max: usize) -> bool {
+    (HEADER_LEN..=max).contains(&size)
+}
+
+/// Whether `cmd` is one whole command: its header's size is its length,
+/// and that size is acceptable (see [`command_size_ok`]).
+pub fn command_frame_ok(cmd: &[u8], max: usize) -> bool {
+    Header::parse(cmd).is_some_and(|h| h.size as usize == cmd.len())
+        && command_size_ok(cmd.len(), max)
+}
+
 /// A bare 10-byte response carrying only `rc`.
 pub fn error_response(rc: u32) -> [u8; HEADER_LEN] {
     Header {
@@ -93,6 +106,20 @@ pub fn command_code(cmd: &[u8]) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_frames() {
+        let su = startup_command(SU_CLEAR);
+        assert!(command_frame_ok(&su, 4096));
+        assert!(!command_frame_ok(&su[..11], 4096), "truncated");
+        let mut long = su.clone();
+        long.push(0);
+        assert!(!command_frame_ok(&long, 4096), "trailing garbage");
+        assert!(!command_frame_ok(&su, 11), "over the buffer size");
+        assert!(!command_frame_ok(&[], 4096));
+        assert!(!command_frame_ok(&[0xff; 10], 4096), "garbage header");
+        assert!(command_size_ok(10, 10) && !command_size_ok(9, 4096));
+    }
 
     #[test]
     fn header_round_trip() {

@@ -1,64 +1,22 @@
-//! Command line → validated configuration.
+//! `vtpmd socket`: the swtpm-compatible control and data channels.
 //!
-//! `vtpmd socket` takes the `swtpm socket` options people and tools already
-//! use (`--tpmstate dir=...`, `--ctrl type=unixio,path=...`, ...), so the two
-//! are interchangeable on a QEMU or cloud-hypervisor command line. Options
-//! of swtpm that vtpmd does not implement are refused by name.
+//! Takes the `swtpm socket` options people and tools already use
+//! (`--tpmstate dir=...`, `--ctrl type=unixio,path=...`, ...), so the two are
+//! interchangeable on a QEMU or cloud-hypervisor command line. Options of
+//! swtpm that vtpmd does not implement are refused by name.
 
-use crate::storage::sealing::KeyFormat;
-use clap::{Args, Parser, Subcommand};
-use std::collections::BTreeMap;
+use super::{invalid, parse_kv, parse_mode, ConfigError, InstanceArgs, InstanceConfig};
+use clap::Args;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use thiserror::Error;
-
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum ConfigError {
-    #[error("{opt}: unknown parameter '{key}' (accepted: {accepted})")]
-    UnknownKey {
-        opt: &'static str,
-        key: String,
-        accepted: String,
-    },
-    #[error("{opt}: {why}")]
-    Invalid { opt: &'static str, why: String },
-    #[error("option {0} is not supported by vtpmd")]
-    Unsupported(String),
-    #[error("vtpmd emulates TPM 2.0 only: add --tpm2 (TPM 1.2 is not supported)")]
-    NeedTpm2,
-    #[error("--tpmstate dir=DIR is required")]
-    NoState,
-    #[error("nothing to serve: give --ctrl and/or --server")]
-    NoChannels,
-}
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "vtpmd",
-    version,
-    about = "A swtpm-compatible virtual TPM 2.0 backend built on libtpms"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Serve a TPM over swtpm's control and data socket protocol (QEMU
-    /// `-tpmdev emulator`, cloud-hypervisor `--tpm`, libvirt, tpm2-tss).
-    Socket(SocketArgs),
-}
 
 #[derive(Debug, Args)]
 pub struct SocketArgs {
+    #[command(flatten)]
+    pub instance: InstanceArgs,
     /// Emulate a TPM 2.0 (required: TPM 1.2 is not supported).
     #[arg(long)]
     pub tpm2: bool,
-    /// State directory: dir=DIR[,mode=0600] or backend-uri=dir://DIR. The
-    /// directory must exist; files are created with `mode`.
-    #[arg(long, value_name = "dir=DIR[,mode=MODE]")]
-    pub tpmstate: Option<String>,
     /// Control channel: type=unixio,path=PATH[,mode=0770][,terminate] or
     /// type=tcp,port=PORT[,bindaddr=ADDR][,terminate]. With `terminate`,
     /// vtpmd exits when the control client disconnects.
@@ -74,53 +32,18 @@ pub struct SocketArgs {
     /// TPM2_Shutdown before a reset or stop).
     #[arg(long, value_name = "FLAG[,FLAG...]")]
     pub flags: Option<String>,
-    /// Log to a file: file=PATH[,level=N][,truncate]. Level 1-4: info,
-    /// 5-19: debug, 20+: trace (command codes and sizes, never contents).
-    /// Without --log, warnings and errors go to stderr.
-    #[arg(long, value_name = "file=PATH[,level=N]")]
-    pub log: Option<String>,
-    /// Write the process id to a file: file=PATH.
-    #[arg(long, value_name = "file=PATH")]
-    pub pid: Option<String>,
     /// Exit when the data-channel client disconnects.
     #[arg(long, short = 't')]
     pub terminate: bool,
     /// Detach and run in the background (default: stay in the foreground).
     #[arg(long, short = 'd')]
     pub daemon: bool,
-    /// Encrypt state at rest: file=PATH[,format=hex|binary][,mode=aes-256-cbc].
-    /// The file holds a 256-bit key; AES-256-CBC and HMAC-SHA256 keys are
-    /// derived from it.
-    #[arg(long, value_name = "file=PATH[,format=hex|binary]")]
-    pub key: Option<String>,
     /// Print the supported features as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
     /// Print the state blobs present in --tpmstate as JSON and exit.
     #[arg(long)]
     pub print_states: bool,
-    /// This host's migration key (private RSA key, PEM, from `vtpmctl
-    /// keygen`). Enables sealed migration; plaintext or swtpm-format blobs
-    /// are then refused on SET_STATEBLOB.
-    #[arg(long, value_name = "FILE")]
-    pub host_key: Option<PathBuf>,
-    /// Only wrap migrations to destination keys found (as *.pem) here.
-    #[arg(long, value_name = "DIR")]
-    pub trusted_peers: Option<PathBuf>,
-    /// Administrator channel for vtpmctl: path=SOCK (created 0600). QEMU's
-    /// control socket cannot authorise a migration; this one can.
-    #[arg(long, value_name = "path=SOCK")]
-    pub admin: Option<String>,
-    /// `incoming`: this instance is a migration destination; it starts
-    /// locked on an empty state directory and unlocks only on a verified
-    /// sealed migration (needs --host-key).
-    #[arg(long, value_name = "incoming")]
-    pub migration: Option<String>,
-    /// Allow GET_STATEBLOB without a prepared sealed migration, handing the
-    /// TPM state out unencrypted as swtpm does (savevm, snapshots, migration
-    /// to swtpm). Off by default: the state would be readable and clonable.
-    #[arg(long)]
-    pub allow_plaintext_migration: bool,
 
     // swtpm options vtpmd does not implement: accepted by the parser only to
     // be refused by name.
@@ -147,85 +70,18 @@ pub enum Endpoint {
     Tcp(SocketAddr),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogConfig {
-    pub file: PathBuf,
-    pub level: u32,
-    pub truncate: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyConfig {
-    pub file: PathBuf,
-    pub format: KeyFormat,
-}
-
 /// A validated `vtpmd socket` configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketConfig {
-    pub state_dir: PathBuf,
-    pub state_mode: u32,
+    pub instance: InstanceConfig,
     pub ctrl: Option<Endpoint>,
     pub ctrl_terminate: bool,
     pub server: Option<Endpoint>,
     pub not_need_init: bool,
     pub startup: Option<crate::instance::Startup>,
     pub disable_auto_shutdown: bool,
-    pub log: Option<LogConfig>,
-    pub pid_file: Option<PathBuf>,
     pub terminate: bool,
     pub daemon: bool,
-    pub key: Option<KeyConfig>,
-    pub host_key: Option<PathBuf>,
-    pub trusted_peers: Option<PathBuf>,
-    pub admin: Option<PathBuf>,
-    pub incoming: bool,
-    pub allow_plaintext_migration: bool,
-}
-
-/// Splits `a=1,b,c=3` into a map, refusing keys not in `accepted`.
-pub fn parse_kv(
-    opt: &'static str,
-    s: &str,
-    accepted: &[&str],
-) -> Result<BTreeMap<String, String>, ConfigError> {
-    let mut out = BTreeMap::new();
-    for part in s.split(',').filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').unwrap_or((part, ""));
-        if !accepted.contains(&k) {
-            return Err(ConfigError::UnknownKey {
-                opt,
-                key: k.to_string(),
-                accepted: accepted.join(", "),
-            });
-        }
-        if out.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(ConfigError::Invalid {
-                opt,
-                why: format!("'{k}' given twice"),
-            });
-        }
-    }
-    Ok(out)
-}
-
-fn invalid(opt: &'static str, why: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        opt,
-        why: why.into(),
-    }
-}
-
-fn parse_mode(opt: &'static str, s: &str) -> Result<u32, ConfigError> {
-    u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o777)
-        .ok_or_else(|| {
-            invalid(
-                opt,
-                format!("mode '{s}' is not an octal permission like 0600"),
-            )
-        })
 }
 
 fn parse_endpoint(
@@ -302,7 +158,7 @@ impl SocketArgs {
         if !self.tpm2 {
             return Err(ConfigError::NeedTpm2);
         }
-        let (state_dir, state_mode) = self.state()?;
+        let instance = self.instance.validate()?;
         let (ctrl, ctrl_terminate) = match &self.ctrl {
             Some(s) => {
                 let (ep, t) = parse_endpoint("--ctrl", s, true)?;
@@ -319,74 +175,23 @@ impl SocketArgs {
             return Err(ConfigError::NoChannels);
         }
         let mut cfg = SocketConfig {
-            state_dir,
-            state_mode,
+            instance,
             ctrl,
             ctrl_terminate,
             server,
             not_need_init: false,
             startup: None,
             disable_auto_shutdown: false,
-            log: self.log.as_deref().map(parse_log).transpose()?,
-            pid_file: self.pid.as_deref().map(parse_pid).transpose()?,
             terminate: self.terminate,
             daemon: self.daemon,
-            key: self.key.as_deref().map(parse_key).transpose()?,
-            host_key: self.host_key.clone(),
-            trusted_peers: self.trusted_peers.clone(),
-            admin: self.admin.as_deref().map(parse_admin).transpose()?,
-            incoming: match self.migration.as_deref() {
-                None => false,
-                Some("incoming") => true,
-                Some(other) => {
-                    return Err(invalid(
-                        "--migration",
-                        format!("'{other}' is not supported (only 'incoming')"),
-                    ))
-                }
-            },
-            allow_plaintext_migration: self.allow_plaintext_migration,
         };
-        if cfg.incoming && cfg.host_key.is_none() {
-            return Err(invalid("--migration", "incoming needs --host-key"));
-        }
-        if cfg.incoming && cfg.not_need_init {
-            return Err(invalid("--migration", "an incoming destination stays locked until the migration arrives; drop --flags not-need-init/startup-*"));
-        }
-        if cfg.trusted_peers.is_some() && cfg.host_key.is_none() {
-            return Err(invalid("--trusted-peers", "needs --host-key"));
-        }
         if let Some(flags) = &self.flags {
             apply_flags(&mut cfg, flags)?;
         }
+        if cfg.instance.incoming && cfg.not_need_init {
+            return Err(invalid("--migration", "an incoming destination stays locked until the migration arrives; drop --flags not-need-init/startup-*"));
+        }
         Ok(cfg)
-    }
-
-    /// The state directory and file mode from `--tpmstate`.
-    pub fn state(&self) -> Result<(PathBuf, u32), ConfigError> {
-        const OPT: &str = "--tpmstate";
-        let s = self.tpmstate.as_deref().ok_or(ConfigError::NoState)?;
-        let kv = parse_kv(OPT, s, &["dir", "mode", "backend-uri"])?;
-        let dir = match (kv.get("dir"), kv.get("backend-uri")) {
-            (Some(d), None) if !d.is_empty() => d.clone(),
-            (None, Some(uri)) => match uri.strip_prefix("dir://") {
-                Some(d) if !d.is_empty() => d.to_string(),
-                _ => {
-                    return Err(invalid(
-                        OPT,
-                        format!("backend-uri '{uri}': only dir:// is supported"),
-                    ))
-                }
-            },
-            (Some(_), Some(_)) => return Err(invalid(OPT, "give dir= or backend-uri=, not both")),
-            _ => return Err(ConfigError::NoState),
-        };
-        let mode = kv
-            .get("mode")
-            .map(|m| parse_mode(OPT, m))
-            .transpose()?
-            .unwrap_or(0o640);
-        Ok((PathBuf::from(dir), mode))
     }
 }
 
@@ -415,92 +220,6 @@ fn apply_flags(cfg: &mut SocketConfig, flags: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn parse_log(s: &str) -> Result<LogConfig, ConfigError> {
-    const OPT: &str = "--log";
-    let kv = parse_kv(OPT, s, &["file", "level", "truncate", "fd", "prefix"])?;
-    if kv.contains_key("fd") || kv.contains_key("prefix") {
-        return Err(invalid(
-            OPT,
-            "only file=, level= and truncate are supported",
-        ));
-    }
-    let file = kv
-        .get("file")
-        .filter(|f| !f.is_empty())
-        .ok_or_else(|| invalid(OPT, "file=PATH is required"))?;
-    let level = match kv.get("level") {
-        Some(l) => l
-            .parse()
-            .map_err(|_| invalid(OPT, format!("level '{l}' is not a number")))?,
-        None => 1,
-    };
-    Ok(LogConfig {
-        file: PathBuf::from(file),
-        level,
-        truncate: kv.contains_key("truncate"),
-    })
-}
-
-fn parse_pid(s: &str) -> Result<PathBuf, ConfigError> {
-    let kv = parse_kv("--pid", s, &["file", "fd"])?;
-    if kv.contains_key("fd") {
-        return Err(invalid("--pid", "fd= is not supported; use file=PATH"));
-    }
-    kv.get("file")
-        .filter(|f| !f.is_empty())
-        .map(PathBuf::from)
-        .ok_or_else(|| invalid("--pid", "file=PATH is required"))
-}
-
-fn parse_admin(s: &str) -> Result<PathBuf, ConfigError> {
-    let kv = parse_kv("--admin", s, &["path"])?;
-    kv.get("path")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .ok_or_else(|| invalid("--admin", "path=SOCK is required"))
-}
-
-fn parse_key(s: &str) -> Result<KeyConfig, ConfigError> {
-    const OPT: &str = "--key";
-    let kv = parse_kv(
-        OPT,
-        s,
-        &[
-            "file", "format", "mode", "fd", "pwdfile", "pwdfd", "kdf", "remove",
-        ],
-    )?;
-    for k in ["fd", "pwdfile", "pwdfd", "kdf", "remove"] {
-        if kv.contains_key(k) {
-            return Err(invalid(
-                OPT,
-                format!("'{k}' is not supported; give a 256-bit key with file=PATH"),
-            ));
-        }
-    }
-    let file = kv
-        .get("file")
-        .filter(|f| !f.is_empty())
-        .ok_or_else(|| invalid(OPT, "file=PATH is required"))?;
-    let format = match kv.get("format").map(String::as_str) {
-        None | Some("hex") => KeyFormat::Hex,
-        Some("binary") => KeyFormat::Binary,
-        Some(f) => return Err(invalid(OPT, format!("format '{f}' is not hex or binary"))),
-    };
-    match kv.get("mode").map(String::as_str) {
-        None | Some("aes-256-cbc") => {}
-        Some(m) => {
-            return Err(invalid(
-                OPT,
-                format!("mode '{m}' is not supported; vtpmd uses aes-256-cbc"),
-            ))
-        }
-    }
-    Ok(KeyConfig {
-        file: PathBuf::from(file),
-        format,
-    })
-}
-
 /// The JSON `--print-capabilities` prints (the shape libvirt and
 /// swtpm_setup read), listing only what vtpmd implements.
 pub fn capabilities_json() -> String {
@@ -524,13 +243,17 @@ pub fn capabilities_json() -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{Cli, Command};
     use super::*;
+    use clap::Parser;
 
     fn args(extra: &[&str]) -> Result<SocketConfig, String> {
         let mut v = vec!["vtpmd", "socket"];
         v.extend_from_slice(extra);
         let cli = Cli::try_parse_from(v).map_err(|e| e.to_string())?;
-        let Command::Socket(a) = cli.command;
+        let Command::Socket(a) = cli.command else {
+            return Err("not socket".into());
+        };
         a.validate().map_err(|e| e.to_string())
     }
 
@@ -545,7 +268,7 @@ mod tests {
     #[test]
     fn qemu_docs_command_line() {
         let c = args(&BASE).unwrap();
-        assert_eq!(c.state_dir, PathBuf::from("/tmp/s"));
+        assert_eq!(c.instance.state_dir, PathBuf::from("/tmp/s"));
         assert_eq!(
             c.ctrl,
             Some(Endpoint::Unix {
@@ -571,7 +294,7 @@ mod tests {
             "file=/run/x.pid",
         ])
         .unwrap();
-        assert_eq!(c.state_mode, 0o600);
+        assert_eq!(c.instance.state_mode, 0o600);
         assert_eq!(
             c.ctrl,
             Some(Endpoint::Unix {
@@ -579,9 +302,9 @@ mod tests {
                 mode: Some(0o600)
             })
         );
-        assert_eq!(c.log.unwrap().level, 20);
+        assert_eq!(c.instance.log.unwrap().level, 20);
         assert!(c.terminate);
-        assert_eq!(c.pid_file, Some(PathBuf::from("/run/x.pid")));
+        assert_eq!(c.instance.pid_file, Some(PathBuf::from("/run/x.pid")));
     }
 
     #[test]
@@ -672,20 +395,6 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("port"), "{e}");
         assert!(args(&["--bogus"]).is_err());
-    }
-
-    #[test]
-    fn kv_parser_edge_cases() {
-        assert!(parse_kv("--x", "a=1,a=2", &["a"]).is_err());
-        assert_eq!(parse_kv("--x", "", &["a"]).unwrap().len(), 0);
-        assert_eq!(
-            parse_kv("--x", "a=1,,b", &["a", "b"])
-                .unwrap()
-                .get("b")
-                .unwrap(),
-            ""
-        );
-        assert!(parse_kv("--x", &"z".repeat(10000), &["a"]).is_err());
     }
 
     #[test]

@@ -1,0 +1,133 @@
+//! `vtpmd vhost-user`: the virtio-tpm device served over a vhost-user socket.
+//!
+//! Follows QEMU's "backend program conventions" for vhost-user device
+//! processes: `--socket-path` (vtpmd listens there) or `--fd` (an inherited,
+//! already listening socket), `--print-capabilities`, SIGTERM to stop, no
+//! daemonising.
+
+use super::{invalid, ConfigError, InstanceArgs, InstanceConfig};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct VhostUserArgs {
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+    /// Listen for the vhost-user frontend on this unix socket (created, or
+    /// replaced if a stale socket is there).
+    #[arg(long, short = 's', value_name = "PATH")]
+    pub socket_path: Option<PathBuf>,
+    /// Use this inherited file descriptor, a unix socket already bound and
+    /// listening, instead of --socket-path.
+    #[arg(long, value_name = "FD")]
+    pub fd: Option<i32>,
+    /// Print the vhost-user capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+}
+
+/// Where the frontend connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VhostUserSocket {
+    Path(PathBuf),
+    Fd(i32),
+}
+
+/// A validated `vtpmd vhost-user` configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostUserConfig {
+    pub instance: InstanceConfig,
+    pub socket: VhostUserSocket,
+}
+
+impl VhostUserArgs {
+    pub fn validate(&self) -> Result<VhostUserConfig, ConfigError> {
+        let instance = self.instance.validate()?;
+        let socket = match (&self.socket_path, self.fd) {
+            (Some(p), None) if !p.as_os_str().is_empty() => VhostUserSocket::Path(p.clone()),
+            (None, Some(fd)) if fd >= 0 => VhostUserSocket::Fd(fd),
+            (None, Some(fd)) => {
+                return Err(invalid("--fd", format!("{fd} is not a file descriptor")))
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "--socket-path",
+                    "give --socket-path or --fd, not both",
+                ))
+            }
+            _ => {
+                return Err(invalid(
+                    "--socket-path",
+                    "--socket-path PATH (or --fd N) is required",
+                ))
+            }
+        };
+        Ok(VhostUserConfig { instance, socket })
+    }
+}
+
+/// What `--print-capabilities` prints. vhost-user defines no device type
+/// name for a TPM, so the virtio device id is given as well.
+pub fn capabilities_json() -> String {
+    format!(
+        "{{ \"type\": \"tpm\", \"virtio-device-id\": 62, \"implementation\": \"vtpmd\", \"features\": [ \"device-state\", \"reset-device\" ], \"version\": \"{}\" }}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Cli, Command};
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> Result<VhostUserConfig, String> {
+        let mut v = vec!["vtpmd", "vhost-user"];
+        v.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(v).map_err(|e| e.to_string())?;
+        let Command::VhostUser(a) = cli.command else {
+            return Err("not vhost-user".into());
+        };
+        a.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn socket_path_or_fd() {
+        let c = args(&["--socket-path", "/run/t.sock", "--tpmstate", "dir=/s"]).unwrap();
+        assert_eq!(c.socket, VhostUserSocket::Path("/run/t.sock".into()));
+        assert_eq!(c.instance.state_dir, PathBuf::from("/s"));
+        let c = args(&["--fd", "3", "--tpmstate", "dir=/s"]).unwrap();
+        assert_eq!(c.socket, VhostUserSocket::Fd(3));
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let e = args(&["--tpmstate", "dir=/s"]).unwrap_err();
+        assert!(e.contains("--socket-path PATH"), "{e}");
+        let e = args(&["-s", "/x", "--fd", "3", "--tpmstate", "dir=/s"]).unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+        let e = args(&["-s", "/x"]).unwrap_err();
+        assert!(e.contains("--tpmstate"), "{e}");
+        let e = args(&[
+            "-s",
+            "/x",
+            "--tpmstate",
+            "dir=/s",
+            "--migration",
+            "incoming",
+        ])
+        .unwrap_err();
+        assert!(e.contains("needs --host-key"), "{e}");
+        let e = args(&["-s", "/x", "--tpmstate", "dir=/s", "--fd", "-1"]);
+        assert!(e.is_err());
+        assert!(args(&[
+            "-s",
+            "/x",
+            "--tpmstate",
+            "dir=/s",
+            "--ctrl",
+            "type=unixio,path=/c"
+        ])
+        .is_err());
+    }
+}
