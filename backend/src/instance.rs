@@ -615,6 +615,16 @@ impl Vtpm {
 
     fn import_blobs(&self, bytes: &[u8]) -> Result<(), String> {
         let blobs = stream::decode(bytes).map_err(|e| e.to_string())?;
+        {
+            let e = self.lock();
+            let phase = e.session.phase();
+            if e.session.has_host_key() && phase != Phase::DestinationLocked {
+                return Err(format!(
+                    "this instance is {phase:?}, not waiting for an incoming migration \
+                     (start it with --migration incoming); its TPM is left as it is"
+                ));
+            }
+        }
         if self.is_running() {
             // Only an instance without a host key gets here running (a
             // sealed destination starts powered off); the load replaces it.

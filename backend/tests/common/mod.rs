@@ -33,36 +33,66 @@ impl Daemon {
 
     pub fn start_bin(bin: &str, dir: &Path, extra: &[&str]) -> Daemon {
         let ctrl = dir.join("ctrl.sock");
+        let mut args = vec![
+            "socket".to_string(),
+            "--tpm2".into(),
+            "--ctrl".into(),
+            format!("type=unixio,path={}", ctrl.display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut d = Self::spawn(bin, dir, ctrl, &args);
+        d.wait_for_socket(true);
+        d
+    }
+
+    /// Starts `vtpmd vhost-user` on state dir `<dir>/state`, listening on
+    /// `<dir>/vhost.sock` (kept in `ctrl`), plus `extra` arguments.
+    pub fn start_vhost_user(dir: &Path, extra: &[&str]) -> Daemon {
+        let sock = dir.join("vhost.sock");
+        let mut args = vec![
+            "vhost-user".to_string(),
+            "--socket-path".into(),
+            sock.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut d = Self::spawn(VTPMD, dir, sock, &args);
+        // Probing with a connection would look like a frontend: wait for
+        // the socket file instead (it is listening once it exists).
+        d.wait_for_socket(false);
+        d
+    }
+
+    fn spawn(bin: &str, dir: &Path, socket: PathBuf, args: &[String]) -> Daemon {
         let log = dir.join("vtpmd.log");
-        let _ = std::fs::remove_file(&ctrl);
+        let _ = std::fs::remove_file(&socket);
         let child = Command::new(bin)
-            .arg("socket")
-            .arg("--tpm2")
+            .args(&args[..1])
             .arg("--tpmstate")
             .arg(format!("dir={}", dir.join("state").display()))
-            .arg("--ctrl")
-            .arg(format!("type=unixio,path={}", ctrl.display()))
             .arg("--log")
             .arg(format!("file={},level=20", log.display()))
-            .args(extra)
+            .args(&args[1..])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn backend");
-        let mut d = Daemon {
+        Daemon {
             child,
             dir: dir.to_path_buf(),
-            ctrl,
+            ctrl: socket,
             log,
-        };
-        d.wait_for_socket();
-        d
+        }
     }
 
-    fn wait_for_socket(&mut self) {
+    fn wait_for_socket(&mut self, probe: bool) {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
-            if UnixStream::connect(&self.ctrl).is_ok() {
+            let ready = if probe {
+                UnixStream::connect(&self.ctrl).is_ok()
+            } else {
+                self.ctrl.exists()
+            };
+            if ready {
                 return;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
@@ -77,7 +107,7 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("control socket {} did not appear", self.ctrl.display());
+        panic!("socket {} did not appear", self.ctrl.display());
     }
 
     pub fn log_text(&self) -> String {

@@ -1,0 +1,373 @@
+//! `vtpmd vhost-user` driven by a test VMM built on the `vhost` crate's
+//! frontend: real vtpmd processes, a memfd-backed guest memory table, a
+//! split virtqueue, kick and call eventfds, and real TPM 2.0 commands.
+
+mod common;
+#[path = "common/vmm.rs"]
+mod vmm;
+
+use common::{cmd, state_dir, Daemon};
+use sha2::{Digest, Sha256};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+use vmm::{readable, writable, TestVmm, CMD_BUF, RSP_BUF};
+
+const RC_SUCCESS: u32 = 0;
+const RC_INITIALIZE: u32 = 0x100;
+const RC_FAILURE: u32 = 0x101;
+const RC_COMMAND_SIZE: u32 = 0x142;
+const NV_INDEX: u32 = 0x0150_0020;
+
+fn ok(rsp: &[u8], what: &str) {
+    assert!(rsp.len() >= 10, "{what}: short response {rsp:?}");
+    assert_eq!(
+        cmd::rc(rsp),
+        RC_SUCCESS,
+        "{what}: TPM rc {:#x}",
+        cmd::rc(rsp)
+    );
+}
+
+fn extended(old: [u8; 32], digest: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(old);
+    h.update(digest);
+    h.finalize().into()
+}
+
+fn pcr16(v: &mut TestVmm) -> [u8; 32] {
+    let rsp = v.tpm(&cmd::pcr_read(16));
+    ok(&rsp, "PCR_Read");
+    cmd::pcr_value(&rsp)
+}
+
+/// Startup, an extend of PCR 16 and an NV index holding `secret`.
+fn provision(v: &mut TestVmm, secret: &[u8]) -> [u8; 32] {
+    ok(&v.tpm(&cmd::startup_clear()), "Startup");
+    let before = pcr16(v);
+    let digest = [0x5a; 32];
+    ok(&v.tpm(&cmd::pcr_extend(16, &digest)), "PCR_Extend");
+    let after = pcr16(v);
+    assert_eq!(after, extended(before, &digest), "PCR 16 after one extend");
+    ok(
+        &v.tpm(&cmd::nv_define(NV_INDEX, secret.len() as u16)),
+        "NV_DefineSpace",
+    );
+    ok(&v.tpm(&cmd::nv_write(NV_INDEX, secret)), "NV_Write");
+    after
+}
+
+fn nv_secret(v: &mut TestVmm, len: usize) -> Vec<u8> {
+    let rsp = v.tpm(&cmd::nv_read(NV_INDEX, len as u16));
+    ok(&rsp, "NV_Read");
+    cmd::nv_data(&rsp)
+}
+
+#[test]
+fn tpm_commands_through_the_virtqueue() {
+    let t = state_dir();
+    let d = Daemon::start_vhost_user(t.path(), &[]);
+    let mut v = TestVmm::start(&d.ctrl);
+
+    let rsp = v.tpm(&cmd::get_random(32));
+    assert_eq!(cmd::rc(&rsp), RC_INITIALIZE, "a command before Startup");
+    ok(&v.tpm(&cmd::startup_clear()), "Startup");
+
+    let rsp = v.tpm(&cmd::get_random(32));
+    ok(&rsp, "GetRandom");
+    assert_eq!(rsp.len(), 10 + 2 + 32);
+    assert_eq!(u16::from_be_bytes([rsp[10], rsp[11]]), 32);
+    assert_ne!(v.tpm(&cmd::get_random(32)), rsp, "two random draws agree");
+
+    let before = pcr16(&mut v);
+    assert_eq!(before, [0; 32]);
+    let digest: [u8; 32] = Sha256::digest(b"vhost-user").into();
+    ok(&v.tpm(&cmd::pcr_extend(16, &digest)), "PCR_Extend");
+    assert_eq!(pcr16(&mut v), extended(before, &digest));
+
+    let rsp = v.tpm(&cmd::create_primary("ecc", 1));
+    ok(&rsp, "CreatePrimary ECC");
+    let handle = cmd::handle(&rsp);
+    assert_eq!(handle >> 24, 0x80, "transient handle {handle:#x}");
+    ok(&v.tpm(&cmd::flush(handle)), "FlushContext");
+
+    ok(&v.tpm(&cmd::nv_define(NV_INDEX, 32)), "NV_DefineSpace");
+    let secret = [0xc3u8; 32];
+    ok(&v.tpm(&cmd::nv_write(NV_INDEX, &secret)), "NV_Write");
+    assert_eq!(nv_secret(&mut v, 32), secret);
+}
+
+#[test]
+fn malformed_chains_get_a_defined_result_and_the_queue_goes_on() {
+    let t = state_dir();
+    let mut d = Daemon::start_vhost_user(t.path(), &[]);
+    let mut v = TestVmm::start(&d.ctrl);
+    ok(&v.tpm(&cmd::startup_clear()), "Startup");
+    let random = cmd::get_random(32);
+    v.mem_write(CMD_BUF, &random);
+
+    let cases: Vec<(&str, Vec<vmm::Desc>)> = vec![
+        (
+            "no writable descriptor",
+            vec![readable(CMD_BUF, random.len())],
+        ),
+        (
+            "writable buffer smaller than the response",
+            vec![readable(CMD_BUF, random.len()), writable(RSP_BUF, 20)],
+        ),
+        (
+            "writable before readable",
+            vec![writable(RSP_BUF, 4096), readable(CMD_BUF, random.len())],
+        ),
+        (
+            "buffer outside guest memory",
+            vec![readable(CMD_BUF, random.len()), writable(0x7fff_0000, 4096)],
+        ),
+        (
+            "only 4 writable bytes",
+            vec![readable(CMD_BUF, random.len()), writable(RSP_BUF, 4)],
+        ),
+    ];
+    for (what, descs) in cases {
+        let (len, _) = v.request(&descs);
+        assert_eq!(len, 0, "{what}: used length");
+        let rsp = v.tpm(&random);
+        ok(&rsp, &format!("GetRandom after '{what}'"));
+    }
+
+    // A command over 4096 bytes (its header says so too).
+    let mut big = vec![0u8; 5000];
+    big[..10].copy_from_slice(&cmd::get_random(32)[..10]);
+    big[2..6].copy_from_slice(&5000u32.to_be_bytes());
+    v.mem_write(CMD_BUF, &big);
+    let (len, rsp) = v.request(&[readable(CMD_BUF, big.len()), writable(RSP_BUF, 4096)]);
+    assert_eq!(len, 10);
+    assert_eq!(cmd::rc(&rsp), RC_COMMAND_SIZE, "oversized command");
+
+    // Garbage: a size field that disagrees with the bytes sent, bytes that
+    // are no command at all, a command cut short, an empty command.
+    let cut = &cmd::pcr_extend(16, &[1; 32])[..20];
+    for (what, bytes) in [
+        ("size field disagrees", vec![0xffu8; 64]),
+        ("truncated command", cut.to_vec()),
+        ("nine bytes", vec![0x80, 1, 0, 0, 0, 9, 0, 0, 1]),
+    ] {
+        v.mem_write(CMD_BUF, &bytes);
+        let (len, rsp) = v.request(&[readable(CMD_BUF, bytes.len()), writable(RSP_BUF, 4096)]);
+        assert_eq!(len, 10, "{what}");
+        assert_eq!(cmd::rc(&rsp), RC_COMMAND_SIZE, "{what}");
+    }
+    let (len, rsp) = v.request(&[writable(RSP_BUF, 4096)]);
+    assert_eq!((len, cmd::rc(&rsp)), (10, RC_COMMAND_SIZE), "empty command");
+    // Well framed but not a TPM command: the TPM answers with an error.
+    let mut junk = vec![0x12u8, 0x34, 0, 0, 0, 16, 0xde, 0xad, 0xbe, 0xef];
+    junk.extend_from_slice(&[0xab; 6]);
+    v.mem_write(CMD_BUF, &junk);
+    let (len, rsp) = v.request(&[readable(CMD_BUF, junk.len()), writable(RSP_BUF, 4096)]);
+    assert!(len >= 10);
+    assert_ne!(cmd::rc(&rsp), RC_SUCCESS, "junk command");
+
+    // The command split over three readable descriptors and the response
+    // over two writable ones is a well-formed request.
+    let ext = cmd::pcr_extend(16, &[7; 32]);
+    v.mem_write(CMD_BUF, &ext[..5]);
+    v.mem_write(CMD_BUF + 0x100, &ext[5..30]);
+    v.mem_write(CMD_BUF + 0x200, &ext[30..]);
+    let (len, rsp) = v.request(&[
+        readable(CMD_BUF, 5),
+        readable(CMD_BUF + 0x100, 25),
+        readable(CMD_BUF + 0x200, ext.len() - 30),
+        writable(RSP_BUF, 4),
+        writable(RSP_BUF + 4, 4092),
+    ]);
+    assert!(len >= 10);
+    ok(&rsp, "PCR_Extend over scattered descriptors");
+    ok(&v.tpm(&random), "GetRandom at the end");
+    assert!(d.alive(), "vtpmd died: {}", d.log_text());
+    assert!(d.log_text().contains("writable"), "errors are logged");
+}
+
+#[test]
+fn reconnect_keeps_the_tpm_state() {
+    let t = state_dir();
+    let mut d = Daemon::start_vhost_user(t.path(), &[]);
+    let mut v = TestVmm::start(&d.ctrl);
+    let value = provision(&mut v, b"kept across frontends");
+    drop(v);
+    for round in 0..2 {
+        let mut v = TestVmm::start(&d.ctrl);
+        assert_eq!(pcr16(&mut v), value, "PCR 16 after reconnect {round}");
+        assert_eq!(nv_secret(&mut v, 21), b"kept across frontends");
+    }
+    assert!(d.alive());
+
+    // A device reset is the guest rebooting: the TPM is power-cycled and
+    // needs TPM2_Startup again, which clears PCR 16; NV stays.
+    let mut v = TestVmm::connect(&d.ctrl, true);
+    v.start_ring();
+    v.reset_device();
+    v.start_ring_after_reset();
+    assert_eq!(cmd::rc(&v.tpm(&cmd::pcr_read(16))), RC_INITIALIZE);
+    ok(&v.tpm(&cmd::startup_clear()), "Startup after reset");
+    assert_eq!(pcr16(&mut v), [0; 32]);
+    assert_eq!(nv_secret(&mut v, 21), b"kept across frontends");
+    drop(v);
+
+    // SIGTERM: a clean stop with the state flushed, socket removed.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = d
+        .wait_exit(Duration::from_secs(10))
+        .expect("exit on SIGTERM");
+    assert!(st.success(), "{st}");
+    assert!(!d.ctrl.exists(), "socket left behind");
+    let d = Daemon::start_vhost_user(t.path(), &[]);
+    let mut v = TestVmm::start(&d.ctrl);
+    ok(&v.tpm(&cmd::startup_clear()), "Startup after restart");
+    assert_eq!(nv_secret(&mut v, 21), b"kept across frontends");
+}
+
+/// One JSON request on an admin socket.
+fn admin(sock: &Path, req: serde_json::Value) -> serde_json::Value {
+    let mut s = UnixStream::connect(sock).expect("admin socket");
+    writeln!(s, "{req}").unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+fn admin_ok(sock: &Path, req: serde_json::Value) -> serde_json::Value {
+    let r = admin(sock, req.clone());
+    assert_eq!(r["ok"], true, "{req} -> {r}");
+    r["result"].clone()
+}
+
+/// A host key in `dir` (as `vtpmctl keygen` writes it).
+fn host_key(dir: &Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    vtpmd::migration::keys::HostKey::generate()
+        .unwrap()
+        .save(dir)
+        .unwrap();
+    dir.join("host-key.pem").display().to_string()
+}
+
+/// Prepares `src` to migrate to `dst`; returns the migration id.
+fn prepare(src: &Path, dst: &Path) -> String {
+    let info = admin_ok(dst, serde_json::json!({"op": "incoming-info"}));
+    admin_ok(
+        src,
+        serde_json::json!({"op": "outgoing", "peer_key": info["public_key"], "migration_id": info["migration_id"]}),
+    );
+    info["migration_id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn sealed_device_state_migration_between_two_processes() {
+    let (ts, td) = (state_dir(), state_dir());
+    let (src_admin, dst_admin) = (ts.path().join("admin.sock"), td.path().join("admin.sock"));
+    let src_key = host_key(&ts.path().join("keys"));
+    let dst_key = host_key(&td.path().join("keys"));
+    let mut src = Daemon::start_vhost_user(
+        ts.path(),
+        &[
+            "--host-key",
+            &src_key,
+            "--admin",
+            &format!("path={}", src_admin.display()),
+        ],
+    );
+    let mut dst = Daemon::start_vhost_user(
+        td.path(),
+        &[
+            "--host-key",
+            &dst_key,
+            "--admin",
+            &format!("path={}", dst_admin.display()),
+            "--migration",
+            "incoming",
+        ],
+    );
+    let secret = b"sealed device-state migration secret";
+    let mut a = TestVmm::start(&src.ctrl);
+    let value = provision(&mut a, secret);
+    a.stop_ring();
+
+    // Without a prepared migration there is nothing to save, and the
+    // source keeps running.
+    let (bytes, ok_) = a.save_state();
+    assert!(!ok_ && bytes.is_empty(), "unprepared SAVE must fail");
+    a.start_ring();
+    assert_eq!(
+        pcr16(&mut a),
+        value,
+        "source still serves after a refused SAVE"
+    );
+    a.stop_ring();
+
+    let _id = prepare(&src_admin, &dst_admin);
+    let (stream, saved) = a.save_state();
+    assert!(saved, "SAVE failed: {}", src.log_text());
+    assert!(
+        !stream.windows(secret.len()).any(|w| w == secret),
+        "the NV secret travels in clear"
+    );
+    // The source is locked now: its TPM answers nothing.
+    a.start_ring();
+    assert_eq!(cmd::rc(&a.tpm(&cmd::pcr_read(16))), RC_FAILURE);
+
+    // A flipped byte: CHECK_DEVICE_STATE fails and the destination stays
+    // locked.
+    let mut b = TestVmm::connect(&dst.ctrl, false);
+    let mut bad = stream.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 0x01;
+    assert!(!b.load_state(&bad), "a tampered stream was accepted");
+    b.start_ring();
+    assert_eq!(cmd::rc(&b.tpm(&cmd::pcr_read(16))), RC_FAILURE);
+    assert!(dst.log_text().contains("refused"), "{}", dst.log_text());
+    // The untampered stream is bound to the failed attempt's id: refused.
+    b.stop_ring();
+    assert!(
+        !b.load_state(&stream),
+        "a stream for a spent id was accepted"
+    );
+
+    // The operator retries: a new id from the destination, the source
+    // released and prepared again.
+    admin_ok(&src_admin, serde_json::json!({"op": "abort"}));
+    let _id = prepare(&src_admin, &dst_admin);
+    a.stop_ring();
+    let (stream, saved) = a.save_state();
+    assert!(saved, "second SAVE failed: {}", src.log_text());
+    assert!(b.load_state(&stream), "LOAD failed: {}", dst.log_text());
+    b.start_ring();
+    assert_eq!(pcr16(&mut b), value, "PCR 16 after migration");
+    assert_eq!(nv_secret(&mut b, secret.len()), secret);
+    // The same stream again: refused (single-use id, destination running).
+    drop(b);
+    let mut c = TestVmm::connect(&dst.ctrl, false);
+    assert!(!c.load_state(&stream), "replay accepted");
+    drop(c);
+    let mut b = TestVmm::start(&dst.ctrl);
+    assert_eq!(pcr16(&mut b), value, "destination unharmed by the replay");
+
+    // The destination's receipt lets the source erase its copy.
+    let receipt = admin_ok(&dst_admin, serde_json::json!({"op": "receipt"}));
+    admin_ok(
+        &src_admin,
+        serde_json::json!({"op": "complete", "receipt": receipt}),
+    );
+    let left: Vec<_> = std::fs::read_dir(ts.path().join("state"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != ".lock")
+        .collect();
+    assert_eq!(left, vec!["vtpmd-tombstone.json".to_string()]);
+    assert!(src.alive() && dst.alive());
+}
