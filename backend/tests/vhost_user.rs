@@ -190,6 +190,37 @@ fn malformed_chains_get_a_defined_result_and_the_queue_goes_on() {
 }
 
 #[test]
+fn garbage_on_the_vhost_user_socket_drops_only_that_connection() {
+    let t = state_dir();
+    let mut d = Daemon::start_vhost_user(t.path(), &[]);
+    let mut v = TestVmm::start(&d.ctrl);
+    let value = provision(&mut v, b"survives bad frontends");
+    drop(v);
+    // Garbage, a header announcing an oversized message, a truncated
+    // header, and an unknown request code.
+    let unknown = [0xffu8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+    let mut huge = vec![1u8, 0, 0, 0, 1, 0, 0, 0];
+    huge.extend_from_slice(&u32::MAX.to_le_bytes());
+    for bytes in [
+        &[0xa5u8; 300][..],
+        &huge[..],
+        &[1u8, 0, 0][..],
+        &unknown[..],
+    ] {
+        let mut s = UnixStream::connect(&d.ctrl).unwrap();
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut sink = Vec::new();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = std::io::Read::read_to_end(&mut s, &mut sink);
+    }
+    assert!(d.alive(), "vtpmd died: {}", d.log_text());
+    let mut v = TestVmm::start(&d.ctrl);
+    assert_eq!(pcr16(&mut v), value);
+    assert_eq!(nv_secret(&mut v, 22), b"survives bad frontends");
+}
+
+#[test]
 fn reconnect_keeps_the_tpm_state() {
     let t = state_dir();
     let mut d = Daemon::start_vhost_user(t.path(), &[]);
@@ -197,7 +228,9 @@ fn reconnect_keeps_the_tpm_state() {
     let value = provision(&mut v, b"kept across frontends");
     drop(v);
     for round in 0..2 {
-        let mut v = TestVmm::start(&d.ctrl);
+        // The second frontend negotiates EVENT_IDX.
+        let mut v = TestVmm::connect_with(&d.ctrl, false, round == 1);
+        v.start_ring();
         assert_eq!(pcr16(&mut v), value, "PCR 16 after reconnect {round}");
         assert_eq!(nv_secret(&mut v, 21), b"kept across frontends");
     }

@@ -33,6 +33,7 @@ pub const RSP_BUF: u64 = 0x20000;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// One descriptor of a chain the test builds.
 #[derive(Debug, Clone, Copy)]
@@ -67,16 +68,26 @@ pub struct TestVmm {
     next_avail: u16,
     next_used: u16,
     pub protocol: VhostUserProtocolFeatures,
+    features: u64,
 }
 
 impl TestVmm {
     /// Connects and negotiates features; asks for RESET_DEVICE only if
     /// `with_reset`. Memory and ring are not set up yet.
     pub fn connect(path: &Path, with_reset: bool) -> TestVmm {
+        Self::connect_with(path, with_reset, false)
+    }
+
+    /// As [`connect`](Self::connect), optionally negotiating
+    /// VIRTIO_RING_F_EVENT_IDX (the driver then publishes used_event).
+    pub fn connect_with(path: &Path, with_reset: bool, event_idx: bool) -> TestVmm {
         let mut fe = Frontend::connect(path, 1).expect("connect to the vhost-user socket");
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         let features = fe.get_features().expect("GET_FEATURES");
-        let want = VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let mut want = VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if event_idx {
+            want |= VIRTIO_RING_F_EVENT_IDX;
+        }
         assert_eq!(features & want, want, "device features {features:#x}");
         fe.set_features(want).expect("SET_FEATURES");
         let offered = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
@@ -116,6 +127,7 @@ impl TestVmm {
             next_avail: 0,
             next_used: 0,
             protocol,
+            features: want,
         }
     }
 
@@ -201,6 +213,12 @@ impl TestVmm {
             raw[14..].copy_from_slice(&next.to_le_bytes());
             self.mem.write_slice(&raw, at).unwrap();
         }
+        // used_event: with EVENT_IDX, ask for a call when this request is
+        // used (ignored by the device otherwise).
+        let used_event = AVAIL_RING + 4 + 2 * u64::from(QUEUE_SIZE);
+        self.mem
+            .write_obj(self.next_used.to_le(), GuestAddress(used_event))
+            .unwrap();
         let slot = AVAIL_RING + 4 + 2 * u64::from(self.next_avail % QUEUE_SIZE);
         self.mem
             .write_obj(0u16.to_le(), GuestAddress(slot))
@@ -217,6 +235,7 @@ impl TestVmm {
     /// Waits for the device to return the chain; (head, used length).
     pub fn wait_used(&mut self) -> (u32, u32) {
         let start = Instant::now();
+        let mut called = false;
         loop {
             fence(Ordering::SeqCst);
             let idx: u16 = self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap();
@@ -229,7 +248,21 @@ impl TestVmm {
             );
             // The call eventfd is non-blocking: consume a signal if there
             // is one, otherwise nap briefly and look at the ring again.
-            if self.call.read().is_err() {
+            if self.call.read().is_ok() {
+                called = true;
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        // Every request must be followed by a call (used_event asks for
+        // one too when EVENT_IDX is on): a driver waiting for it would hang.
+        while !called {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the device used the request but never signalled the call eventfd"
+            );
+            called = self.call.read().is_ok();
+            if !called {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
