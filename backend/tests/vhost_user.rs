@@ -404,3 +404,70 @@ fn sealed_device_state_migration_between_two_processes() {
     assert_eq!(left, vec!["vtpmd-tombstone.json".to_string()]);
     assert!(src.alive() && dst.alive());
 }
+
+#[test]
+fn same_state_directory_lock_and_at_rest_encryption_as_the_socket_frontend() {
+    let t = state_dir();
+    let key = t.path().join("key");
+    std::fs::write(
+        &key,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
+    )
+    .unwrap();
+    let keyarg = format!("file={}", key.display());
+    let mut d = Daemon::start_vhost_user(t.path(), &["--key", &keyarg]);
+    let secret = b"vhost-user secret kept encrypted on disk";
+    let mut v = TestVmm::start(&d.ctrl);
+    let value = provision(&mut v, secret);
+
+    // While it runs, neither frontend may open the same state directory.
+    for sub in ["socket", "vhost-user"] {
+        let mut c = std::process::Command::new(common::VTPMD);
+        c.arg(sub)
+            .arg("--tpmstate")
+            .arg(format!("dir={}", t.path().join("state").display()));
+        if sub == "socket" {
+            c.args(["--tpm2", "--ctrl"]).arg(format!(
+                "type=unixio,path={}",
+                t.path().join("c2").display()
+            ));
+        } else {
+            c.arg("--socket-path").arg(t.path().join("v2"));
+        }
+        let out = c.output().unwrap();
+        assert!(!out.status.success(), "second {sub} instance started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("lock"), "{sub}: {err}");
+    }
+    drop(v);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(d.wait_exit(Duration::from_secs(10)).is_some());
+
+    let permall = std::fs::read(t.path().join("state/tpm2-00.permall")).unwrap();
+    assert!(permall.starts_with(b"VTPMSEAL"), "state not sealed");
+    assert!(
+        !permall.windows(16).any(|w| w == &secret[..16]),
+        "plaintext NV on disk"
+    );
+    // The socket frontend opens what the vhost-user frontend wrote: one
+    // state format.
+    let d = Daemon::start(t.path(), &["--key", &keyarg]);
+    let mut c = common::Ctrl::connect(&d.ctrl);
+    let mut s = c.qemu_start(4096);
+    ok(
+        &common::tpm(&mut s, &cmd::startup_clear()),
+        "Startup (socket frontend)",
+    );
+    let rsp = common::tpm(&mut s, &cmd::nv_read(NV_INDEX, secret.len() as u16));
+    ok(&rsp, "NV_Read (socket frontend)");
+    assert_eq!(cmd::nv_data(&rsp), secret);
+    assert_ne!(
+        cmd::pcr_value(&common::tpm(&mut s, &cmd::pcr_read(16))),
+        value,
+        "Startup(CLEAR) resets PCR 16"
+    );
+}
