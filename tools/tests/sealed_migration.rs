@@ -122,12 +122,20 @@ fn running_source(src: &Node) -> (Ctrl, std::os::unix::net::UnixStream, [u8; 32]
     (c, data, pcr)
 }
 
-/// Destination issues an id, the source prepares for it and exports.
-fn export_to(src: &Node, dst: &Node, c: &mut Ctrl) -> Vec<(u32, Vec<u8>)> {
-    let (ok, info) = ctl(&["incoming-info", "--admin", dst.admin()]);
+/// `vtpmctl outgoing` on `src` with the migration id issued by `id_from`
+/// and the public key of `key_of` (the same node, unless a test mixes them).
+fn prepare(src: &Node, id_from: &Node, key_of: &Node) {
+    let (ok, info) = ctl(&["incoming-info", "--admin", id_from.admin()]);
     assert!(ok, "{info}");
-    let peer = dst._t.path().join("peer.pem");
-    std::fs::write(&peer, info["public_key"].as_str().unwrap()).unwrap();
+    let key_info = if std::ptr::eq(id_from, key_of) {
+        info.clone()
+    } else {
+        let (ok, k) = ctl(&["incoming-info", "--admin", key_of.admin()]);
+        assert!(ok, "{k}");
+        k
+    };
+    let peer = key_of._t.path().join("peer.pem");
+    std::fs::write(&peer, key_info["public_key"].as_str().unwrap()).unwrap();
     let id = info["migration_id"].as_str().unwrap();
     let (ok, v) = ctl(&[
         "outgoing",
@@ -139,6 +147,11 @@ fn export_to(src: &Node, dst: &Node, c: &mut Ctrl) -> Vec<(u32, Vec<u8>)> {
         id,
     ]);
     assert!(ok, "{v}");
+}
+
+/// Destination issues an id, the source prepares for it and exports.
+fn export_to(src: &Node, dst: &Node, c: &mut Ctrl) -> Vec<(u32, Vec<u8>)> {
+    prepare(src, dst, dst);
     let blobs = get_blobs(c);
     assert_eq!(src.state(), "exported");
     blobs
@@ -321,22 +334,7 @@ fn attack_matrix_fails_closed() {
     assert_source_resumes(&src, &mut c, &mut data, &pcr);
     let wrong = node(ka, true);
     let genuine = node(kb, true);
-    let (ok, info) = ctl(&["incoming-info", "--admin", wrong.admin()]);
-    assert!(ok);
-    let (_, binfo) = ctl(&["incoming-info", "--admin", genuine.admin()]);
-    let peer = genuine._t.path().join("peer.pem");
-    std::fs::write(&peer, binfo["public_key"].as_str().unwrap()).unwrap();
-    let id = info["migration_id"].as_str().unwrap();
-    let (ok, _) = ctl(&[
-        "outgoing",
-        "--admin",
-        src.admin(),
-        "--peer-key",
-        peer.to_str().unwrap(),
-        "--migration-id",
-        id,
-    ]);
-    assert!(ok);
+    prepare(&src, &wrong, &genuine);
     let blobs = get_blobs(&mut c);
     let mut cw = Ctrl::connect(&wrong.d.ctrl);
     let r = put_blobs(&mut cw, &blobs);
