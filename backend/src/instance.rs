@@ -365,6 +365,12 @@ impl Vtpm {
                 .get_state(StateType::Permanent)
                 .map_err(|r| format!("libtpms result {r:#x}"))
                 .and_then(|s| {
+                    // libtpms usually stored it itself while starting up:
+                    // then it is on disk already, durably.
+                    let on_disk = self.store.read_blob(PERMANENT).ok().flatten();
+                    if on_disk.as_deref().map(|d| &d[..]) == Some(&s[..]) {
+                        return Ok(());
+                    }
                     self.store
                         .write_blob(PERMANENT, &s)
                         .map_err(|err| err.to_string())
@@ -425,6 +431,10 @@ impl Vtpm {
                 Ok(v)
             }
             "incoming-info" => e.session.issue_incoming().map_err(|x| x.to_string()),
+            "incoming-key" => e
+                .session
+                .preload_key(s("wrapped_key")?)
+                .map_err(|x| x.to_string()),
             "outgoing" => e
                 .session
                 .prepare_outgoing(s("peer_key")?, s("migration_id")?)
@@ -448,7 +458,7 @@ impl Vtpm {
                 Ok(serde_json::json!(t))
             }
             other => Err(format!(
-                "unknown op '{other}' (status, incoming-info, outgoing, abort, receipt, complete)"
+                "unknown op '{other}' (status, incoming-info, incoming-key, outgoing, abort, receipt, complete)"
             )),
         }
     }

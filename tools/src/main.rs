@@ -32,6 +32,16 @@ enum Cmd {
         #[arg(long)]
         admin: PathBuf,
     },
+    /// Destination, optional: unwrap the migration's keys ahead of time, so
+    /// no RSA work is left for the VM's downtime. WRAPPED is the
+    /// `wrapped_key` that `vtpmctl outgoing` printed on the source (not a
+    /// secret: only this host's private key opens it).
+    IncomingKey {
+        #[arg(long)]
+        admin: PathBuf,
+        #[arg(long, value_name = "WRAPPED")]
+        wrapped_key: String,
+    },
     /// Source: prepare a migration to the destination that issued the id.
     Outgoing {
         #[arg(long)]
@@ -88,6 +98,10 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
             }))
         }
         Cmd::IncomingInfo { admin } => request(&admin, &json!({ "op": "incoming-info" })),
+        Cmd::IncomingKey { admin, wrapped_key } => request(
+            &admin,
+            &json!({ "op": "incoming-key", "wrapped_key": wrapped_key }),
+        ),
         Cmd::Outgoing {
             admin,
             peer_key,

@@ -102,6 +102,47 @@ impl InstanceKeys {
     }
 }
 
+/// Opens `enc_key || mac_key` wrapped to this host (an RSA private-key
+/// operation: milliseconds).
+fn open_wrapped(host: &HostKey, wrapped: &[u8]) -> Result<InstanceKeys, PieceError> {
+    let secret = host.unwrap_key(wrapped).map_err(|_| PieceError::Unwrap)?;
+    if secret.len() != 64 {
+        return Err(PieceError::Unwrap);
+    }
+    let mut k = InstanceKeys {
+        enc: [0; 32],
+        mac: [0; 32],
+    };
+    k.enc.copy_from_slice(&secret[..32]);
+    k.mac.copy_from_slice(&secret[32..]);
+    Ok(k)
+}
+
+/// Instance keys the destination unwrapped before the stream arrived
+/// (`vtpmctl incoming-key`, with the wrapped key `vtpmctl outgoing`
+/// printed), so no RSA work is left for the VM's downtime. They are used
+/// only if blob 1 carries exactly this wrapped key; otherwise blob 1's own
+/// key is unwrapped as usual.
+pub struct PreloadedKeys {
+    wrapped: Vec<u8>,
+    keys: InstanceKeys,
+}
+
+impl std::fmt::Debug for PreloadedKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PreloadedKeys")
+    }
+}
+
+impl PreloadedKeys {
+    pub fn open(host: &HostKey, wrapped: &[u8]) -> Result<PreloadedKeys, PieceError> {
+        Ok(PreloadedKeys {
+            wrapped: wrapped.to_vec(),
+            keys: open_wrapped(host, wrapped)?,
+        })
+    }
+}
+
 /// Starting point of the MAC chain: binds the keys to this migration, the
 /// wrapped key and the destination.
 fn chain_start(
@@ -189,6 +230,11 @@ impl Exporter {
             chain,
             digest: [0; 32],
         })
+    }
+
+    /// The instance keys wrapped to the destination, as blob 1 carries them.
+    pub fn wrapped_key(&self) -> &[u8] {
+        &self.wrapped
     }
 
     /// The running migration digest (final once blob 3 is sealed).
@@ -320,6 +366,7 @@ pub struct Importer {
     chain: [u8; 32],
     digest: [u8; 32],
     poisoned: bool,
+    preloaded: Option<PreloadedKeys>,
     pub permanent: Zeroizing<Vec<u8>>,
     pub volatile: Zeroizing<Vec<u8>>,
 }
@@ -347,8 +394,17 @@ impl Importer {
             chain: [0; 32],
             digest: [0; 32],
             poisoned: false,
+            preloaded: None,
             permanent: Zeroizing::new(Vec::new()),
             volatile: Zeroizing::new(Vec::new()),
+        }
+    }
+
+    /// As [`new`](Self::new), with keys unwrapped ahead of time.
+    pub fn with_keys(id: MigrationId, preloaded: Option<PreloadedKeys>) -> Importer {
+        Importer {
+            preloaded,
+            ..Importer::new(id)
         }
     }
 
@@ -424,16 +480,20 @@ impl Importer {
                     want: host.fingerprint(),
                 });
             }
-            let secret = host.unwrap_key(wrapped).map_err(|_| PieceError::Unwrap)?;
-            if secret.len() != 64 {
-                return Err(PieceError::Unwrap);
-            }
-            let mut k = InstanceKeys {
-                enc: [0; 32],
-                mac: [0; 32],
+            let k = match self.preloaded.take() {
+                Some(p) if p.wrapped == wrapped => {
+                    log::info!(
+                        "migration {}: instance keys were unwrapped ahead of time",
+                        keys::hex(&id)
+                    );
+                    p.keys
+                }
+                Some(_) => {
+                    log::warn!("migration {}: the stream's wrapped key is not the one given with incoming-key; unwrapping it now", keys::hex(&id));
+                    open_wrapped(host, wrapped)?
+                }
+                None => open_wrapped(host, wrapped)?,
             };
-            k.enc.copy_from_slice(&secret[..32]);
-            k.mac.copy_from_slice(&secret[32..]);
             self.chain = chain_start(&k, &id, wrapped, &dest_fpr);
             self.keys = Some(k);
             self.dest_fpr = dest_fpr;
@@ -556,6 +616,40 @@ mod tests {
             imp.accept(i as u32 + 1, b, dest)?;
         }
         Ok(imp)
+    }
+
+    #[test]
+    fn keys_unwrapped_ahead_of_time() {
+        let (_, dest) = keys();
+        let id = [9; 32];
+        let mut e = Exporter::new(id, dest.public()).unwrap();
+        let pre = PreloadedKeys::open(dest, e.wrapped_key()).unwrap();
+        let blobs = [
+            e.seal_state(1, b"perm").unwrap(),
+            e.seal_state(2, b"vol").unwrap(),
+            e.seal_final().unwrap(),
+        ];
+        let mut imp = Importer::with_keys(id, Some(pre));
+        for (i, b) in blobs.iter().enumerate() {
+            imp.accept(i as u32 + 1, b, dest).unwrap();
+        }
+        assert!(imp.complete());
+        assert_eq!(&imp.permanent[..], b"perm");
+        // Keys preloaded for another preparation: blob 1's own key is
+        // unwrapped instead, and the stream still verifies.
+        let other = Exporter::new(id, dest.public()).unwrap();
+        let pre = PreloadedKeys::open(dest, other.wrapped_key()).unwrap();
+        let mut imp = Importer::with_keys(id, Some(pre));
+        for (i, b) in blobs.iter().enumerate() {
+            imp.accept(i as u32 + 1, b, dest).unwrap();
+        }
+        assert!(imp.complete());
+        // Garbage or a key wrapped for someone else does not open.
+        assert!(PreloadedKeys::open(dest, &[0x42; 384]).is_err());
+        assert!(PreloadedKeys::open(dest, &[]).is_err());
+        let (src, _) = keys();
+        let foreign = Exporter::new(id, src.public()).unwrap();
+        assert!(PreloadedKeys::open(dest, foreign.wrapped_key()).is_err());
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! its migration id is then consumed, so the same stream cannot load twice.
 
 use super::keys::{self, HostKey};
-use super::piece::{Exporter, Importer, MigrationId, PieceError, ID_LEN};
+use super::piece::{Exporter, Importer, MigrationId, PieceError, PreloadedKeys, ID_LEN};
 use rsa::RsaPublicKey;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -86,6 +86,9 @@ enum State {
     Prepared {
         id: MigrationId,
         peer: RsaPublicKey,
+        /// Instance keys made and wrapped at preparation, so the RSA work
+        /// happens before the VM stops rather than in its downtime.
+        exporter: Box<Exporter>,
     },
     Source {
         id: MigrationId,
@@ -99,7 +102,9 @@ enum State {
     },
     Destination {
         issued: Option<MigrationId>,
-        importer: Option<Importer>,
+        importer: Option<Box<Importer>>,
+        /// Keys unwrapped ahead of the stream (`incoming-key`).
+        preloaded: Option<PreloadedKeys>,
     },
 }
 
@@ -148,6 +153,7 @@ impl Session {
             State::Destination {
                 issued: None,
                 importer: None,
+                preloaded: None,
             }
         } else {
             State::Running
@@ -211,11 +217,39 @@ impl Session {
         self.state = State::Destination {
             issued: Some(id),
             importer: None,
+            preloaded: None,
         };
         Ok(serde_json::json!({
             "migration_id": keys::hex(&id),
             "public_key": host.public_pem(),
             "key_fingerprint": host.fingerprint(),
+        }))
+    }
+
+    /// Destination: unwraps the instance keys `vtpmctl outgoing` printed
+    /// (`wrapped_key`) before the stream arrives, so the RSA private-key
+    /// operation happens while the VM still runs on the source instead of
+    /// in its downtime. Optional: without it blob 1's key is unwrapped on
+    /// arrival.
+    pub fn preload_key(&mut self, wrapped_hex: &str) -> Result<serde_json::Value, SessionError> {
+        let host = self.host()?.clone();
+        let State::Destination {
+            issued: Some(id),
+            importer: None,
+            preloaded,
+        } = &mut self.state
+        else {
+            return Err(state_err(
+                "not waiting for an incoming migration with an issued id (run vtpmctl incoming-info first), or its state is already arriving",
+            ));
+        };
+        let wrapped = keys::unhex(wrapped_hex.trim())
+            .ok_or_else(|| state_err("'wrapped_key' is not a hex string"))?;
+        *preloaded = Some(PreloadedKeys::open(&host, &wrapped)?);
+        Ok(serde_json::json!({
+            "state": "destination-locked",
+            "migration_id": keys::hex(id),
+            "keys": "unwrapped",
         }))
     }
 
@@ -242,10 +276,15 @@ impl Session {
             }
         }
         let fpr = keys::fingerprint(&peer);
-        self.state = State::Prepared { id, peer };
-        Ok(
-            serde_json::json!({ "state": "prepared", "migration_id": keys::hex(&id), "peer_key": fpr }),
-        )
+        let exporter = Box::new(Exporter::new(id, &peer)?);
+        let wrapped = keys::hex(exporter.wrapped_key());
+        self.state = State::Prepared { id, peer, exporter };
+        Ok(serde_json::json!({
+            "state": "prepared",
+            "migration_id": keys::hex(&id),
+            "peer_key": fpr,
+            "wrapped_key": wrapped,
+        }))
     }
 
     /// Source, GET_STATEBLOB: the sealed blob of `blob_type` (1..=3). The
@@ -259,23 +298,32 @@ impl Session {
         if !(1..=3).contains(&blob_type) {
             return Err(state_err(format!("unknown blob type {blob_type}")));
         }
-        if let State::Prepared { id, peer } = &self.state {
+        if matches!(self.state, State::Prepared { .. }) {
             let (perm, vol) = snapshot().map_err(state_err)?;
-            let mut e = Exporter::new(*id, peer)?;
+            let State::Prepared {
+                id,
+                peer,
+                mut exporter,
+            } = std::mem::replace(&mut self.state, State::Running)
+            else {
+                return Err(state_err("internal: preparation vanished"));
+            };
+            // Sealing is AES and HMAC only: the keys were wrapped when the
+            // migration was prepared. A failure here drops the preparation.
             let blobs = vec![
-                e.seal_state(1, &perm)?,
-                e.seal_state(2, &vol)?,
-                e.seal_final()?,
+                exporter.seal_state(1, &perm)?,
+                exporter.seal_state(2, &vol)?,
+                exporter.seal_final()?,
             ];
             log::info!(
                 "migration {}: source locked, state sealed for {}",
-                keys::hex(id),
-                keys::fingerprint(peer)
+                keys::hex(&id),
+                keys::fingerprint(&peer)
             );
             self.state = State::Source {
-                id: *id,
-                peer: peer.clone(),
-                digest: e.digest(),
+                id,
+                peer,
+                digest: exporter.digest(),
                 blobs,
                 fetched: [false; 3],
             };
@@ -297,7 +345,12 @@ impl Session {
     /// Destination, SET_STATEBLOB.
     pub fn import(&mut self, blob_type: u32, data: &[u8]) -> Result<(), SessionError> {
         let host = self.host()?.clone();
-        let State::Destination { issued, importer } = &mut self.state else {
+        let State::Destination {
+            issued,
+            importer,
+            preloaded,
+        } = &mut self.state
+        else {
             return Err(state_err(format!(
                 "SET_STATEBLOB refused: this instance is {:?}, not waiting for a migration",
                 self.phase()
@@ -308,7 +361,8 @@ impl Session {
         if self.consumed.contains(&id) {
             return Err(state_err("this migration id was already used"));
         }
-        let imp = importer.get_or_insert_with(|| Importer::new(id));
+        let imp =
+            importer.get_or_insert_with(|| Box::new(Importer::with_keys(id, preloaded.take())));
         imp.accept(blob_type, data, &host)?;
         Ok(())
     }
@@ -319,7 +373,10 @@ impl Session {
     pub fn take_verified(
         &mut self,
     ) -> Result<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>, MigrationId), SessionError> {
-        let State::Destination { issued, importer } = &mut self.state else {
+        let State::Destination {
+            issued, importer, ..
+        } = &mut self.state
+        else {
             return Err(state_err("no incoming migration"));
         };
         let Some(imp) = importer.as_mut().filter(|i| i.complete()) else {
@@ -341,6 +398,7 @@ impl Session {
         self.state = State::Destination {
             issued: None,
             importer: None,
+            preloaded: None,
         };
         self.imported = None;
     }
@@ -465,7 +523,7 @@ impl Session {
 
     pub fn status(&self) -> serde_json::Value {
         let (id, digest, peer) = match &self.state {
-            State::Prepared { id, peer } => (Some(*id), None, Some(keys::fingerprint(peer))),
+            State::Prepared { id, peer, .. } => (Some(*id), None, Some(keys::fingerprint(peer))),
             State::Source {
                 id, peer, digest, ..
             } => (Some(*id), Some(*digest), Some(keys::fingerprint(peer))),

@@ -257,8 +257,10 @@ impl StateDir {
         }
         let path = self.file_of(name);
         match fs::remove_file(&path) {
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(io("remove", &path)(e)),
-            _ => self.dir_handle.sync_all().map_err(io("fsync", &self.dir)),
+            // Nothing was there: the directory did not change.
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("remove", &path)(e)),
+            Ok(()) => self.dir_handle.sync_all().map_err(io("fsync", &self.dir)),
         }
     }
 
