@@ -164,6 +164,21 @@ impl Remote {
     }
 }
 
+/// A `/proc/PID/smaps_rollup` field in KiB: `Pss` is the process's fair
+/// share of memory (pages shared with other processes, such as the binary
+/// and libraries in the page cache, are divided among the sharers);
+/// `Private_Dirty` is what the process alone holds.
+fn smaps_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.split(':').next() == Some(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn rss_of(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -638,6 +653,8 @@ fn migration_rows(o: &Opts, keys: &Path) -> Row {
 fn density_row(o: &Opts) -> Row {
     let count = n(o, 50);
     let mut per = Vec::new();
+    let mut rss = Vec::new();
+    let mut private = Vec::new();
     for bin in [o.vtpmd.as_str(), "swtpm"] {
         let dirs: Vec<tempfile::TempDir> =
             (0..count).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -665,12 +682,27 @@ fn density_row(o: &Opts) -> Row {
             }
         }
         std::thread::sleep(Duration::from_millis(200));
+        // PSS: the binary's and libraries' pages are in memory once for
+        // all 50, and PSS charges each instance its share of them. RSS
+        // would charge every instance the whole binary.
         per.push(stat(
+            children
+                .iter()
+                .map(|c| smaps_kib(c.id(), "Pss") as f64)
+                .collect(),
+        ));
+        rss.push(stat(
             children.iter().map(|c| rss_of(c.id()) as f64).collect(),
         ));
-        let total: u64 = children.iter().map(|c| rss_of(c.id())).sum();
+        private.push(stat(
+            children
+                .iter()
+                .map(|c| smaps_kib(c.id(), "Private_Dirty") as f64)
+                .collect(),
+        ));
+        let total: u64 = children.iter().map(|c| smaps_kib(c.id(), "Pss")).sum();
         eprintln!(
-            "  {bin}: {count} idle instances, {} MiB resident in total",
+            "  {bin}: {count} idle instances, {} MiB in total (sum of PSS)",
             total / 1024
         );
         for ch in children.iter_mut() {
@@ -680,12 +712,19 @@ fn density_row(o: &Opts) -> Row {
     }
     let sw = per.pop().unwrap();
     let vt = per.pop().unwrap();
+    let (sw_rss, vt_rss) = (rss.pop().unwrap(), rss.pop().unwrap());
+    let (sw_priv, vt_priv) = (private.pop().unwrap(), private.pop().unwrap());
     Row {
-        name: format!("resident memory per idle instance ({count} side by side)"),
+        name: format!("memory (PSS) per idle instance, {count} side by side"),
         unit: "KiB",
         vtpmd: vt,
         swtpm: sw,
-        extra: vec![],
+        extra: vec![
+            ("vtpmd RSS".into(), vt_rss),
+            ("swtpm RSS".into(), sw_rss),
+            ("vtpmd private".into(), vt_priv),
+            ("swtpm private".into(), sw_priv),
+        ],
     }
 }
 
@@ -704,6 +743,9 @@ fn main() {
         if o.smoke { " (smoke)" } else { "" },
         o.vtpmd
     );
+    // A binary that was just built sits in dirty page-cache pages, which
+    // smaps counts as the process's private memory until written back.
+    let _ = Command::new("sync").status();
     pin_client();
     let mut vt = Remote::start("vtpmd", &o.vtpmd, &[], 1);
     let mut sw = Remote::start("swtpm", "swtpm", &[], 2);
@@ -716,12 +758,22 @@ fn main() {
     assert_eq!(c::rc(&ip.cmd(&c::startup_clear())), 0);
 
     let mut rows = command_rows(&o, &mut vt, &mut sw, &mut ip);
+    let (vp, sp) = (vt.child.id(), sw.child.id());
     rows.push(Row {
-        name: "resident memory after the command mix".into(),
+        name: "resident memory (RSS) after the command mix".into(),
         unit: "KiB",
         vtpmd: stat(vec![vt.rss_kib() as f64]),
         swtpm: stat(vec![sw.rss_kib() as f64]),
-        extra: vec![],
+        extra: vec![
+            (
+                "vtpmd private".into(),
+                stat(vec![smaps_kib(vp, "Private_Dirty") as f64]),
+            ),
+            (
+                "swtpm private".into(),
+                stat(vec![smaps_kib(sp, "Private_Dirty") as f64]),
+            ),
+        ],
     });
     drop(vt);
     drop(sw);
