@@ -204,13 +204,14 @@ def keygen(name):
 
 
 def prepare(src, dst):
+    """Destination issues an id, source prepares; returns the wrapped key."""
     ok, info = ctl("incoming-info", "--admin", dst.admin)
     assert ok, info
     pem = os.path.join(dst.dir, "peer.pem")
     open(pem, "w").write(info["public_key"])
     ok, v = ctl("outgoing", "--admin", src.admin, "--peer-key", pem, "--migration-id", info["migration_id"])
     assert ok, v
-    return pem, info["migration_id"]
+    return v.get("wrapped_key", "")
 
 
 def boot_source(name, backend):
@@ -229,9 +230,13 @@ def live_migration(ka, kb):
     dst = Backend("live-dst", key=kb, incoming=True)
     mig = os.path.join(WORK, "live.sock")
     gd = Guest("live-dst", dst, incoming="unix:" + mig)
-    prepare(src, dst)
+    wrapped = prepare(src, dst)
+    # The destination unwraps the migration keys before the VM stops.
+    ok, v = ctl("incoming-key", "--admin", dst.admin, "--wrapped-key", wrapped)
+    check(ok, "destination unwrapped the keys ahead of time (vtpmctl incoming-key)", v)
     status = gs.migrate("unix:" + mig)
     check(status == "completed", "live migration completed", status)
+    check("unwrapped ahead of time" in open(dst.log).read(), "destination used the keys unwrapped ahead of time")
     after = gd.run(AFTER)
     check(after.get("pcr") == before.get("pcr"), "destination guest reads the PCR it extended before", (before.get("pcr"), after.get("pcr")))
     check(after.get("secret") == before.get("secret"), "destination guest reads the same NV contents")
