@@ -100,6 +100,31 @@ fn tpm_commands_through_the_virtqueue() {
 }
 
 #[test]
+fn inherited_listening_socket() {
+    let t = state_dir();
+    let mut d = Daemon::start_vhost_user_fd(t.path(), &[]);
+    let mut v = TestVmm::start(&d.ctrl);
+    ok(
+        &v.tpm(&cmd::startup_clear()),
+        "Startup over an inherited socket",
+    );
+    ok(&v.tpm(&cmd::get_random(16)), "GetRandom");
+    drop(v);
+    assert!(d.alive());
+    // Not a listening socket: refused with a clear error at start-up.
+    std::fs::create_dir(t.path().join("other")).unwrap();
+    let out = std::process::Command::new(common::VTPMD)
+        .args(["vhost-user", "--fd", "0", "--tpmstate"])
+        .arg(format!("dir={}", t.path().join("other").display()))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--fd") && err.contains("fd 0"), "{err}");
+}
+
+#[test]
 fn malformed_chains_get_a_defined_result_and_the_queue_goes_on() {
     let t = state_dir();
     let mut d = Daemon::start_vhost_user(t.path(), &[]);
