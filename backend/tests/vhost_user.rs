@@ -99,10 +99,29 @@ fn tpm_commands_through_the_virtqueue() {
     assert_eq!(nv_secret(&mut v, 32), secret);
 }
 
+/// Starts `vtpmd vhost-user --fd N` on a listening socket created here and
+/// inherited by the child, as a parent process (libvirt) would.
+fn start_vhost_user_fd(dir: &Path) -> Daemon {
+    use std::os::fd::AsRawFd;
+    let sock = dir.join("vhost-fd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fd = listener.as_raw_fd();
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    let args = ["vhost-user".to_string(), "--fd".into(), fd.to_string()];
+    let d = Daemon::spawn(common::VTPMD, dir, sock, &args);
+    // The child has its copy; this process's is closed here.
+    drop(listener);
+    d
+}
+
 #[test]
 fn inherited_listening_socket() {
     let t = state_dir();
-    let mut d = Daemon::start_vhost_user_fd(t.path(), &[]);
+    let mut d = start_vhost_user_fd(t.path());
     let mut v = TestVmm::start(&d.ctrl);
     ok(
         &v.tpm(&cmd::startup_clear()),

@@ -64,28 +64,7 @@ impl Daemon {
         d
     }
 
-    /// Starts `vtpmd vhost-user --fd N` on a listening socket created here
-    /// and inherited by the child, as a parent process (libvirt) would.
-    pub fn start_vhost_user_fd(dir: &Path, extra: &[&str]) -> Daemon {
-        use std::os::fd::AsRawFd;
-        let sock = dir.join("vhost-fd.sock");
-        let _ = std::fs::remove_file(&sock);
-        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-        let fd = listener.as_raw_fd();
-        nix::fcntl::fcntl(
-            fd,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-        )
-        .unwrap();
-        let mut args = vec!["vhost-user".to_string(), "--fd".into(), fd.to_string()];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let d = Self::spawn(VTPMD, dir, sock, &args);
-        // The child has its copy; this process's is closed here.
-        drop(listener);
-        d
-    }
-
-    fn spawn(bin: &str, dir: &Path, socket: PathBuf, args: &[String]) -> Daemon {
+    pub fn spawn(bin: &str, dir: &Path, socket: PathBuf, args: &[String]) -> Daemon {
         let log = dir.join("vtpmd.log");
         let child = Command::new(bin)
             .args(&args[..1])
