@@ -330,6 +330,23 @@ mod tests {
     }
 
     #[test]
+    fn incoming_destination_cannot_power_on_at_start() {
+        let mut v = BASE.to_vec();
+        v.extend([
+            "--host-key",
+            "/k.pem",
+            "--migration",
+            "incoming",
+            "--flags",
+            "startup-clear",
+        ]);
+        let e = args(&v).unwrap_err();
+        assert!(e.contains("stays locked"), "{e}");
+        v.truncate(v.len() - 2);
+        assert!(args(&v).unwrap().instance.incoming);
+    }
+
+    #[test]
     fn startup_flag_implies_not_need_init() {
         let mut v = BASE.to_vec();
         v.extend(["--flags", "startup-state"]);
