@@ -1,27 +1,30 @@
 //! vtpmd: a virtual TPM 2.0 backend for virtual machines.
 //!
-//! Where things are:
-//! * [`config`]: command line → validated configuration.
-//! * [`ctrl::wire`]: where a control command is decoded and its reply encoded.
-//! * [`ctrl::server`] and [`data`]: the control and data channel frontends,
-//!   wired together by [`socket`] (`vtpmd socket`).
-//! * [`vhost_user`]: the virtio-tpm device over vhost-user (`vtpmd vhost-user`).
-//! * [`instance`]: the vTPM's power state machine, shared by the frontends.
-//! * [`engine`]: libtpms (all its `unsafe` is in [`engine::ffi`]).
-//! * [`storage`]: where state is written (atomically, optionally sealed).
-//! * [`migration`]: sealed migration (where a piece is sealed: [`migration::piece`]).
-//! * [`daemon`]: the process around an instance, shared by both frontends.
+//! The house, top to bottom; a module imports only from layers below it
+//! (checked by `scripts/check-layers.sh`, run by `make test`):
+//!
+//! ```text
+//!  process     daemon (Host, runners), config                    ← main.rs
+//!  frontends   frontend::{swtpm, vhost_user, admin}
+//!  support     transport, exit, logging, fdpass
+//!  core        instance (Vtpm: typed operations, InstanceError)
+//!  bottom      engine (TpmEngine: libtpms | fake), storage, migration
+//!  primitives  vtpm_common::{hex, reader, aead, hostkey, admin}
+//! ```
+//!
+//! `unsafe` is denied everywhere except [`engine::libtpms`] and [`fdpass`].
 
-pub mod admin;
+#![deny(unsafe_code)]
+
 pub mod config;
-pub mod ctrl;
 pub mod daemon;
-pub mod data;
 pub mod engine;
+pub mod exit;
+#[allow(unsafe_code)]
 pub mod fdpass;
+pub mod frontend;
 pub mod instance;
 pub mod logging;
 pub mod migration;
-pub mod socket;
 pub mod storage;
-pub mod vhost_user;
+pub mod transport;

@@ -3,7 +3,8 @@
 use clap::Parser;
 use std::process::ExitCode;
 use vtpmd::config::{self, Cli, Command, ConfigError, InstanceConfig};
-use vtpmd::daemon::{Exit, RunError};
+use vtpmd::daemon::RunError;
+use vtpmd::exit::Exit;
 use vtpmd::storage::StateDir;
 
 fn main() -> ExitCode {
@@ -17,7 +18,7 @@ fn main() -> ExitCode {
                 return print_states(&args.instance);
             }
             let cfg = args.validate();
-            launch(cfg, |c| (&c.instance, vtpmd::socket::run as fn(&_) -> _))
+            launch(cfg, |c| (&c.instance, vtpmd::daemon::swtpm::run as fn(&_) -> _))
         }
         Command::VhostUser(args) => {
             if args.print_capabilities {
@@ -26,7 +27,7 @@ fn main() -> ExitCode {
             }
             let cfg = args.validate();
             launch(cfg, |c| {
-                (&c.instance, vtpmd::vhost_user::run as fn(&_) -> _)
+                (&c.instance, vtpmd::daemon::vhost_user::run as fn(&_) -> _)
             })
         }
     }

@@ -2,17 +2,17 @@
 //!
 //! Two frontends share one set of instance options ([`InstanceArgs`]: state
 //! directory, at-rest key, migration keys, admin socket, log, pid file):
-//! * `vtpmd socket` ([`socket`]) takes the `swtpm socket` options people and
+//! * `vtpmd socket` ([`swtpm`]) takes the `swtpm socket` options people and
 //!   tools already use, so the two are interchangeable on a QEMU or
 //!   cloud-hypervisor command line. Options of swtpm that vtpmd does not
 //!   implement are refused by name.
 //! * `vtpmd vhost-user` ([`vhost_user`]) serves a virtio-tpm device to a
 //!   vhost-user frontend (crosvm, cloud-hypervisor's generic device).
 
-pub mod socket;
+pub mod swtpm;
 pub mod vhost_user;
 
-pub use socket::{capabilities_json, Endpoint, SocketArgs, SocketConfig};
+pub use swtpm::{capabilities_json, Endpoint, SocketArgs, SocketConfig};
 pub use vhost_user::{VhostUserArgs, VhostUserConfig, VhostUserSocket};
 
 use crate::storage::sealing::KeyFormat;

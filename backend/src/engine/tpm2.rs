@@ -14,6 +14,23 @@ pub const CC_SHUTDOWN: u32 = 0x145;
 pub const SU_CLEAR: u16 = 0;
 pub const SU_STATE: u16 = 1;
 
+/// TPM2_Startup's two start-up types (`--flags startup-clear|startup-state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartupType {
+    Clear,
+    State,
+}
+
+impl StartupType {
+    /// The TPM_SU value.
+    pub fn su(self) -> u16 {
+        match self {
+            StartupType::Clear => SU_CLEAR,
+            StartupType::State => SU_STATE,
+        }
+    }
+}
+
 pub const RC_SUCCESS: u32 = 0;
 pub const RC_INITIALIZE: u32 = 0x100;
 pub const RC_FAILURE: u32 = 0x101;

@@ -14,52 +14,69 @@
 //! when the digest it recomputed equals the one carried in the final piece;
 //! its migration id is then consumed, so the same stream cannot load twice.
 
-use super::keys::{self, HostKey};
 use super::piece::{Exporter, Importer, MigrationId, PieceError, PreloadedKeys, ID_LEN};
+use crate::engine::TpmResult;
 use rsa::RsaPublicKey;
-use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
 use thiserror::Error;
+use vtpm_common::admin::{IncomingInfo, KeysPreloaded, Phase, Prepared, Receipt, Status, Tombstone};
+use vtpm_common::hex;
+use vtpm_common::hostkey::{self as keys, HostKey, KeyError};
 use zeroize::Zeroizing;
 
 #[derive(Debug, Error)]
 pub enum SessionError {
-    #[error("{0}")]
-    State(String),
-    #[error("bad migration id: {0}")]
-    BadId(String),
+    #[error("no --host-key configured (make one with `vtpmctl keygen --out DIR` and start vtpmd with --host-key DIR/host-key.pem)")]
+    NoHostKey,
+    #[error("not waiting for an incoming migration (start vtpmd with --migration incoming)")]
+    NotIncoming,
+    #[error("an incoming migration is already being received")]
+    AlreadyReceiving,
+    #[error("not waiting for an incoming migration with an issued id (run vtpmctl incoming-info first), or its state is already arriving")]
+    NoIssuedId,
+    #[error("'wrapped_key' is not a hex string (pass the wrapped_key that vtpmctl outgoing printed)")]
+    BadWrappedKey,
+    #[error("no random numbers from the OS")]
+    Random,
+    #[error("cannot prepare a migration while {0:?} (vtpmctl abort first, or wait for the running one)")]
+    CannotPrepare(Phase),
+    #[error("the peer key is this host's own key (pass the destination's public_key from its vtpmctl incoming-info)")]
+    OwnKey,
+    #[error("unknown blob type {0} (1 permanent, 2 volatile, 3 final)")]
+    UnknownBlobType(u32),
+    #[error("reading the TPM state to seal failed (libtpms result {0:#x})")]
+    Snapshot(TpmResult),
+    #[error("state export refused while {0:?}")]
+    ExportRefused(Phase),
+    #[error("SET_STATEBLOB refused: this instance is {0:?}, not waiting for a migration")]
+    NotDestination(Phase),
+    #[error("no migration id issued yet (vtpmctl incoming-info)")]
+    IdNotIssued,
+    #[error("this migration id was already used (issue a new one with vtpmctl incoming-info)")]
+    IdUsed,
+    #[error("no incoming migration")]
+    NoIncoming,
+    #[error("destination locked: the incoming state is incomplete or failed verification (migration digest not matched)")]
+    Unverified,
+    #[error("nothing to abort while {0:?}")]
+    NothingToAbort(Phase),
+    #[error("no exported migration to complete ({0:?})")]
+    NotExported(Phase),
+    #[error("the export is not finished (QEMU has not fetched all three blobs)")]
+    ExportUnfinished,
+    #[error("no completed incoming migration")]
+    NoCompletedIncoming,
+    #[error("bad migration id: not hex")]
+    BadIdHex,
+    #[error("bad migration id: must be 32 bytes (64 hex digits)")]
+    BadIdLength,
     #[error(transparent)]
-    Key(#[from] keys::KeyError),
+    Key(#[from] KeyError),
     #[error(transparent)]
     Piece(#[from] PieceError),
     #[error("receipt rejected: {0}")]
-    Receipt(String),
-}
-
-fn state_err(s: impl Into<String>) -> SessionError {
-    SessionError::State(s.into())
-}
-
-/// The lifecycle states reported by `vtpmctl status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    Running,
-    Prepared,
-    SourceLocked,
-    Exported,
-    MigratedOut,
-    DestinationLocked,
-}
-
-/// The destination's signed acknowledgement (seed 000).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Receipt {
-    pub migration_id: String,
-    pub digest: String,
-    pub destination_key: String,
-    pub signature: String,
+    Receipt(&'static str),
 }
 
 fn receipt_message(id: &[u8], digest: &[u8]) -> Vec<u8> {
@@ -67,18 +84,6 @@ fn receipt_message(id: &[u8], digest: &[u8]) -> Vec<u8> {
     m.extend_from_slice(id);
     m.extend_from_slice(digest);
     m
-}
-
-/// What the source leaves in its state directory after the hand-over.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Tombstone {
-    pub migrated_out: bool,
-    pub migration_id: String,
-    pub destination_key: String,
-    pub digest: String,
-    /// "receipt" or "shutdown-after-export".
-    pub confirmed_by: String,
-    pub unix_time: u64,
 }
 
 enum State {
@@ -126,13 +131,8 @@ impl std::fmt::Debug for Session {
 }
 
 fn parse_id(s: &str) -> Result<MigrationId, SessionError> {
-    let v = keys::unhex(s.trim()).ok_or_else(|| SessionError::BadId("not hex".into()))?;
-    v.try_into().map_err(|_| {
-        SessionError::BadId(format!(
-            "must be {ID_LEN} bytes ({} hex digits)",
-            ID_LEN * 2
-        ))
-    })
+    let v = hex::decode(s.trim()).map_err(|_| SessionError::BadIdHex)?;
+    v.try_into().map_err(|_| SessionError::BadIdLength)
 }
 
 fn now() -> u64 {
@@ -195,35 +195,31 @@ impl Session {
     fn host(&self) -> Result<&Arc<HostKey>, SessionError> {
         self.host
             .as_ref()
-            .ok_or_else(|| state_err("no --host-key configured"))
+            .ok_or(SessionError::NoHostKey)
     }
 
     /// Destination: a fresh single-use migration id and this host's key.
-    pub fn issue_incoming(&mut self) -> Result<serde_json::Value, SessionError> {
+    pub fn issue_incoming(&mut self) -> Result<IncomingInfo, SessionError> {
         let host = self.host()?.clone();
         match &self.state {
             State::Destination { importer: None, .. } => {}
             State::Destination {
                 importer: Some(_), ..
-            } => return Err(state_err("an incoming migration is already being received")),
-            _ => {
-                return Err(state_err(
-                    "not waiting for an incoming migration (start vtpmd with --migration incoming)",
-                ))
-            }
+            } => return Err(SessionError::AlreadyReceiving),
+            _ => return Err(SessionError::NotIncoming),
         }
         let mut id = [0u8; ID_LEN];
-        getrandom::getrandom(&mut id).map_err(|_| state_err("no random numbers from the OS"))?;
+        vtpm_common::aead::random_bytes(&mut id).map_err(|_| SessionError::Random)?;
         self.state = State::Destination {
             issued: Some(id),
             importer: None,
             preloaded: None,
         };
-        Ok(serde_json::json!({
-            "migration_id": keys::hex(&id),
-            "public_key": host.public_pem(),
-            "key_fingerprint": host.fingerprint(),
-        }))
+        Ok(IncomingInfo {
+            migration_id: hex::encode(&id),
+            public_key: host.public_pem(),
+            key_fingerprint: host.fingerprint(),
+        })
     }
 
     /// Destination: unwraps the instance keys `vtpmctl outgoing` printed
@@ -231,7 +227,7 @@ impl Session {
     /// operation happens while the VM still runs on the source instead of
     /// in its downtime. Optional: without it blob 1's key is unwrapped on
     /// arrival.
-    pub fn preload_key(&mut self, wrapped_hex: &str) -> Result<serde_json::Value, SessionError> {
+    pub fn preload_key(&mut self, wrapped_hex: &str) -> Result<KeysPreloaded, SessionError> {
         let host = self.host()?.clone();
         let State::Destination {
             issued: Some(id),
@@ -239,18 +235,16 @@ impl Session {
             preloaded,
         } = &mut self.state
         else {
-            return Err(state_err(
-                "not waiting for an incoming migration with an issued id (run vtpmctl incoming-info first), or its state is already arriving",
-            ));
+            return Err(SessionError::NoIssuedId);
         };
-        let wrapped = keys::unhex(wrapped_hex.trim())
-            .ok_or_else(|| state_err("'wrapped_key' is not a hex string"))?;
+        let wrapped =
+            hex::decode(wrapped_hex.trim()).map_err(|_| SessionError::BadWrappedKey)?;
         *preloaded = Some(PreloadedKeys::open(&host, &wrapped)?);
-        Ok(serde_json::json!({
-            "state": "destination-locked",
-            "migration_id": keys::hex(id),
-            "keys": "unwrapped",
-        }))
+        Ok(KeysPreloaded {
+            state: Phase::DestinationLocked,
+            migration_id: hex::encode(id),
+            keys: "unwrapped".into(),
+        })
     }
 
     /// Source: prepares a migration to exactly the destination that issued `id`.
@@ -258,12 +252,9 @@ impl Session {
         &mut self,
         peer_pem: &str,
         id: &str,
-    ) -> Result<serde_json::Value, SessionError> {
+    ) -> Result<Prepared, SessionError> {
         if !matches!(self.state, State::Running | State::Prepared { .. }) {
-            return Err(state_err(format!(
-                "cannot prepare a migration while {:?}",
-                self.phase()
-            )));
+            return Err(SessionError::CannotPrepare(self.phase()));
         }
         let id = parse_id(id)?;
         let peer = keys::parse_public(peer_pem, "peer key")?;
@@ -272,19 +263,19 @@ impl Session {
         }
         if let Some(h) = &self.host {
             if keys::fingerprint(&peer) == h.fingerprint() {
-                return Err(state_err("the peer key is this host's own key"));
+                return Err(SessionError::OwnKey);
             }
         }
         let fpr = keys::fingerprint(&peer);
         let exporter = Box::new(Exporter::new(id, &peer)?);
-        let wrapped = keys::hex(exporter.wrapped_key());
+        let wrapped = hex::encode(exporter.wrapped_key());
         self.state = State::Prepared { id, peer, exporter };
-        Ok(serde_json::json!({
-            "state": "prepared",
-            "migration_id": keys::hex(&id),
-            "peer_key": fpr,
-            "wrapped_key": wrapped,
-        }))
+        Ok(Prepared {
+            state: Phase::Prepared,
+            migration_id: hex::encode(&id),
+            peer_key: fpr,
+            wrapped_key: wrapped,
+        })
     }
 
     /// Source, GET_STATEBLOB: the sealed blob of `blob_type` (1..=3). The
@@ -293,20 +284,20 @@ impl Session {
     pub fn export(
         &mut self,
         blob_type: u32,
-        snapshot: impl FnOnce() -> Result<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>), String>,
+        snapshot: impl FnOnce() -> Result<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>), TpmResult>,
     ) -> Result<Option<Vec<u8>>, SessionError> {
         if !(1..=3).contains(&blob_type) {
-            return Err(state_err(format!("unknown blob type {blob_type}")));
+            return Err(SessionError::UnknownBlobType(blob_type));
         }
         if matches!(self.state, State::Prepared { .. }) {
-            let (perm, vol) = snapshot().map_err(state_err)?;
+            let (perm, vol) = snapshot().map_err(SessionError::Snapshot)?;
             let State::Prepared {
                 id,
                 peer,
                 mut exporter,
             } = std::mem::replace(&mut self.state, State::Running)
             else {
-                return Err(state_err("internal: preparation vanished"));
+                unreachable!("checked to be Prepared just above");
             };
             // Sealing is AES and HMAC only: the keys were wrapped when the
             // migration was prepared. A failure here drops the preparation.
@@ -317,7 +308,7 @@ impl Session {
             ];
             log::info!(
                 "migration {}: source locked, state sealed for {}",
-                keys::hex(&id),
+                hex::encode(&id),
                 keys::fingerprint(&peer)
             );
             self.state = State::Source {
@@ -335,10 +326,7 @@ impl Session {
                 Ok(Some(blobs[i].clone()))
             }
             State::Running => Ok(None),
-            _ => Err(state_err(format!(
-                "GET_STATEBLOB refused while {:?}",
-                self.phase()
-            ))),
+            _ => Err(SessionError::ExportRefused(self.phase())),
         }
     }
 
@@ -351,15 +339,11 @@ impl Session {
             preloaded,
         } = &mut self.state
         else {
-            return Err(state_err(format!(
-                "SET_STATEBLOB refused: this instance is {:?}, not waiting for a migration",
-                self.phase()
-            )));
+            return Err(SessionError::NotDestination(self.phase()));
         };
-        let id = issued
-            .ok_or_else(|| state_err("no migration id issued yet (vtpmctl incoming-info)"))?;
+        let id = issued.ok_or(SessionError::IdNotIssued)?;
         if self.consumed.contains(&id) {
-            return Err(state_err("this migration id was already used"));
+            return Err(SessionError::IdUsed);
         }
         let imp =
             importer.get_or_insert_with(|| Box::new(Importer::with_keys(id, preloaded.take())));
@@ -377,14 +361,12 @@ impl Session {
             issued, importer, ..
         } = &mut self.state
         else {
-            return Err(state_err("no incoming migration"));
+            return Err(SessionError::NoIncoming);
         };
         let Some(imp) = importer.as_mut().filter(|i| i.complete()) else {
-            return Err(state_err(
-                "destination locked: the incoming state is incomplete or failed verification (migration digest not matched)",
-            ));
+            return Err(SessionError::Unverified);
         };
-        let id = issued.ok_or_else(|| state_err("no migration id"))?;
+        let id = issued.ok_or(SessionError::IdNotIssued)?;
         let perm = std::mem::take(&mut imp.permanent);
         let vol = std::mem::take(&mut imp.volatile);
         self.imported = Some((id, imp.digest()));
@@ -410,7 +392,7 @@ impl Session {
             State::Source { id, .. } => {
                 log::warn!(
                     "migration {}: abandoned, the source keeps its TPM",
-                    keys::hex(id)
+                    hex::encode(id)
                 );
                 self.state = State::Running;
                 true
@@ -430,10 +412,7 @@ impl Session {
                 self.resume_source();
                 Ok(())
             }
-            _ => Err(state_err(format!(
-                "nothing to abort while {:?}",
-                self.phase()
-            ))),
+            _ => Err(SessionError::NothingToAbort(self.phase())),
         }
     }
 
@@ -443,9 +422,9 @@ impl Session {
                 id, peer, digest, ..
             } => Some(Tombstone {
                 migrated_out: true,
-                migration_id: keys::hex(id),
+                migration_id: hex::encode(id),
                 destination_key: keys::fingerprint(peer),
-                digest: keys::hex(digest),
+                digest: hex::encode(digest),
                 confirmed_by: by.into(),
                 unix_time: now(),
             }),
@@ -460,35 +439,30 @@ impl Session {
             id, peer, digest, ..
         } = &self.state
         else {
-            return Err(state_err(format!(
-                "no exported migration to complete ({:?})",
-                self.phase()
-            )));
+            return Err(SessionError::NotExported(self.phase()));
         };
         if self.phase() != Phase::Exported {
-            return Err(state_err(
-                "the export is not finished (QEMU has not fetched all three blobs)",
-            ));
+            return Err(SessionError::ExportUnfinished);
         }
-        if r.migration_id != keys::hex(id) {
-            return Err(SessionError::Receipt("it is for another migration".into()));
+        if r.migration_id != hex::encode(id) {
+            return Err(SessionError::Receipt("it is for another migration"));
         }
-        if r.digest != keys::hex(digest) {
+        if r.digest != hex::encode(digest) {
             return Err(SessionError::Receipt(
-                "its digest differs from the exported state's".into(),
+                "its digest differs from the exported state's",
             ));
         }
         if r.destination_key != keys::fingerprint(peer) {
-            return Err(SessionError::Receipt("it is signed by another host".into()));
+            return Err(SessionError::Receipt("it is signed by another host"));
         }
-        let sig = keys::unhex(&r.signature)
-            .ok_or_else(|| SessionError::Receipt("signature is not hex".into()))?;
+        let sig =
+            hex::decode(&r.signature).map_err(|_| SessionError::Receipt("signature is not hex"))?;
         if !keys::verify(peer, &receipt_message(id, digest), &sig) {
-            return Err(SessionError::Receipt("bad signature".into()));
+            return Err(SessionError::Receipt("bad signature"));
         }
         let t = self
             .tombstone("receipt")
-            .ok_or_else(|| state_err("no source state"))?;
+            .ok_or(SessionError::NotExported(Phase::Running))?;
         self.state = State::MigratedOut { id: *id };
         Ok(t)
     }
@@ -510,18 +484,18 @@ impl Session {
     pub fn receipt(&self) -> Result<Receipt, SessionError> {
         let (id, digest) = self
             .imported
-            .ok_or_else(|| state_err("no completed incoming migration"))?;
+            .ok_or(SessionError::NoCompletedIncoming)?;
         let host = self.host()?;
         let sig = host.sign(&receipt_message(&id, &digest))?;
         Ok(Receipt {
-            migration_id: keys::hex(&id),
-            digest: keys::hex(&digest),
+            migration_id: hex::encode(&id),
+            digest: hex::encode(&digest),
             destination_key: host.fingerprint(),
-            signature: keys::hex(&sig),
+            signature: hex::encode(&sig),
         })
     }
 
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self, tpm_running: bool) -> Status {
         let (id, digest, peer) = match &self.state {
             State::Prepared { id, peer, .. } => (Some(*id), None, Some(keys::fingerprint(peer))),
             State::Source {
@@ -531,32 +505,33 @@ impl Session {
             State::Destination { issued, .. } => (*issued, None, None),
             State::Running => (self.imported.map(|i| i.0), self.imported.map(|i| i.1), None),
         };
-        serde_json::json!({
-            "state": self.phase(),
-            "migration_id": id.map(|i| keys::hex(&i)),
-            "digest": digest.map(|d| keys::hex(&d)),
-            "peer_key": peer,
-            "host_key": self.host.as_ref().map(|h| h.fingerprint()),
-        })
+        Status {
+            state: self.phase(),
+            migration_id: id.map(|i| hex::encode(&i)),
+            digest: digest.map(|d| hex::encode(&d)),
+            peer_key: peer,
+            host_key: self.host.as_ref().map(|h| h.fingerprint()),
+            tpm_running,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::keys::tests::keys as test_keys;
+    use crate::migration::piece::test_keys::keys as test_keys;
 
     fn pair() -> (Session, Session) {
         let (a, b) = test_keys();
-        let a = Arc::new(HostKey::load_from_parts(a));
-        let b = Arc::new(HostKey::load_from_parts(b));
+        let a = Arc::new(a.clone());
+        let b = Arc::new(b.clone());
         (
             Session::new(Some(a), None, false, false),
             Session::new(Some(b), None, false, true),
         )
     }
 
-    type Snapshot = Result<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>), String>;
+    type Snapshot = Result<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>), TpmResult>;
 
     fn snap() -> Snapshot {
         Ok((
@@ -567,11 +542,8 @@ mod tests {
 
     fn migrate(src: &mut Session, dst: &mut Session) -> Vec<Vec<u8>> {
         let info = dst.issue_incoming().unwrap();
-        src.prepare_outgoing(
-            info["public_key"].as_str().unwrap(),
-            info["migration_id"].as_str().unwrap(),
-        )
-        .unwrap();
+        src.prepare_outgoing(&info.public_key, &info.migration_id)
+            .unwrap();
         (1..=3)
             .map(|t| src.export(t, snap).unwrap().unwrap())
             .collect()
@@ -620,7 +592,7 @@ mod tests {
         let blobs = migrate(&mut src, &mut dst);
         let (_, b) = test_keys();
         let mut dst2 = Session::new(
-            Some(Arc::new(HostKey::load_from_parts(b))),
+            Some(Arc::new(b.clone())),
             None,
             false,
             true,
@@ -645,14 +617,14 @@ mod tests {
         let (mut src, mut dst) = pair();
         assert!(src.prepare_outgoing("junk", &"00".repeat(32)).is_err());
         let info = dst.issue_incoming().unwrap();
-        let pem = info["public_key"].as_str().unwrap();
+        let pem = &info.public_key;
         assert!(matches!(
             src.prepare_outgoing(pem, "xyz"),
-            Err(SessionError::BadId(_))
+            Err(SessionError::BadIdHex)
         ));
         assert!(matches!(
             src.prepare_outgoing(pem, "00"),
-            Err(SessionError::BadId(_))
+            Err(SessionError::BadIdLength)
         ));
         assert!(
             src.issue_incoming().is_err(),

@@ -12,6 +12,7 @@
 //! has to refuse a stream it cannot split unambiguously.
 
 use thiserror::Error;
+use vtpm_common::reader::{ByteReader, Truncated};
 
 pub const MAGIC: &[u8; 8] = b"VTPMDST1";
 /// Blob types are the control channel's: 1 permanent, 2 volatile, 3 savestate.
@@ -54,46 +55,39 @@ pub fn encode(blobs: &[(u32, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-fn take<'a>(s: &mut &'a [u8], n: usize, what: &'static str) -> Result<&'a [u8], StreamError> {
-    if s.len() < n {
-        return Err(StreamError::Truncated(what));
+impl From<Truncated> for StreamError {
+    fn from(t: Truncated) -> Self {
+        StreamError::Truncated(t.what)
     }
-    let (head, rest) = s.split_at(n);
-    *s = rest;
-    Ok(head)
-}
-
-fn take_u32(s: &mut &[u8], what: &'static str) -> Result<u32, StreamError> {
-    let b = take(s, 4, what)?;
-    Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// Splits a stream into its blobs, in stream order.
-pub fn decode(mut s: &[u8]) -> Result<Vec<(u32, &[u8])>, StreamError> {
-    if take(&mut s, MAGIC.len(), "magic")? != MAGIC {
+pub fn decode(s: &[u8]) -> Result<Vec<(u32, &[u8])>, StreamError> {
+    let mut r = ByteReader::new(s);
+    if r.take(MAGIC.len(), "magic")? != MAGIC {
         return Err(StreamError::Magic);
     }
-    let count = take_u32(&mut s, "blob count")?;
+    let count = r.u32("blob count")?;
     if count as usize > MAX_BLOBS {
         return Err(StreamError::TooMany(count));
     }
     let mut out: Vec<(u32, &[u8])> = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        let ty = take_u32(&mut s, "blob type")?;
+        let ty = r.u32("blob type")?;
         if !(1..=MAX_BLOBS as u32).contains(&ty) {
             return Err(StreamError::BadType(ty));
         }
         if out.iter().any(|(t, _)| *t == ty) {
             return Err(StreamError::Duplicate(ty));
         }
-        let len = take_u32(&mut s, "blob length")?;
+        let len = r.u32("blob length")?;
         if len as usize > MAX_BLOB {
             return Err(StreamError::TooLarge(len));
         }
-        out.push((ty, take(&mut s, len as usize, "blob")?));
+        out.push((ty, r.take(len as usize, "blob")?));
     }
-    if !s.is_empty() {
-        return Err(StreamError::Trailing(s.len()));
+    if !r.is_empty() {
+        return Err(StreamError::Trailing(r.remaining()));
     }
     Ok(out)
 }

@@ -10,6 +10,7 @@
 //! ```
 
 use thiserror::Error;
+use vtpm_common::reader::{ByteReader, Truncated};
 
 pub const HEADER_LEN: usize = 10;
 const VERSION: u8 = 2;
@@ -41,15 +42,9 @@ pub enum BlobError {
     NoData,
 }
 
-impl BlobError {
-    /// The control-channel result code swtpm uses for the same fault.
-    pub fn tpm_result(&self) -> u32 {
-        match self {
-            BlobError::BadHeaderSize(_) => 0x2B,
-            BlobError::BadVersion(_) => 0x2E,
-            BlobError::SwtpmEncrypted(_) => 0x0D,
-            _ => 0x03,
-        }
+impl From<Truncated> for BlobError {
+    fn from(t: Truncated) -> Self {
+        BlobError::Truncated(t.what)
     }
 }
 
@@ -93,17 +88,15 @@ pub fn looks_like_blob(bytes: &[u8]) -> bool {
 }
 
 /// Iterates the TLVs of `p`, failing on any that runs past the end.
-fn tlvs(mut p: &[u8]) -> Result<Vec<(u16, &[u8])>, BlobError> {
+fn tlvs(p: &[u8]) -> Result<Vec<(u16, &[u8])>, BlobError> {
+    let mut r = ByteReader::new(p);
     let mut out = Vec::new();
-    while !p.is_empty() {
-        if p.len() < 6 {
+    while !r.is_empty() {
+        if r.remaining() < 6 {
             return Err(BlobError::Truncated("TLV header"));
         }
-        let tag = u16::from_be_bytes([p[0], p[1]]);
-        let len = u32::from_be_bytes([p[2], p[3], p[4], p[5]]) as usize;
-        let value = p.get(6..6 + len).ok_or(BlobError::Truncated("TLV value"))?;
-        out.push((tag, value));
-        p = &p[6 + len..];
+        let tag = r.u16("TLV header")?;
+        out.push((tag, r.bytes_u32("TLV value")?));
     }
     Ok(out)
 }
@@ -116,13 +109,12 @@ fn find(list: &[(u16, &[u8])], tag: u16) -> Option<Vec<u8>> {
 
 /// Extracts the libtpms state from an unencrypted swtpm blob or state file.
 pub fn decode_plain(bytes: &[u8]) -> Result<Vec<u8>, BlobError> {
-    if bytes.len() < HEADER_LEN {
-        return Err(BlobError::Truncated("header"));
-    }
-    let min_version = bytes[1];
-    let hdrsize = u16::from_be_bytes([bytes[2], bytes[3]]);
-    let flags = u16::from_be_bytes([bytes[4], bytes[5]]);
-    let totlen = u32::from_be_bytes([bytes[6], bytes[7], bytes[8], bytes[9]]);
+    let mut r = ByteReader::new(bytes);
+    let _version = r.u8("header")?;
+    let min_version = r.u8("header")?;
+    let hdrsize = r.u16("header")?;
+    let flags = r.u16("header")?;
+    let totlen = r.u32("header")?;
     if min_version > VERSION {
         return Err(BlobError::BadVersion(min_version));
     }
@@ -138,7 +130,7 @@ pub fn decode_plain(bytes: &[u8]) -> Result<Vec<u8>, BlobError> {
     if flags & (FLAG_ENCRYPTED | FLAG_MIGRATION_ENCRYPTED) != 0 {
         return Err(BlobError::SwtpmEncrypted(flags));
     }
-    let outer = tlvs(&bytes[HEADER_LEN..])?;
+    let outer = tlvs(r.rest())?;
     if let Some(data) = find(&outer, TAG_DATA) {
         return Ok(data);
     }
@@ -197,16 +189,16 @@ mod tests {
     }
 
     #[test]
-    fn header_checks_map_to_swtpm_codes() {
+    fn header_checks() {
         let mut b = encode_file(b"x");
         b[3] = 12;
-        assert_eq!(decode_plain(&b).unwrap_err().tpm_result(), 0x2B);
+        assert_eq!(decode_plain(&b), Err(BlobError::BadHeaderSize(12)));
         let mut b = encode_file(b"x");
         b[1] = 3;
-        assert_eq!(decode_plain(&b).unwrap_err().tpm_result(), 0x2E);
+        assert_eq!(decode_plain(&b), Err(BlobError::BadVersion(3)));
         let mut b = encode_file(b"x");
         b[5] = FLAG_ENCRYPTED as u8;
-        assert_eq!(decode_plain(&b).unwrap_err().tpm_result(), 0x0D);
+        assert_eq!(decode_plain(&b), Err(BlobError::SwtpmEncrypted(1)));
     }
 
     #[test]

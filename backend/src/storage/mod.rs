@@ -13,7 +13,7 @@
 pub mod blob;
 pub mod sealing;
 
-use crate::engine::NvStore;
+use crate::engine::{NvError, NvStore};
 use sealing::{SealError, StateKey};
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -303,19 +303,23 @@ impl StateDir {
     }
 }
 
+impl From<StorageError> for NvError {
+    fn from(e: StorageError) -> Self {
+        NvError(Box::new(e))
+    }
+}
+
 impl NvStore for StateDir {
-    fn load(&self, name: &str) -> Result<Option<Vec<u8>>, String> {
-        self.read_blob(name)
-            .map(|o| o.map(|z| z.to_vec()))
-            .map_err(|e| e.to_string())
+    fn load(&self, name: &str) -> Result<Option<Vec<u8>>, NvError> {
+        Ok(self.read_blob(name)?.map(|z| z.to_vec()))
     }
 
-    fn store(&self, name: &str, data: &[u8]) -> Result<(), String> {
-        self.write_blob(name, data).map_err(|e| e.to_string())
+    fn store(&self, name: &str, data: &[u8]) -> Result<(), NvError> {
+        Ok(self.write_blob(name, data)?)
     }
 
-    fn delete(&self, name: &str) -> Result<(), String> {
-        self.remove_blob(name).map_err(|e| e.to_string())
+    fn delete(&self, name: &str) -> Result<(), NvError> {
+        Ok(self.remove_blob(name)?)
     }
 }
 

@@ -12,21 +12,18 @@
 //! file cannot be renamed (volatile state passed off as permanent), truncated,
 //! or have its header edited without detection.
 
-use aes::cipher::{block_padding::Pkcs7, BlockDecryptMut, BlockEncryptMut, KeyIvInit};
-use hmac::{Hmac, Mac};
+use hkdf::Hkdf;
 use sha2::Sha256;
 use std::path::Path;
 use thiserror::Error;
-use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+use vtpm_common::aead::{AeadError, AeadKey, IV_LEN, TAG_LEN};
+use vtpm_common::hex;
+use vtpm_common::reader::{ByteReader, Truncated};
+use zeroize::Zeroizing;
 
 const MAGIC: &[u8; 8] = b"VTPMSEAL";
 const VERSION: u8 = 1;
 const CIPHER_AES256_CBC_HMAC_SHA256: u8 = 1;
-const IV_LEN: usize = 16;
-const TAG_LEN: usize = 32;
-
-type Aes256CbcEnc = cbc::Encryptor<aes::Aes256>;
-type Aes256CbcDec = cbc::Decryptor<aes::Aes256>;
 
 #[derive(Debug, Error)]
 pub enum SealError {
@@ -39,6 +36,8 @@ pub enum SealError {
     KeyFileFormat { path: String, why: String },
     #[error("sealed state file is truncated or malformed ({0})")]
     Malformed(&'static str),
+    #[error("sealed state file is truncated: {0}")]
+    Truncated(#[from] Truncated),
     #[error("sealed state file has unsupported version {0} or cipher {1}")]
     Unsupported(u8, u8),
     #[error("sealed state file is for blob '{found}', expected '{expected}'")]
@@ -47,8 +46,8 @@ pub enum SealError {
     BadMac,
     #[error("state file decrypted to invalid padding")]
     BadPadding,
-    #[error("no random numbers from the OS: {0}")]
-    Random(String),
+    #[error("no random numbers from the OS")]
+    Random,
 }
 
 /// How the key file is written.
@@ -58,12 +57,9 @@ pub enum KeyFormat {
     Binary,
 }
 
-/// The two keys derived from the key file. Zeroized when dropped.
-#[derive(Zeroize, ZeroizeOnDrop)]
-pub struct StateKey {
-    enc: [u8; 32],
-    mac: [u8; 32],
-}
+/// The key derived from the key file (an [`AeadKey`]: zeroized when
+/// dropped).
+pub struct StateKey(AeadKey);
 
 impl std::fmt::Debug for StateKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -74,17 +70,15 @@ impl std::fmt::Debug for StateKey {
 impl StateKey {
     /// Derives the encryption and MAC keys from 32 bytes of key material.
     pub fn from_master(master: &[u8; 32]) -> StateKey {
-        let hk = hkdf::Hkdf::<Sha256>::new(Some(b"vtpmd state at rest v1"), master);
-        let mut key = StateKey {
-            enc: [0; 32],
-            mac: [0; 32],
-        };
+        let hk = Hkdf::<Sha256>::new(Some(b"vtpmd state at rest v1"), master);
+        let mut enc = Zeroizing::new([0u8; 32]);
+        let mut mac = Zeroizing::new([0u8; 32]);
         // Expanding 32 bytes from SHA-256 HKDF cannot fail.
-        hk.expand(b"aes-256-cbc", &mut key.enc)
+        hk.expand(b"aes-256-cbc", &mut enc[..])
             .expect("hkdf length");
-        hk.expand(b"hmac-sha256", &mut key.mac)
+        hk.expand(b"hmac-sha256", &mut mac[..])
             .expect("hkdf length");
-        key
+        StateKey(AeadKey::from_parts(*enc, *mac))
     }
 
     /// Reads a key file: 32 raw bytes, or 64 hex digits (optional 0x, whitespace).
@@ -123,29 +117,21 @@ impl StateKey {
                         why: format!("hex key must be 64 hex digits (AES-256), found {}", t.len()),
                     });
                 }
-                for (i, chunk) in t.as_bytes().chunks(2).enumerate() {
-                    let s = std::str::from_utf8(chunk).unwrap_or("zz");
-                    master[i] =
-                        u8::from_str_radix(s, 16).map_err(|_| SealError::KeyFileFormat {
-                            path: shown.clone(),
-                            why: "hex key holds a non-hex character".into(),
-                        })?;
-                }
+                let bytes = Zeroizing::new(hex::decode(t).map_err(|_| {
+                    SealError::KeyFileFormat {
+                        path: shown.clone(),
+                        why: "hex key holds a non-hex character".into(),
+                    }
+                })?);
+                master.copy_from_slice(&bytes);
             }
         }
         Ok(StateKey::from_master(&master))
     }
 
-    fn mac(&self) -> Hmac<Sha256> {
-        <Hmac<Sha256> as Mac>::new_from_slice(&self.mac).expect("any HMAC key length")
-    }
-
     /// Encrypts and authenticates `plain` as blob `name`.
     pub fn seal(&self, name: &str, plain: &[u8]) -> Result<Vec<u8>, SealError> {
-        let mut iv = [0u8; IV_LEN];
-        getrandom::getrandom(&mut iv).map_err(|e| SealError::Random(e.to_string()))?;
-        let ct =
-            Aes256CbcEnc::new(&self.enc.into(), &iv.into()).encrypt_padded_vec_mut::<Pkcs7>(plain);
+        let (iv, ct) = self.0.encrypt(plain).map_err(|_| SealError::Random)?;
         let mut out = Vec::with_capacity(8 + 4 + name.len() + IV_LEN + 4 + ct.len() + TAG_LEN);
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
@@ -155,33 +141,30 @@ impl StateKey {
         out.extend_from_slice(&iv);
         out.extend_from_slice(&(ct.len() as u32).to_be_bytes());
         out.extend_from_slice(&ct);
-        let mut m = self.mac();
-        m.update(&out);
-        out.extend_from_slice(&m.finalize().into_bytes());
+        let tag = self.0.tag(&[&out]);
+        out.extend_from_slice(&tag);
         Ok(out)
     }
 
     /// Verifies and decrypts a sealed file that must belong to blob `name`.
     pub fn open(&self, name: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, SealError> {
-        let (version, cipher, found, iv, ct, body_len) = parse(sealed)?;
-        if version != VERSION || cipher != CIPHER_AES256_CBC_HMAC_SHA256 {
-            return Err(SealError::Unsupported(version, cipher));
+        let p = parse(sealed)?;
+        if p.version != VERSION || p.cipher != CIPHER_AES256_CBC_HMAC_SHA256 {
+            return Err(SealError::Unsupported(p.version, p.cipher));
         }
-        let mut m = self.mac();
-        m.update(&sealed[..body_len]);
-        m.verify_slice(&sealed[body_len..])
+        self.0
+            .verify(&[&sealed[..p.body_len]], &sealed[p.body_len..])
             .map_err(|_| SealError::BadMac)?;
-        if found != name.as_bytes() {
+        if p.name != name.as_bytes() {
             return Err(SealError::WrongName {
-                found: String::from_utf8_lossy(found).into_owned(),
+                found: String::from_utf8_lossy(p.name).into_owned(),
                 expected: name.into(),
             });
         }
-        let iv: [u8; IV_LEN] = iv.try_into().map_err(|_| SealError::Malformed("iv"))?;
-        Aes256CbcDec::new(&self.enc.into(), &iv.into())
-            .decrypt_padded_vec_mut::<Pkcs7>(ct)
-            .map(Zeroizing::new)
-            .map_err(|_| SealError::BadPadding)
+        self.0.decrypt(&p.iv, p.ct).map_err(|e| match e {
+            AeadError::BadPadding => SealError::BadPadding,
+            _ => SealError::BadMac,
+        })
     }
 }
 
@@ -190,35 +173,39 @@ pub fn is_sealed(bytes: &[u8]) -> bool {
     bytes.starts_with(MAGIC)
 }
 
-type Parts<'a> = (u8, u8, &'a [u8], &'a [u8], &'a [u8], usize);
+struct Parts<'a> {
+    version: u8,
+    cipher: u8,
+    name: &'a [u8],
+    iv: [u8; IV_LEN],
+    ct: &'a [u8],
+    /// Bytes under the MAC; the tag follows them.
+    body_len: usize,
+}
 
 fn parse(b: &[u8]) -> Result<Parts<'_>, SealError> {
     if !is_sealed(b) {
         return Err(SealError::Malformed("magic"));
     }
-    let take = |at: usize, n: usize, what: &'static str| {
-        b.get(at..at + n).ok_or(SealError::Malformed(what))
-    };
-    let version = b.get(8).copied().ok_or(SealError::Malformed("version"))?;
-    let cipher = b.get(9).copied().ok_or(SealError::Malformed("cipher"))?;
-    let name_len = usize::from(u16::from_be_bytes(
-        take(10, 2, "name length")?.try_into().unwrap_or([0; 2]),
-    ));
-    let name = take(12, name_len, "name")?;
-    let iv_at = 12 + name_len;
-    let iv = take(iv_at, IV_LEN, "iv")?;
-    let ct_len = u32::from_be_bytes(
-        take(iv_at + IV_LEN, 4, "ciphertext length")?
-            .try_into()
-            .unwrap_or([0; 4]),
-    ) as usize;
-    let ct_at = iv_at + IV_LEN + 4;
-    let ct = take(ct_at, ct_len, "ciphertext")?;
-    let body_len = ct_at + ct_len;
-    if b.len() != body_len + TAG_LEN {
+    let mut r = ByteReader::new(b);
+    r.take(MAGIC.len(), "magic")?;
+    let version = r.u8("version")?;
+    let cipher = r.u8("cipher")?;
+    let name = r.bytes_u16("name")?;
+    let iv = r.array("iv")?;
+    let ct = r.bytes_u32("ciphertext")?;
+    let body_len = r.position();
+    if r.remaining() != TAG_LEN {
         return Err(SealError::Malformed("length"));
     }
-    Ok((version, cipher, name, iv, ct, body_len))
+    Ok(Parts {
+        version,
+        cipher,
+        name,
+        iv,
+        ct,
+        body_len,
+    })
 }
 
 #[cfg(test)]

@@ -1,36 +1,30 @@
 //! The process around one vTPM instance, shared by every frontend: open the
-//! state, load the keys, bind the admin socket, watch for signals, and at the
-//! end power the TPM off cleanly and remove what the process created.
+//! state, load the keys, claim the engine, bind the admin socket, watch for
+//! signals, and at the end power the TPM off cleanly and remove what the
+//! process created. [`swtpm`] and [`vhost_user`] run the two frontends in it.
+//!
+//! This is the top of the house: it may use every layer below; nothing
+//! imports it except `main.rs`.
+
+pub mod swtpm;
+pub mod vhost_user;
 
 use crate::config::InstanceConfig;
+use crate::engine::{Libtpms, TpmResult};
+use crate::exit::{self, Exit, ExitTx};
 use crate::instance::{InstanceError, Options, Vtpm};
-use crate::migration::keys::{HostKey, KeyError};
 use crate::migration::session::Session;
 use crate::storage::sealing::{SealError, StateKey};
 use crate::storage::{StateDir, StorageError};
+use crate::transport::Listener;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use thiserror::Error;
-
-/// Why the daemon stops.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Exit {
-    /// CMD_SHUTDOWN was answered.
-    Shutdown,
-    /// The data client went away and `--terminate` was given.
-    DataClosed,
-    /// The control client went away and `--ctrl ...,terminate` was given.
-    CtrlClosed,
-    /// SIGTERM, SIGINT or SIGHUP.
-    Signal(i32),
-    /// A frontend failed and cannot serve any more.
-    Failed(String),
-}
+use vtpm_common::hostkey::{HostKey, KeyError};
 
 #[derive(Debug, Error)]
 pub enum RunError {
@@ -42,6 +36,10 @@ pub enum RunError {
     Instance(#[from] InstanceError),
     #[error(transparent)]
     HostKey(#[from] KeyError),
+    #[error("libtpms is already in use in this process")]
+    EngineTaken,
+    #[error("libtpms refused to start (TPM result {0:#x})")]
+    Engine(TpmResult),
     #[error("cannot {what} {target}: {source}")]
     Io {
         what: &'static str,
@@ -62,20 +60,9 @@ pub(crate) fn io_err(
     }
 }
 
-/// Binds a unix socket at `path`, replacing a stale socket (never another
-/// kind of file), and applies `mode`.
+/// Binds a unix socket at `path` (see [`Listener::bind_unix`]).
 pub fn bind_unix(path: &Path, mode: Option<u32>) -> Result<UnixListener, RunError> {
-    if let Ok(m) = fs::symlink_metadata(path) {
-        if m.file_type().is_socket() {
-            fs::remove_file(path).map_err(io_err("remove stale socket", path.display()))?;
-        }
-    }
-    let l = UnixListener::bind(path).map_err(io_err("listen on", path.display()))?;
-    if let Some(mode) = mode {
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .map_err(io_err("chmod", path.display()))?;
-    }
-    Ok(l)
+    Listener::bind_unix(path, mode).map_err(io_err("listen on", path.display()))
 }
 
 /// Starts a named thread.
@@ -91,7 +78,7 @@ pub fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RunErr
 #[derive(Debug)]
 pub struct Host {
     pub vtpm: Arc<Vtpm>,
-    exits: Sender<Exit>,
+    exits: ExitTx,
     stop: Receiver<Exit>,
     admin: Option<UnixListener>,
     /// Sockets to remove when the process stops.
@@ -129,7 +116,12 @@ impl Host {
         if cfg.allow_plaintext_migration {
             log::warn!("--allow-plaintext-migration: the TPM state may be handed out unencrypted");
         }
-        let vtpm = Arc::new(Vtpm::new(store, opts, session)?);
+        let tpm = match Libtpms::take(store.clone()) {
+            None => return Err(RunError::EngineTaken),
+            Some(Err(rc)) => return Err(RunError::Engine(rc)),
+            Some(Ok(t)) => t,
+        };
+        let vtpm = Arc::new(Vtpm::new(Box::new(tpm), store, opts, session)?);
         let mut sockets = Vec::new();
         let admin = match &cfg.admin {
             Some(p) => {
@@ -152,7 +144,7 @@ impl Host {
     }
 
     /// Where frontends report that the process should stop.
-    pub fn exits(&self) -> Sender<Exit> {
+    pub fn exits(&self) -> ExitTx {
         self.exits.clone()
     }
 
@@ -168,7 +160,7 @@ impl Host {
         }
         if let Some(l) = self.admin.take() {
             let v = self.vtpm.clone();
-            spawn("admin-listen", move || crate::admin::serve_listener(l, v))?;
+            spawn("admin-listen", move || crate::frontend::admin::serve_listener(l, v))?;
         }
         let tx = self.exits.clone();
         let mut signals =
@@ -176,14 +168,14 @@ impl Host {
                 .map_err(io_err("install signal handlers", "SIGTERM"))?;
         spawn("signals", move || {
             if let Some(sig) = signals.forever().next() {
-                let _ = tx.send(Exit::Signal(sig));
+                exit::report(&tx, Exit::Signal(sig));
             }
         })?;
         log::info!(
-            "vtpmd {} serving {} (libtpms {:#08x})",
+            "vtpmd {} serving {} ({})",
             env!("CARGO_PKG_VERSION"),
             self.state_dir.display(),
-            crate::engine::library_version()
+            self.vtpm.describe_engine()
         );
         Ok(())
     }

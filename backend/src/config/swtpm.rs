@@ -78,7 +78,7 @@ pub struct SocketConfig {
     pub ctrl_terminate: bool,
     pub server: Option<Endpoint>,
     pub not_need_init: bool,
-    pub startup: Option<crate::instance::Startup>,
+    pub startup: Option<crate::engine::tpm2::StartupType>,
     pub disable_auto_shutdown: bool,
     pub terminate: bool,
     pub daemon: bool,
@@ -196,7 +196,7 @@ impl SocketArgs {
 }
 
 fn apply_flags(cfg: &mut SocketConfig, flags: &str) -> Result<(), ConfigError> {
-    use crate::instance::Startup;
+    use crate::engine::tpm2::StartupType as Startup;
     for f in flags.split(',').filter(|f| !f.is_empty()) {
         let startup = |s| (cfg.startup.is_none() || cfg.startup == Some(s)).then_some(Some(s));
         match f {
@@ -326,7 +326,7 @@ mod tests {
             Some(Endpoint::Tcp("127.0.0.1:2321".parse().unwrap()))
         );
         assert!(c.ctrl_terminate && c.not_need_init);
-        assert_eq!(c.startup, Some(crate::instance::Startup::Clear));
+        assert_eq!(c.startup, Some(crate::engine::tpm2::StartupType::Clear));
     }
 
     #[test]

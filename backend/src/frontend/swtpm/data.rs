@@ -9,40 +9,34 @@
 //! cloud-hypervisor) or connections accepted from `--server` (tpm2-tss opens
 //! one per command).
 
-use crate::daemon::Exit;
 use crate::engine::tpm2;
+use crate::exit::{self, Exit, ExitTx};
 use crate::instance::Vtpm;
+use crate::transport::{is_timeout, Listener, Stream};
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use thiserror::Error;
 
 /// How long a started command may take to arrive in full.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A stream the data channel can be served on.
-pub trait DataStream: Read + Write {
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
-}
-
-impl DataStream for UnixStream {
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        UnixStream::set_read_timeout(self, t)
-    }
-}
-
-impl DataStream for TcpStream {
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        TcpStream::set_read_timeout(self, t)
-    }
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+/// Why SET_DATAFD's descriptor was not taken.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DataFdError {
+    #[error("not a valid descriptor")]
+    BadDescriptor,
+    #[error("the descriptor is not a socket")]
+    NotASocket,
+    #[error("a data connection is already open")]
+    AlreadyOpen,
+    #[error("cannot duplicate the descriptor")]
+    Duplicate,
+    #[error("cannot start the data thread")]
+    Thread,
 }
 
 enum Fill {
@@ -53,7 +47,7 @@ enum Fill {
 
 /// Fills `buf`. Before the first byte it waits for ever; once a command has
 /// started, a read that times out abandons it.
-fn fill<S: DataStream>(s: &mut S, buf: &mut [u8], started: bool) -> io::Result<Fill> {
+fn fill(s: &mut Stream, buf: &mut [u8], started: bool) -> io::Result<Fill> {
     let mut have = 0;
     while have < buf.len() {
         match s.read(&mut buf[have..]) {
@@ -71,7 +65,7 @@ fn fill<S: DataStream>(s: &mut S, buf: &mut [u8], started: bool) -> io::Result<F
 /// Drops the body of an oversized command so the stream stays in step: up
 /// to `len` bytes, or what arrives before the client pauses when `len` is
 /// implausibly large (a garbage header).
-fn skip_body<S: DataStream>(s: &mut S, len: usize) -> io::Result<()> {
+fn skip_body(s: &mut Stream, len: usize) -> io::Result<()> {
     const PLAUSIBLE: usize = 1 << 20;
     let pause = if len > PLAUSIBLE {
         Duration::from_millis(50)
@@ -99,7 +93,7 @@ fn skip_body<S: DataStream>(s: &mut S, len: usize) -> io::Result<()> {
 }
 
 /// Serves TPM commands on `s` until the peer closes it.
-pub fn serve<S: DataStream>(s: &mut S, vtpm: &Vtpm) -> io::Result<()> {
+pub fn serve(s: &mut Stream, vtpm: &Vtpm) -> io::Result<()> {
     s.set_read_timeout(Some(COMMAND_TIMEOUT))?;
     let mut cmd = vec![0u8; 4096];
     let mut out = Vec::with_capacity(4096);
@@ -158,7 +152,7 @@ pub struct DataChannel {
     current: Mutex<Option<ActiveDebug>>,
     generation: AtomicU64,
     exit_on_close: bool,
-    exits: Sender<Exit>,
+    exits: ExitTx,
 }
 
 /// Wrapper so DataChannel can derive Debug.
@@ -183,7 +177,7 @@ fn hung_up(s: &UnixStream) -> bool {
 }
 
 impl DataChannel {
-    pub fn new(vtpm: Arc<Vtpm>, exit_on_close: bool, exits: Sender<Exit>) -> Arc<DataChannel> {
+    pub fn new(vtpm: Arc<Vtpm>, exit_on_close: bool, exits: ExitTx) -> Arc<DataChannel> {
         Arc::new(DataChannel {
             vtpm,
             current: Mutex::new(None),
@@ -196,16 +190,16 @@ impl DataChannel {
     /// Takes over `fd` as the data connection. Refuses (TPM_IOERROR) while
     /// the previous connection is still open; one whose peer hung up is
     /// replaced, as a VMM that reconnects after a reboot needs.
-    pub fn install(self: &Arc<Self>, fd: OwnedFd) -> Result<(), &'static str> {
-        let stat = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|_| "not a valid descriptor")?;
+    pub fn install(self: &Arc<Self>, fd: OwnedFd) -> Result<(), DataFdError> {
+        let stat = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|_| DataFdError::BadDescriptor)?;
         if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-            return Err("the descriptor is not a socket");
+            return Err(DataFdError::NotASocket);
         }
         let stream = UnixStream::from(fd);
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = cur.as_ref() {
             if !hung_up(&old.0.stream) {
-                return Err("a data connection is already open");
+                return Err(DataFdError::AlreadyOpen);
             }
             log::info!(
                 "replacing data connection #{} whose peer hung up",
@@ -216,7 +210,7 @@ impl DataChannel {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let keep = stream
             .try_clone()
-            .map_err(|_| "cannot duplicate the descriptor")?;
+            .map_err(|_| DataFdError::Duplicate)?;
         *cur = Some(ActiveDebug(Active {
             stream: keep,
             generation,
@@ -226,13 +220,13 @@ impl DataChannel {
         std::thread::Builder::new()
             .name(format!("data-{generation}"))
             .spawn(move || me.run(stream, generation))
-            .map_err(|_| "cannot start the data thread")?;
+            .map_err(|_| DataFdError::Thread)?;
         Ok(())
     }
 
-    fn run(&self, mut stream: UnixStream, generation: u64) {
+    fn run(&self, stream: UnixStream, generation: u64) {
         log::info!("data connection #{generation} opened");
-        if let Err(e) = serve(&mut stream, &self.vtpm) {
+        if let Err(e) = serve(&mut Stream::Unix(stream), &self.vtpm) {
             log::warn!("data connection #{generation}: {e}");
         }
         log::info!("data connection #{generation} closed");
@@ -241,50 +235,20 @@ impl DataChannel {
             *cur = None;
             drop(cur);
             if self.exit_on_close {
-                let _ = self.exits.send(Exit::DataClosed);
+                exit::report(&self.exits, Exit::DataClosed);
             }
         }
     }
 }
 
 /// Accepts `--server` connections one at a time and serves each.
-pub fn serve_unix_listener(
-    l: UnixListener,
-    vtpm: Arc<Vtpm>,
-    exit_on_close: bool,
-    exits: Sender<Exit>,
-) {
-    for conn in l.incoming() {
-        match conn {
-            Ok(mut s) => finish(serve(&mut s, &vtpm), exit_on_close, &exits),
-            Err(e) => log::warn!("data server accept: {e}"),
+pub fn serve_listener(l: Listener, vtpm: Arc<Vtpm>, exit_on_close: bool, exits: ExitTx) {
+    l.serve("data server", |mut s| {
+        if let Err(e) = serve(&mut s, &vtpm) {
+            log::warn!("data client: {e}");
         }
-    }
-}
-
-/// Accepts `--server type=tcp` connections one at a time and serves each.
-pub fn serve_tcp_listener(
-    l: TcpListener,
-    vtpm: Arc<Vtpm>,
-    exit_on_close: bool,
-    exits: Sender<Exit>,
-) {
-    for conn in l.incoming() {
-        match conn {
-            Ok(mut s) => {
-                let _ = s.set_nodelay(true);
-                finish(serve(&mut s, &vtpm), exit_on_close, &exits)
-            }
-            Err(e) => log::warn!("data server accept: {e}"),
+        if exit_on_close {
+            exit::report(&exits, Exit::DataClosed);
         }
-    }
-}
-
-fn finish(r: io::Result<()>, exit_on_close: bool, exits: &Sender<Exit>) {
-    if let Err(e) = r {
-        log::warn!("data client: {e}");
-    }
-    if exit_on_close {
-        let _ = exits.send(Exit::DataClosed);
-    }
+    })
 }

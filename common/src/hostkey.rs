@@ -46,30 +46,22 @@ pub enum KeyError {
     Untrusted(String),
 }
 
-/// SHA-256 of the public key's DER (SubjectPublicKeyInfo), lower-case hex.
-pub fn fingerprint(key: &RsaPublicKey) -> String {
+/// SHA-256 of the public key's DER (SubjectPublicKeyInfo).
+pub fn fingerprint_bytes(key: &RsaPublicKey) -> [u8; 32] {
     let der = key
         .to_public_key_der()
         .map(|d| d.as_bytes().to_vec())
         .unwrap_or_default();
-    hex(&Sha256::digest(der))
+    Sha256::digest(der).into()
 }
 
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+/// [`fingerprint_bytes`] as lower-case hex: how keys are named to people.
+pub fn fingerprint(key: &RsaPublicKey) -> String {
+    crate::hex::encode(&fingerprint_bytes(key))
 }
 
 /// A host's private key.
+#[derive(Clone)]
 pub struct HostKey {
     private: RsaPrivateKey,
     public: RsaPublicKey,
@@ -205,23 +197,12 @@ pub fn check_trusted(dir: &Path, key: &RsaPublicKey) -> Result<(), KeyError> {
 }
 
 #[cfg(test)]
-impl HostKey {
-    /// A copy of a key, for tests that need owned keys.
-    pub fn load_from_parts(k: &HostKey) -> HostKey {
-        HostKey {
-            private: k.private.clone(),
-            public: k.public.clone(),
-        }
-    }
-}
-
-#[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use std::sync::OnceLock;
 
     /// Two host keys shared by the tests (generation takes a while).
-    pub fn keys() -> &'static (HostKey, HostKey) {
+    fn keys() -> &'static (HostKey, HostKey) {
         static K: OnceLock<(HostKey, HostKey)> = OnceLock::new();
         K.get_or_init(|| (HostKey::generate().unwrap(), HostKey::generate().unwrap()))
     }
@@ -273,12 +254,5 @@ pub(crate) mod tests {
             parse_public(&pem, "x"),
             Err(KeyError::TooSmall(1024))
         ));
-    }
-
-    #[test]
-    fn hex_round_trip() {
-        assert_eq!(unhex(&hex(&[0, 1, 0xfe])).unwrap(), vec![0, 1, 0xfe]);
-        assert!(unhex("abc").is_none());
-        assert!(unhex("zz").is_none());
     }
 }

@@ -1,54 +1,32 @@
-//! The libtpms C ABI, and the only place in vtpmd that calls it.
+//! The libtpms C ABI, and the only place in vtpmd that calls it: the
+//! [`TpmEngine`] the daemon runs.
 //!
 //! libtpms keeps every bit of TPM state in C globals, so there is exactly one
 //! TPM per process. [`Libtpms::take`] hands out the single handle; every call
 //! that touches the TPM goes through `&mut Libtpms`, which serialises them.
-//! The one call meant to come from another thread, [`cancel_command`], only
-//! sets a flag inside libtpms.
+//! The one call meant to come from another thread, cancelling a command
+//! ([`EngineControls::cancel`]), only sets a flag inside libtpms.
 //!
 //! libtpms reads and writes its persistent state through callbacks that carry
 //! no user pointer, so the storage they use ([`NvStore`]) and the locality
 //! live in process globals here.
 
+use super::{
+    BufferSizes, EngineControls, NvStore, StateType, TpmEngine, TpmResult, TPM_FAIL, TPM_RETRY,
+    TPM_SUCCESS,
+};
 use std::ffi::{c_char, c_int, c_uint, CStr};
 use std::panic::catch_unwind;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
-/// A TPM 1.2-style result code as libtpms returns it.
-pub type TpmResult = u32;
-
-pub const TPM_SUCCESS: TpmResult = 0;
-pub const TPM_FAIL: TpmResult = 0x09;
-pub const TPM_RETRY: TpmResult = 0x800;
-
-/// Which state blob libtpms serialises or accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StateType {
-    Permanent,
-    Volatile,
-    SaveState,
-}
-
-impl StateType {
-    fn raw(self) -> c_int {
-        match self {
-            StateType::Permanent => 1,
-            StateType::Volatile => 2,
-            StateType::SaveState => 4,
-        }
+fn raw_state_type(st: StateType) -> c_int {
+    match st {
+        StateType::Permanent => 1,
+        StateType::Volatile => 2,
+        StateType::SaveState => 4,
     }
-}
-
-/// Where libtpms keeps its persistent state. Names are libtpms's own:
-/// "permall", "volatilestate", "savestate".
-pub trait NvStore: Send + Sync {
-    /// `Ok(None)` means "no such blob" and is the only answer that lets
-    /// libtpms manufacture a new TPM.
-    fn load(&self, name: &str) -> Result<Option<Vec<u8>>, String>;
-    fn store(&self, name: &str, data: &[u8]) -> Result<(), String>;
-    fn delete(&self, name: &str) -> Result<(), String>;
 }
 
 mod sys {
@@ -105,23 +83,22 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 static NV_STORE: RwLock<Option<Arc<dyn NvStore>>> = RwLock::new(None);
 static LOCALITY: AtomicU32 = AtomicU32::new(0);
 
-/// Sets the locality libtpms sees for the following commands.
-pub fn set_locality(loc: u8) {
-    LOCALITY.store(u32::from(loc), Ordering::SeqCst);
-}
+/// Cancel and locality: process globals libtpms reads, so they need no
+/// handle and no lock.
+#[derive(Debug)]
+struct Controls;
 
-pub fn locality() -> u8 {
-    // Only values 0..=4 are ever stored.
-    LOCALITY.load(Ordering::SeqCst) as u8
-}
+impl EngineControls for Controls {
+    fn cancel(&self) {
+        // SAFETY: TPMLIB_CancelCommand takes no arguments and only writes a
+        // plain int flag inside libtpms; calling it while another thread runs
+        // TPMLIB_Process is its documented purpose.
+        unsafe { sys::TPMLIB_CancelCommand() };
+    }
 
-/// Asks libtpms to abandon the command in flight. Safe from any thread: it
-/// only sets a flag that libtpms polls in long operations.
-pub fn cancel_command() -> TpmResult {
-    // SAFETY: TPMLIB_CancelCommand takes no arguments and only writes a plain
-    // int flag inside libtpms; calling it while another thread runs
-    // TPMLIB_Process is its documented purpose.
-    unsafe { sys::TPMLIB_CancelCommand() }
+    fn set_locality(&self, loc: u8) {
+        LOCALITY.store(u32::from(loc), Ordering::SeqCst);
+    }
 }
 
 /// The libtpms version as 0xMMmmuu.
@@ -315,22 +292,34 @@ impl Libtpms {
         check(unsafe { sys::TPMLIB_ChooseTPMVersion(TPMLIB_TPM_VERSION_2) })
     }
 
+    /// Routes libtpms's own debug output to `fd` at `level` (0 = off).
+    pub fn set_debug(&mut self, fd: c_int, level: c_uint) {
+        // SAFETY: libtpms only stores the values; an invalid fd makes its
+        // writes fail harmlessly.
+        unsafe {
+            sys::TPMLIB_SetDebugFD(fd);
+            sys::TPMLIB_SetDebugLevel(level);
+        }
+    }
+}
+
+impl TpmEngine for Libtpms {
     /// Powers the TPM on: loads state through the store or manufactures one.
-    pub fn main_init(&mut self) -> Result<(), TpmResult> {
+    fn main_init(&mut self) -> Result<(), TpmResult> {
         self.choose_tpm2()?;
         // SAFETY: no arguments; state is reached through our callbacks.
         check(unsafe { sys::TPMLIB_MainInit() })
     }
 
     /// Powers the TPM off and frees libtpms's state.
-    pub fn terminate(&mut self) {
+    fn terminate(&mut self) {
         // SAFETY: valid whether or not the TPM is running.
         unsafe { sys::TPMLIB_Terminate() }
     }
 
     /// Runs one TPM command and returns the response bytes. Errors inside the
     /// TPM come back as a response with a non-zero code, not as Err.
-    pub fn process(&mut self, cmd: &[u8]) -> Result<&[u8], TpmResult> {
+    fn process(&mut self, cmd: &[u8]) -> Result<&[u8], TpmResult> {
         let mut cmd_copy = cmd.to_vec();
         let cmd_len = u32::try_from(cmd_copy.len()).map_err(|_| TPM_FAIL)?;
         let mut resp_len: u32 = 0;
@@ -356,7 +345,7 @@ impl Libtpms {
     }
 
     /// Serialises the running TPM's volatile state.
-    pub fn volatile_store(&mut self) -> Result<Vec<u8>, TpmResult> {
+    fn volatile_store(&mut self) -> Result<Vec<u8>, TpmResult> {
         let mut buf: *mut u8 = ptr::null_mut();
         let mut len: u32 = 0;
         // SAFETY: out pointers are valid; on success libtpms returns a
@@ -368,43 +357,43 @@ impl Libtpms {
     }
 
     /// Sets (or queries, with 0) the I/O buffer size. Returns (in use, min, max).
-    pub fn set_buffer_size(&mut self, wanted: u32) -> (u32, u32, u32) {
+    fn set_buffer_size(&mut self, wanted: u32) -> BufferSizes {
         let (mut min, mut max) = (0u32, 0u32);
         // SAFETY: out pointers are valid; TPM 2 was chosen in take().
-        let used = unsafe { sys::TPMLIB_SetBufferSize(wanted, &mut min, &mut max) };
-        (used, min, max)
+        let size = unsafe { sys::TPMLIB_SetBufferSize(wanted, &mut min, &mut max) };
+        BufferSizes { size, min, max }
     }
 
     /// Test-loads a state blob through the store without starting the TPM.
-    pub fn validate_state(&mut self, st: StateType) -> Result<(), TpmResult> {
+    fn validate_state(&mut self, st: StateType) -> Result<(), TpmResult> {
         // SAFETY: plain call; flags must be 0.
-        check(unsafe { sys::TPMLIB_ValidateState(st.raw(), 0) })
+        check(unsafe { sys::TPMLIB_ValidateState(raw_state_type(st), 0) })
     }
 
     /// Hands libtpms a blob for the next MainInit (`None`: act as if absent).
-    pub fn set_state(&mut self, st: StateType, blob: Option<&[u8]>) -> Result<(), TpmResult> {
+    fn set_state(&mut self, st: StateType, blob: Option<&[u8]>) -> Result<(), TpmResult> {
         let (p, len) = match blob {
             Some(b) => (b.as_ptr(), u32::try_from(b.len()).map_err(|_| TPM_FAIL)?),
             None => (ptr::null(), 0),
         };
         // SAFETY: `p` is NULL or points at `len` readable bytes; libtpms
         // copies them before returning.
-        check(unsafe { sys::TPMLIB_SetState(st.raw(), p, len) })
+        check(unsafe { sys::TPMLIB_SetState(raw_state_type(st), p, len) })
     }
 
     /// Serialises a state blob (live state when running).
-    pub fn get_state(&mut self, st: StateType) -> Result<Vec<u8>, TpmResult> {
+    fn get_state(&mut self, st: StateType) -> Result<Vec<u8>, TpmResult> {
         let mut buf: *mut u8 = ptr::null_mut();
         let mut len: u32 = 0;
         // SAFETY: out pointers are valid; libtpms returns a malloc'd buffer.
-        let rc = unsafe { sys::TPMLIB_GetState(st.raw(), &mut buf, &mut len) };
+        let rc = unsafe { sys::TPMLIB_GetState(raw_state_type(st), &mut buf, &mut len) };
         // SAFETY: buf is NULL or malloc'd with `len` bytes.
         let v = unsafe { take_c_buffer(buf, len) };
         check(rc).map(|()| v)
     }
 
     /// libtpms's JSON description for the GetInfo flags.
-    pub fn get_info(&mut self, flags: u32) -> Option<String> {
+    fn info(&mut self, flags: u32) -> Option<String> {
         // SAFETY: returns a malloc'd NUL-terminated string or NULL.
         let p = unsafe { sys::TPMLIB_GetInfo(flags as c_int) };
         if p.is_null() {
@@ -417,42 +406,44 @@ impl Libtpms {
         Some(s)
     }
 
-    pub fn hash_start(&mut self) -> Result<(), TpmResult> {
+    fn hash_start(&mut self) -> Result<(), TpmResult> {
         // SAFETY: plain call on the running TPM.
         check(unsafe { sys::TPM_IO_Hash_Start() })
     }
 
-    pub fn hash_data(&mut self, data: &[u8]) -> Result<(), TpmResult> {
+    fn hash_data(&mut self, data: &[u8]) -> Result<(), TpmResult> {
         let len = u32::try_from(data.len()).map_err(|_| TPM_FAIL)?;
         // SAFETY: `data` is readable for `len` bytes during the call.
         check(unsafe { sys::TPM_IO_Hash_Data(data.as_ptr(), len) })
     }
 
-    pub fn hash_end(&mut self) -> Result<(), TpmResult> {
+    fn hash_end(&mut self) -> Result<(), TpmResult> {
         // SAFETY: plain call on the running TPM.
         check(unsafe { sys::TPM_IO_Hash_End() })
     }
 
-    pub fn established(&mut self) -> Result<bool, TpmResult> {
+    fn established(&mut self) -> Result<bool, TpmResult> {
         let mut b: u8 = 0;
         // SAFETY: valid out pointer for one byte.
         check(unsafe { sys::TPM_IO_TpmEstablished_Get(&mut b) }).map(|()| b != 0)
     }
 
-    /// Clears the established flag; libtpms checks the current locality.
-    pub fn reset_established(&mut self) -> Result<(), TpmResult> {
+    /// Clears the established flag as locality `loc`; libtpms checks the
+    /// locality through its callback, so it is switched for the call.
+    fn reset_established(&mut self, loc: u8) -> Result<(), TpmResult> {
+        let saved = LOCALITY.swap(u32::from(loc), Ordering::SeqCst);
         // SAFETY: plain call; the locality is read through our callback.
-        check(unsafe { sys::TPM_IO_TpmEstablished_Reset() })
+        let r = check(unsafe { sys::TPM_IO_TpmEstablished_Reset() });
+        LOCALITY.store(saved, Ordering::SeqCst);
+        r
     }
 
-    /// Routes libtpms's own debug output to `fd` at `level` (0 = off).
-    pub fn set_debug(&mut self, fd: c_int, level: c_uint) {
-        // SAFETY: libtpms only stores the values; an invalid fd makes its
-        // writes fail harmlessly.
-        unsafe {
-            sys::TPMLIB_SetDebugFD(fd);
-            sys::TPMLIB_SetDebugLevel(level);
-        }
+    fn controls(&self) -> Arc<dyn EngineControls> {
+        Arc::new(Controls)
+    }
+
+    fn describe(&self) -> String {
+        format!("libtpms {:#08x}", library_version())
     }
 }
 

@@ -1,18 +1,13 @@
 //! Running `vtpmd socket`: the swtpm-compatible control and data channels
-//! (see [`crate::ctrl`] and [`crate::data`]) around one instance.
+//! ([`crate::frontend::swtpm`]) around one instance.
 
+use super::{bind_unix, io_err, spawn, Host, RunError};
 use crate::config::{Endpoint, SocketConfig};
-use crate::ctrl::server::{self, Context};
-use crate::daemon::{bind_unix, io_err, spawn, Exit, Host, RunError};
-use crate::data::{self, DataChannel};
+use crate::exit::Exit;
+use crate::frontend::swtpm::ctrl::{self, Context};
+use crate::frontend::swtpm::data::{self, DataChannel};
 use crate::instance::Options;
-use std::net::TcpListener;
-use std::os::unix::net::UnixListener;
-
-enum Listener {
-    Unix(UnixListener),
-    Tcp(TcpListener),
-}
+use crate::transport::Listener;
 
 fn bind(ep: &Endpoint, host: &mut Host) -> Result<Listener, RunError> {
     match ep {
@@ -21,10 +16,7 @@ fn bind(ep: &Endpoint, host: &mut Host) -> Result<Listener, RunError> {
             host.remove_at_exit(path.clone());
             Ok(Listener::Unix(l))
         }
-        Endpoint::Tcp(addr) => {
-            let l = TcpListener::bind(addr).map_err(io_err("listen on", addr))?;
-            Ok(Listener::Tcp(l))
-        }
+        Endpoint::Tcp(addr) => Listener::bind_tcp(*addr).map_err(io_err("listen on", addr)),
     }
 }
 
@@ -62,19 +54,11 @@ pub fn run(cfg: &SocketConfig) -> Result<Exit, RunError> {
             exits: host.exits(),
             exit_on_close: cfg.ctrl_terminate,
         };
-        match l {
-            Listener::Unix(l) => spawn("ctrl-listen", move || server::serve_unix_listener(l, ctx))?,
-            Listener::Tcp(l) => spawn("ctrl-listen", move || server::serve_tcp_listener(l, ctx))?,
-        }
+        spawn("ctrl-listen", move || ctrl::serve_listener(l, ctx))?;
     }
     if let Some(l) = data_server {
         let (v, t, x) = (vtpm.clone(), cfg.terminate, host.exits());
-        match l {
-            Listener::Unix(l) => {
-                spawn("data-listen", move || data::serve_unix_listener(l, v, t, x))?
-            }
-            Listener::Tcp(l) => spawn("data-listen", move || data::serve_tcp_listener(l, v, t, x))?,
-        }
+        spawn("data-listen", move || data::serve_listener(l, v, t, x))?;
     }
     Ok(host.wait())
 }

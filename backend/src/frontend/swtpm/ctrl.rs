@@ -7,17 +7,15 @@
 //! cloud-hypervisor reboot) is served even while its old connection lingers,
 //! and CANCEL_TPM_CMD is answered while a TPM command runs.
 
+use super::commands;
+use super::data::{DataChannel, DataFdError};
 use super::wire::{self, cmd, rc, DecodeError, Request, Response};
-use crate::daemon::Exit;
-use crate::data::DataChannel;
-use crate::fdpass;
+use crate::exit::{self, Exit, ExitTx};
 use crate::instance::{Vtpm, MAX_STATE_BLOB};
-use std::io::{self, ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use crate::transport::{is_timeout, Listener, Stream};
+use std::io::{self, ErrorKind, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,47 +30,12 @@ const MAX_HASH_DATA: u32 = 64 * 1024 * 1024;
 /// Control connections served at once.
 const MAX_CONNECTIONS: usize = 8;
 
-/// A control connection: unix (with descriptor passing) or TCP.
-pub trait CtrlConn: Send {
-    fn recv(&mut self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize>;
-    fn send(&mut self, bytes: &[u8]) -> io::Result<()>;
-    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()>;
-}
-
-impl CtrlConn for UnixStream {
-    fn recv(&mut self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-        fdpass::recv_with_fds(self, buf, fds)
-    }
-    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.write_all(bytes)
-    }
-    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(t)
-    }
-}
-
-impl CtrlConn for TcpStream {
-    fn recv(&mut self, buf: &mut [u8], _fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-        self.read(buf)
-    }
-    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.write_all(bytes)
-    }
-    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(t)
-    }
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
-}
-
 /// What the control server needs.
 #[derive(Debug, Clone)]
 pub struct Context {
     pub vtpm: Arc<Vtpm>,
     pub data: Arc<DataChannel>,
-    pub exits: Sender<Exit>,
+    pub exits: ExitTx,
     /// `--ctrl ...,terminate`: exit when a control client disconnects.
     pub exit_on_close: bool,
 }
@@ -85,10 +48,10 @@ enum Next {
 
 /// Reads one request. Leftover bytes past the fixed part are returned for
 /// the streaming commands.
-fn read_request<C: CtrlConn>(c: &mut C, fds: &mut Vec<OwnedFd>) -> io::Result<Next> {
+fn read_request(c: &mut Stream, fds: &mut Vec<OwnedFd>) -> io::Result<Next> {
     let mut buf = vec![0u8; 4104];
     let mut have;
-    c.set_timeout(None)?;
+    c.set_read_timeout(None)?;
     loop {
         match c.recv(&mut buf, fds) {
             Ok(0) => return Ok(Next::Closed),
@@ -100,7 +63,7 @@ fn read_request<C: CtrlConn>(c: &mut C, fds: &mut Vec<OwnedFd>) -> io::Result<Ne
             Err(e) => return Err(e),
         }
     }
-    c.set_timeout(Some(REQUEST_TIMEOUT))?;
+    c.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     loop {
         let final_read = match wire::decode(&buf[..have], false) {
             Ok(req) => {
@@ -113,7 +76,7 @@ fn read_request<C: CtrlConn>(c: &mut C, fds: &mut Vec<OwnedFd>) -> io::Result<Ne
                 if buf.len() < need {
                     buf.resize(need, 0);
                 }
-                c.set_timeout(Some(if usable {
+                c.set_read_timeout(Some(if usable {
                     PADDING_TIMEOUT
                 } else {
                     REQUEST_TIMEOUT
@@ -152,15 +115,15 @@ fn reject(bytes: &[u8], e: &DecodeError) -> Response {
 
 /// Reads the `len` streamed bytes that follow SET_STATEBLOB / HASH_DATA.
 /// Returns None if the client went away or stalled.
-fn read_stream<C: CtrlConn>(
-    c: &mut C,
+fn read_stream(
+    c: &mut Stream,
     mut data: Vec<u8>,
     len: usize,
 ) -> io::Result<Option<Vec<u8>>> {
     let have = data.len();
     data.resize(len.max(have), 0);
     let mut at = have;
-    c.set_timeout(Some(STREAM_TIMEOUT))?;
+    c.set_read_timeout(Some(STREAM_TIMEOUT))?;
     let mut ignored = Vec::new();
     while at < len {
         match c.recv(&mut data[at..len], &mut ignored) {
@@ -175,8 +138,8 @@ fn read_stream<C: CtrlConn>(
 }
 
 /// Drops incoming bytes until the client pauses.
-fn drain<C: CtrlConn>(c: &mut C) -> io::Result<()> {
-    c.set_timeout(Some(REQUEST_TIMEOUT))?;
+fn drain(c: &mut Stream) -> io::Result<()> {
+    c.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     let mut sink = vec![0u8; 65536];
     let mut ignored = Vec::new();
     loop {
@@ -191,13 +154,13 @@ fn drain<C: CtrlConn>(c: &mut C) -> io::Result<()> {
 }
 
 /// Serves requests on one connection until it closes or SHUTDOWN arrives.
-pub fn serve<C: CtrlConn>(c: &mut C, ctx: &Context) -> io::Result<()> {
+pub fn serve(c: &mut Stream, ctx: &Context) -> io::Result<()> {
     loop {
         let mut fds = Vec::new();
         let (req, extra) = match read_request(c, &mut fds)? {
             Next::Closed => return Ok(()),
             Next::Reply(r) => {
-                c.send(&r.encode())?;
+                c.write_all(&r.encode())?;
                 continue;
             }
             Next::Request(req, extra) => (req, extra),
@@ -219,21 +182,21 @@ pub fn serve<C: CtrlConn>(c: &mut C, ctx: &Context) -> io::Result<()> {
                     Response::Result(rc::BAD_PARAMETER)
                 } else {
                     match read_stream(c, extra, len as usize)? {
-                        Some(data) => ctx.vtpm.control(&req, &data),
+                        Some(data) => commands::execute(&ctx.vtpm, &req, &data),
                         None => {
                             log::error!("control: stream of {len} bytes ended early");
-                            c.send(&Response::Result(rc::BAD_PARAMETER).encode())?;
+                            c.write_all(&Response::Result(rc::BAD_PARAMETER).encode())?;
                             return Ok(());
                         }
                     }
                 }
             }
             Request::SetDataFd => Response::Result(set_data_fd(ctx, fds)),
-            _ => ctx.vtpm.control(&req, &[]),
+            _ => commands::execute(&ctx.vtpm, &req, &[]),
         };
-        c.send(&resp.encode())?;
+        c.write_all(&resp.encode())?;
         if req == Request::Shutdown {
-            let _ = ctx.exits.send(Exit::Shutdown);
+            exit::report(&ctx.exits, Exit::Shutdown);
             return Ok(());
         }
     }
@@ -249,10 +212,9 @@ fn set_data_fd(ctx: &Context, mut fds: Vec<OwnedFd>) -> u32 {
         Ok(()) => rc::SUCCESS,
         Err(why) => {
             log::error!("SET_DATAFD refused: {why}");
-            if why.contains("already open") {
-                rc::IOERROR
-            } else {
-                rc::BAD_PARAMETER
+            match why {
+                DataFdError::AlreadyOpen => rc::IOERROR,
+                _ => rc::BAD_PARAMETER,
             }
         }
     }
@@ -260,7 +222,7 @@ fn set_data_fd(ctx: &Context, mut fds: Vec<OwnedFd>) -> u32 {
 
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 
-fn spawn_conn<C: CtrlConn + 'static>(mut conn: C, ctx: &Context) {
+fn spawn_conn(mut conn: Stream, ctx: &Context) {
     if ACTIVE.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
         ACTIVE.fetch_sub(1, Ordering::SeqCst);
         log::warn!("control: refusing a connection, {MAX_CONNECTIONS} already open");
@@ -275,7 +237,7 @@ fn spawn_conn<C: CtrlConn + 'static>(mut conn: C, ctx: &Context) {
             }
             ACTIVE.fetch_sub(1, Ordering::SeqCst);
             if ctx.exit_on_close {
-                let _ = ctx.exits.send(Exit::CtrlClosed);
+                exit::report(&ctx.exits, Exit::CtrlClosed);
             }
         });
     if r.is_err() {
@@ -284,23 +246,7 @@ fn spawn_conn<C: CtrlConn + 'static>(mut conn: C, ctx: &Context) {
     }
 }
 
-pub fn serve_unix_listener(l: UnixListener, ctx: Context) {
-    for conn in l.incoming() {
-        match conn {
-            Ok(s) => spawn_conn(s, &ctx),
-            Err(e) => log::warn!("control accept: {e}"),
-        }
-    }
-}
-
-pub fn serve_tcp_listener(l: TcpListener, ctx: Context) {
-    for conn in l.incoming() {
-        match conn {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                spawn_conn(s, &ctx)
-            }
-            Err(e) => log::warn!("control accept: {e}"),
-        }
-    }
+/// Serves every control connection `l` accepts, each on its own thread.
+pub fn serve_listener(l: Listener, ctx: Context) {
+    l.serve("control", |s| spawn_conn(s, &ctx))
 }

@@ -39,6 +39,12 @@ pub mod rc {
     pub const FAIL: u32 = 0x09;
     pub const BAD_ORDINAL: u32 = 0x0a;
     pub const KEYNOTFOUND: u32 = 0x0d;
+    /// TPM_SIZE: GET_INFO with flags the engine has nothing for.
+    pub const SIZE: u32 = 0x17;
+    /// TPM_BAD_DATASIZE: a state blob whose header size is not 10.
+    pub const BAD_DATASIZE: u32 = 0x2b;
+    /// TPM_BAD_VERSION: a state blob newer than this build reads.
+    pub const BAD_VERSION: u32 = 0x2e;
     pub const IOERROR: u32 = 0x1f;
     pub const DECRYPT_ERROR: u32 = 0x21;
     pub const BAD_LOCALITY: u32 = 0x3d;

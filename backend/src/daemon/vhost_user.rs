@@ -1,27 +1,29 @@
-//! `vtpmd vhost-user`: the TPM as a vhost-user virtio-tpm device process.
-//!
-//! * [`request`]: one descriptor chain → one TPM command and its response.
-//! * [`device`]: the vhost-user device (features, queue, reset, device-state
-//!   transfer), one per frontend connection.
-//!
-//! The process keeps one TPM for its whole life. A frontend that
-//! disconnects (VMM restart, reconnect) finds the TPM as it left it when it
-//! or the next frontend connects; only a device reset (RESET_DEVICE, the
-//! guest rebooting) power-cycles it. SIGTERM powers the TPM off, flushing
-//! its state, and removes the socket.
+//! Running `vtpmd vhost-user`: the virtio-tpm device
+//! ([`crate::frontend::vhost_user`]) served to one vhost-user frontend
+//! after another. SIGTERM powers the TPM off, flushing its state, and
+//! removes the socket.
 
-pub mod device;
-pub mod request;
-
+use super::{bind_unix, io_err, spawn, Host, RunError};
 use crate::config::{VhostUserConfig, VhostUserSocket};
-use crate::daemon::{bind_unix, spawn, Exit, Host, RunError};
-use crate::instance::Options;
-use device::TpmDevice;
-use std::sync::mpsc::Sender;
+use crate::exit::{self, Exit, ExitTx};
+use crate::frontend::vhost_user::device::TpmDevice;
+use crate::instance::{Options, Vtpm};
 use std::sync::Arc;
+use thiserror::Error;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// Why the accept loop cannot go on.
+#[derive(Debug, Error)]
+enum ServeError {
+    #[error("cannot create the device's exit event: {0}")]
+    Device(#[source] std::io::Error),
+    #[error("cannot create the vhost-user daemon: {0}")]
+    Daemon(DaemonError),
+    #[error("cannot accept a frontend: {0}")]
+    Accept(DaemonError),
+}
 
 /// Runs the device until SIGTERM. Returns why it stopped.
 pub fn run(cfg: &VhostUserConfig) -> Result<Exit, RunError> {
@@ -33,7 +35,7 @@ pub fn run(cfg: &VhostUserConfig) -> Result<Exit, RunError> {
             l
         }
         VhostUserSocket::Fd(fd) => crate::fdpass::inherited_listener(*fd)
-            .map_err(crate::daemon::io_err("use the listening socket", "--fd"))?,
+            .map_err(io_err("use the listening socket", "--fd"))?,
     };
     host.start_services()?;
     if !cfg.instance.incoming {
@@ -50,29 +52,26 @@ pub fn run(cfg: &VhostUserConfig) -> Result<Exit, RunError> {
 
 /// Accepts frontends one after another, each with a fresh device on the
 /// same TPM.
-fn serve(mut listener: Listener, vtpm: Arc<crate::instance::Vtpm>, exits: Sender<Exit>) {
+fn serve(mut listener: Listener, vtpm: Arc<Vtpm>, exits: ExitTx) {
     loop {
         if let Err(why) = serve_one(&mut listener, &vtpm) {
             log::error!("vhost-user: {why}");
-            let _ = exits.send(Exit::Failed(why));
+            exit::report(&exits, Exit::Failed(why.to_string()));
             return;
         }
         log::info!("vhost-user: frontend disconnected; waiting for the next one");
     }
 }
 
-fn serve_one(listener: &mut Listener, vtpm: &Arc<crate::instance::Vtpm>) -> Result<(), String> {
-    let device = TpmDevice::new(vtpm.clone())
-        .map_err(|e| format!("cannot create the device's exit event: {e}"))?;
+fn serve_one(listener: &mut Listener, vtpm: &Arc<Vtpm>) -> Result<(), ServeError> {
+    let device = TpmDevice::new(vtpm.clone()).map_err(ServeError::Device)?;
     let mut daemon = VhostUserDaemon::new(
         "vhost-user-tpm".into(),
         Arc::new(device),
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
-    .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
-    daemon
-        .start(listener)
-        .map_err(|e| format!("cannot accept a frontend: {e}"))?;
+    .map_err(ServeError::Daemon)?;
+    daemon.start(listener).map_err(ServeError::Accept)?;
     log::info!("vhost-user: frontend connected");
     match daemon.wait() {
         Ok(()) => Ok(()),

@@ -5,8 +5,8 @@
 //! and outliving connections; a new `TpmDevice` is made for each frontend.
 
 use super::request::{self, MAX_MESSAGE};
-use crate::instance::Vtpm;
-use crate::migration::stream;
+use crate::instance::{BlobKind, InstanceError, Vtpm};
+use crate::migration::stream::{self, StreamError};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,7 +53,15 @@ pub enum DeviceError {
     #[error("CHECK_DEVICE_STATE without a transfer")]
     NoTransfer,
     #[error("device state {0} failed: {1}")]
-    Transfer(&'static str, String),
+    Io(&'static str, #[source] io::Error),
+    #[error("device state {0} refused: {1}")]
+    Instance(&'static str, #[source] InstanceError),
+    #[error("device state load: {0}")]
+    Stream(#[from] StreamError),
+    #[error("device state load: the stream is over {} bytes", stream::MAX_STREAM)]
+    TooLong,
+    #[error("the device-state worker panicked")]
+    Panicked,
 }
 
 impl From<DeviceError> for io::Error {
@@ -149,7 +157,7 @@ impl TpmDevice {
         let handle = std::thread::Builder::new()
             .name(name.into())
             .spawn(work)
-            .map_err(|e| DeviceError::Transfer(name, e.to_string()))?;
+            .map_err(|e| DeviceError::Io(name, e))?;
         *slot = Some(handle);
         Ok(())
     }
@@ -163,18 +171,20 @@ impl TpmDevice {
             .ok_or(DeviceError::NoTransfer)?;
         handle
             .join()
-            .unwrap_or_else(|_| Err(DeviceError::Transfer("transfer", "worker panicked".into())))
+            .unwrap_or(Err(DeviceError::Panicked))
     }
 }
 
 /// SAVE: the sealed (or, if allowed, plaintext) state blobs as one stream;
 /// closing `file` tells the frontend it has everything.
 fn save_state(vtpm: &Vtpm, mut file: File) -> Result<(), DeviceError> {
-    let bytes = vtpm
-        .export_state_stream()
-        .map_err(|e| DeviceError::Transfer("save", e))?;
+    let blobs = vtpm
+        .export_all()
+        .map_err(|e| DeviceError::Instance("save", e))?;
+    let framed: Vec<(u32, Vec<u8>)> = blobs.into_iter().map(|(k, b)| (k.number(), b)).collect();
+    let bytes = stream::encode(&framed);
     file.write_all(&bytes)
-        .map_err(|e| DeviceError::Transfer("save", e.to_string()))?;
+        .map_err(|e| DeviceError::Io("save", e))?;
     log::info!("device state saved ({} bytes)", bytes.len());
     Ok(())
 }
@@ -182,19 +192,30 @@ fn save_state(vtpm: &Vtpm, mut file: File) -> Result<(), DeviceError> {
 /// LOAD: reads to end of stream (at most [`stream::MAX_STREAM`] bytes) and
 /// hands the blobs to the instance, which unlocks only on a verified state.
 fn load_state(vtpm: &Vtpm, file: File) -> Result<(), DeviceError> {
+    let r = read_and_load(vtpm, file);
+    if let Err(DeviceError::Stream(_) | DeviceError::TooLong | DeviceError::Io(..)) = &r {
+        // Nothing reached the instance: it forgets the migration id as a
+        // failed import does, so a retry needs a fresh one.
+        vtpm.abandon_import();
+    }
+    r
+}
+
+fn read_and_load(vtpm: &Vtpm, file: File) -> Result<(), DeviceError> {
     let mut bytes = Vec::new();
     let limit = stream::MAX_STREAM as u64 + 1;
     file.take(limit)
         .read_to_end(&mut bytes)
-        .map_err(|e| DeviceError::Transfer("load", e.to_string()))?;
+        .map_err(|e| DeviceError::Io("load", e))?;
     if bytes.len() as u64 == limit {
-        return Err(DeviceError::Transfer(
-            "load",
-            format!("stream is over {} bytes", stream::MAX_STREAM),
-        ));
+        return Err(DeviceError::TooLong);
     }
-    vtpm.import_state_stream(&bytes)
-        .map_err(|e| DeviceError::Transfer("load", e))?;
+    let blobs = stream::decode(&bytes)?
+        .into_iter()
+        .map(|(n, b)| Ok((BlobKind::from_number(n).ok_or(StreamError::BadType(n))?, b)))
+        .collect::<Result<Vec<_>, StreamError>>()?;
+    vtpm.import_all(&blobs)
+        .map_err(|e| DeviceError::Instance("load", e))?;
     log::info!("device state loaded ({} bytes)", bytes.len());
     Ok(())
 }
@@ -243,7 +264,9 @@ impl VhostUserBackend for TpmDevice {
 
     fn reset_device(&self) {
         log::info!("virtio-tpm: device reset: power-cycling the TPM");
-        self.vtpm.reset();
+        if let Err(e) = self.vtpm.reset() {
+            log::error!("virtio-tpm: device reset: {e}");
+        }
     }
 
     fn handle_event(

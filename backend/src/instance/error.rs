@@ -1,0 +1,56 @@
+//! What an instance operation can refuse or fail with. Frontends map these
+//! to their own wire results (the swtpm control channel to its result
+//! codes, vhost-user to a failed transfer, the admin socket to its error
+//! text); the core never speaks a wire format.
+
+use super::BlobKind;
+use crate::engine::TpmResult;
+use crate::migration::session::SessionError;
+use crate::storage::blob::BlobError;
+use crate::storage::StorageError;
+use thiserror::Error;
+use vtpm_common::admin::Phase;
+
+#[derive(Debug, Error)]
+pub enum InstanceError {
+    #[error("the existing TPM state in {dir} cannot be loaded (TPM result {rc:#x}); refusing to start a blank TPM in its place")]
+    BadState { dir: String, rc: TpmResult },
+    #[error("the TPM engine could not start the TPM (result {0:#x}); see earlier errors")]
+    PowerOn(TpmResult),
+    #[error("TPM2_Startup answered {0:#x}")]
+    Startup(u32),
+    #[error("the TPM is not running (send INIT first)")]
+    NotRunning,
+    #[error("the TPM is running (send STOP first)")]
+    Running,
+    #[error("the instance is {0:?}: it runs nothing until the migration completes or is aborted (vtpmctl status)")]
+    Locked(Phase),
+    #[error("locality {0} is out of range (0..=4)")]
+    BadLocality(u8),
+    #[error("the TPM engine failed (result {0:#x})")]
+    Engine(TpmResult),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("cannot take the state directory lock: {0}")]
+    StorageLock(#[source] StorageError),
+    #[error("the state directory lock is held elsewhere: {0}")]
+    LockBusy(#[source] StorageError),
+    #[error("could not persist the received permanent state: {0}")]
+    Persist(#[source] StorageError),
+    #[error(transparent)]
+    Migration(#[from] SessionError),
+    #[error("no migration is prepared for this vTPM (run `vtpmctl outgoing` first); plaintext export needs --allow-plaintext-migration")]
+    ExportNotPrepared,
+    #[error("exporting state still under the state-file key is not supported (request decrypted blobs)")]
+    ExportEncrypted,
+    #[error("the blob is encrypted with a state-file key vtpmd does not have")]
+    ForeignEncrypted,
+    #[error("bad state blob: {0}")]
+    Blob(#[from] BlobError),
+    #[error("there is no {0:?} state to hand out")]
+    NoBlob(BlobKind),
+    #[error("the TPM engine has no information for flags {0:#x}")]
+    NoInfo(u32),
+    #[error("this instance is {0:?}, not waiting for an incoming migration (start it with --migration incoming); its TPM is left as it is")]
+    NotIncoming(Phase),
+}

@@ -1,0 +1,503 @@
+//! The instance core: one vTPM (its engine, state directory and migration
+//! session) and the typed operations every frontend drives. It knows no
+//! wire format: the swtpm control channel, vhost-user and the admin socket
+//! each map their requests onto these calls and [`InstanceError`] onto
+//! their own results.
+//!
+//! ```text
+//!            power_on                          power_off / power_on / shutdown
+//!  Stopped ───────────▶ Running ─────────────────────────────────────────▶ Stopped
+//!    ▲  import_blob, set_buffer_size        process, export_blob, store_volatile,
+//!    └─ allowed only here                   hash_*, established, ...
+//! ```
+//!
+//! Leaving Running sends TPM2_Shutdown(STATE) first (unless the guest's last
+//! command was a Shutdown, or `disable-auto-shutdown`), as swtpm does, so a
+//! reset does not count as a dictionary-attack event. While the migration
+//! session is locked (a source that exported, a destination waiting for its
+//! state) no TPM command runs; see [`crate::migration::session`].
+//!
+//! * [`state_blob`]: export and import of state blobs (sealed or plain).
+//! * [`admin`]: the admin operations (vtpmctl).
+
+mod admin;
+mod error;
+mod state_blob;
+#[cfg(test)]
+mod tests;
+
+pub use error::InstanceError;
+
+use crate::engine::tpm2::{self, StartupType};
+use crate::engine::{BufferSizes, EngineControls, StateType, TpmEngine};
+use crate::migration::session::Session;
+use crate::storage::{StateDir, PERMANENT, VOLATILE};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use vtpm_common::admin::Phase;
+
+/// Largest state blob an import accepts (swtpm's limit).
+pub const MAX_STATE_BLOB: u32 = 512 * 1024;
+/// libtpms's default and largest I/O buffer for TPM 2.
+pub const DEFAULT_BUFFER_SIZE: u32 = 4096;
+
+/// Behaviour switches from the command line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    pub disable_auto_shutdown: bool,
+}
+
+/// How a power-on treats the saved volatile state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InitFlags {
+    /// Delete the volatile state file once the TPM is up.
+    pub delete_volatile: bool,
+}
+
+/// The state blobs an instance hands out and takes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobKind {
+    Permanent,
+    Volatile,
+    SaveState,
+}
+
+impl BlobKind {
+    pub const ALL: [BlobKind; 3] = [BlobKind::Permanent, BlobKind::Volatile, BlobKind::SaveState];
+
+    /// The migration blob number (1, 2, 3), as the sealed format numbers them.
+    pub fn number(self) -> u32 {
+        match self {
+            BlobKind::Permanent => 1,
+            BlobKind::Volatile => 2,
+            BlobKind::SaveState => 3,
+        }
+    }
+
+    pub fn from_number(n: u32) -> Option<BlobKind> {
+        BlobKind::ALL.into_iter().find(|k| k.number() == n)
+    }
+
+    fn state_type(self) -> StateType {
+        match self {
+            BlobKind::Permanent => StateType::Permanent,
+            BlobKind::Volatile => StateType::Volatile,
+            BlobKind::SaveState => StateType::SaveState,
+        }
+    }
+}
+
+/// Everything guarded by the instance lock: the engine, the power flags
+/// and the migration session.
+#[derive(Debug)]
+struct TpmState {
+    tpm: Box<dyn TpmEngine>,
+    running: bool,
+    /// Requested buffer size, re-applied before every power-on.
+    buffer_size: u32,
+    last_was_shutdown: bool,
+    /// A permanent blob was imported since the last power-on: persist it after.
+    permanent_set: bool,
+    session: Session,
+}
+
+/// A vTPM shared by the frontends.
+#[derive(Debug)]
+pub struct Vtpm {
+    state: Mutex<TpmState>,
+    controls: Arc<dyn EngineControls>,
+    store: Arc<StateDir>,
+    opts: Options,
+    running: AtomicBool,
+    established: AtomicBool,
+    io_size: AtomicU32,
+}
+
+type Result<T> = std::result::Result<T, InstanceError>;
+
+impl Vtpm {
+    /// Wraps `tpm` (whose store is `store`) and checks that existing state
+    /// loads.
+    pub fn new(
+        mut tpm: Box<dyn TpmEngine>,
+        store: Arc<StateDir>,
+        opts: Options,
+        session: Session,
+    ) -> Result<Vtpm> {
+        if store.file_of(PERMANENT).exists() {
+            if let Err(rc) = tpm.validate_state(StateType::Permanent) {
+                return Err(InstanceError::BadState {
+                    dir: store.path().display().to_string(),
+                    rc,
+                });
+            }
+        }
+        let size = tpm.set_buffer_size(0).size;
+        Ok(Vtpm {
+            controls: tpm.controls(),
+            state: Mutex::new(TpmState {
+                tpm,
+                running: false,
+                buffer_size: 0,
+                last_was_shutdown: false,
+                permanent_set: false,
+                session,
+            }),
+            store,
+            opts,
+            running: AtomicBool::new(false),
+            established: AtomicBool::new(false),
+            io_size: AtomicU32::new(size),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TpmState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// Whether state files are encrypted at rest (`--key`).
+    pub fn state_encrypted(&self) -> bool {
+        self.store.has_key()
+    }
+
+    /// The migration lifecycle phase.
+    pub fn phase(&self) -> Phase {
+        self.lock().session.phase()
+    }
+
+    /// Largest command or response a frontend may carry.
+    pub fn io_size(&self) -> u32 {
+        self.io_size.load(Ordering::SeqCst)
+    }
+
+    /// The engine's version line, for the start-up log.
+    pub fn describe_engine(&self) -> String {
+        self.lock().tpm.describe()
+    }
+
+    /// Powers the TPM on (as `--flags not-need-init`), optionally followed
+    /// by TPM2_Startup.
+    pub fn start(&self, startup: Option<StartupType>) -> Result<()> {
+        self.power_on(InitFlags::default())?;
+        if let Some(s) = startup {
+            let mut out = Vec::new();
+            self.process(&tpm2::startup_command(s.su()), &mut out);
+            let code = tpm2::response_code(&out);
+            if code != tpm2::RC_SUCCESS && code != tpm2::RC_INITIALIZE {
+                return Err(InstanceError::Startup(code));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one TPM command; the response is left in `out`. A command the
+    /// TPM cannot run now gets a bare TPM_RC_FAILURE response.
+    pub fn process(&self, command: &[u8], out: &mut Vec<u8>) {
+        out.clear();
+        let mut st = self.lock();
+        if !st.running {
+            out.extend_from_slice(&tpm2::error_response(tpm2::RC_FAILURE));
+            return;
+        }
+        if !st.session.unlocked() {
+            log::warn!("TPM command refused: the instance is {:?}", st.session.phase());
+            out.extend_from_slice(&tpm2::error_response(tpm2::RC_FAILURE));
+            return;
+        }
+        if self.store.is_fenced() {
+            // A TPM command after an outgoing state hand-off: the VM kept
+            // running here, so this copy is the live one again.
+            log::warn!("TPM command after a state export: taking the state back");
+            self.store.set_fenced(false);
+        }
+        let max = self.io_size() as usize;
+        match st.tpm.process(command) {
+            Ok(resp) if resp.len() >= tpm2::HEADER_LEN && resp.len() <= max => {
+                out.extend_from_slice(resp);
+            }
+            Ok(resp) => {
+                log::error!(
+                    "the engine produced a {}-byte response (limit {max}); answering TPM_RC_FAILURE",
+                    resp.len()
+                );
+                out.extend_from_slice(&tpm2::error_response(tpm2::RC_FAILURE));
+            }
+            Err(rc) => {
+                log::error!("the engine failed to process a command: {rc:#x}");
+                out.extend_from_slice(&tpm2::error_response(tpm2::RC_FAILURE));
+            }
+        }
+        let code = tpm2::command_code(command);
+        st.last_was_shutdown =
+            code == Some(tpm2::CC_SHUTDOWN) && tpm2::response_code(out) == tpm2::RC_SUCCESS;
+    }
+
+    /// Powers the TPM on, or power-cycles a running one (CMD_INIT). A
+    /// destination waiting for its migration unlocks here, if the state it
+    /// received verified.
+    pub fn power_on(&self, flags: InitFlags) -> Result<()> {
+        let mut st = self.lock();
+        if !st.session.unlocked() {
+            if st.session.phase() != Phase::DestinationLocked {
+                return Err(InstanceError::Locked(st.session.phase()));
+            }
+            return self.unlock_destination(&mut st, flags);
+        }
+        self.power_off_locked(&mut st);
+        self.power_on_locked(&mut st, flags)
+    }
+
+    /// The migrated state verified: load it and start.
+    fn unlock_destination(&self, st: &mut TpmState, flags: InitFlags) -> Result<()> {
+        let (perm, vol, id) = st.session.take_verified()?;
+        self.power_off_locked(st);
+        let set = st
+            .tpm
+            .set_state(StateType::Permanent, Some(&perm))
+            .and_then(|()| {
+                st.tpm
+                    .set_state(StateType::Volatile, (!vol.is_empty()).then_some(&vol[..]))
+            });
+        if let Err(r) = set {
+            log::error!("the engine rejected the migrated state ({r:#x}); staying locked");
+            st.session.relock_destination();
+            return Err(InstanceError::Engine(r));
+        }
+        st.permanent_set = true;
+        match self.power_on_locked(st, flags) {
+            Ok(()) => {
+                log::info!(
+                    "migration {}: digest verified, destination unlocked",
+                    vtpm_common::hex::encode(&id)
+                );
+                Ok(())
+            }
+            Err(e) => {
+                st.session.relock_destination();
+                Err(e)
+            }
+        }
+    }
+
+    fn power_on_locked(&self, st: &mut TpmState, flags: InitFlags) -> Result<()> {
+        if st.buffer_size != 0 {
+            let want = st.buffer_size;
+            st.tpm.set_buffer_size(want);
+        }
+        if let Err(r) = st.tpm.main_init() {
+            st.tpm.terminate();
+            return Err(InstanceError::PowerOn(r));
+        }
+        st.running = true;
+        st.last_was_shutdown = false;
+        self.running.store(true, Ordering::SeqCst);
+        let size = st.tpm.set_buffer_size(0).size;
+        self.io_size.store(size, Ordering::SeqCst);
+        if std::mem::take(&mut st.permanent_set) {
+            // The state was imported: make it this directory's state now, or
+            // a crash would bring back the old one.
+            if let Err(e) = self.persist_permanent(st) {
+                self.power_off_locked(st);
+                return Err(e);
+            }
+        }
+        if flags.delete_volatile {
+            if let Err(err) = self.store.remove_blob(VOLATILE) {
+                log::warn!("power-on: could not delete the volatile state: {err}");
+            }
+        }
+        self.refresh_established(st);
+        log::info!("TPM powered on (I/O buffer {size} bytes)");
+        Ok(())
+    }
+
+    fn persist_permanent(&self, st: &mut TpmState) -> Result<()> {
+        let s = st
+            .tpm
+            .get_state(StateType::Permanent)
+            .map_err(InstanceError::Engine)?;
+        // The engine usually stored it itself while starting up: then it
+        // is on disk already, durably.
+        let on_disk = self.store.read_blob(PERMANENT).ok().flatten();
+        if on_disk.as_deref().map(|d| &d[..]) == Some(&s[..]) {
+            return Ok(());
+        }
+        self.store
+            .write_blob(PERMANENT, &s)
+            .map_err(InstanceError::Persist)
+    }
+
+    /// Stops the TPM (CMD_STOP, process exit).
+    pub fn power_off(&self) {
+        let mut st = self.lock();
+        self.power_off_locked(&mut st);
+    }
+
+    fn power_off_locked(&self, st: &mut TpmState) {
+        if !st.running {
+            return;
+        }
+        if !self.opts.disable_auto_shutdown && !st.last_was_shutdown && !self.store.is_fenced() {
+            for su in [tpm2::SU_STATE, tpm2::SU_CLEAR] {
+                let rc = st
+                    .tpm
+                    .process(&tpm2::shutdown_command(su))
+                    .map(tpm2::response_code);
+                if matches!(rc, Ok(tpm2::RC_SUCCESS | tpm2::RC_INITIALIZE)) {
+                    break;
+                }
+            }
+        }
+        st.tpm.terminate();
+        st.running = false;
+        self.running.store(false, Ordering::SeqCst);
+        log::info!("TPM powered off");
+    }
+
+    /// The VMM is quitting (CMD_SHUTDOWN). After a completed sealed export
+    /// this is the end of a successful migration, so the source copy is
+    /// erased and the tombstone left.
+    pub fn shutdown(&self) {
+        let mut st = self.lock();
+        if let Some(t) = st.session.shutdown_after_export() {
+            self.erase_for_migration(&t);
+        }
+        self.power_off_locked(&mut st);
+    }
+
+    /// A guest reset reported by a frontend that has no CMD_INIT
+    /// (vhost-user RESET_DEVICE): power-cycle the TPM. While the instance is
+    /// locked for a migration nothing happens.
+    pub fn reset(&self) -> Result<()> {
+        let phase = self.phase();
+        if !matches!(phase, Phase::Running | Phase::Prepared) {
+            log::warn!("device reset ignored: the instance is locked for a migration");
+            return Err(InstanceError::Locked(phase));
+        }
+        self.power_on(InitFlags::default())
+    }
+
+    /// Runs `f` on the engine if the TPM is running, then refreshes the
+    /// established flag.
+    fn running_op<T>(
+        &self,
+        f: impl FnOnce(&mut dyn TpmEngine) -> std::result::Result<T, u32>,
+    ) -> Result<T> {
+        let mut st = self.lock();
+        if !st.running {
+            return Err(InstanceError::NotRunning);
+        }
+        let r = f(st.tpm.as_mut()).map_err(InstanceError::Engine);
+        self.refresh_established(&mut st);
+        r
+    }
+
+    fn refresh_established(&self, st: &mut TpmState) {
+        if st.running {
+            let v = st.tpm.established().unwrap_or(false);
+            self.established.store(v, Ordering::SeqCst);
+        }
+    }
+
+    /// The TPM-established flag (answered without waiting for a command).
+    pub fn established(&self) -> Result<bool> {
+        if !self.is_running() {
+            return Err(InstanceError::NotRunning);
+        }
+        Ok(self.established.load(Ordering::SeqCst))
+    }
+
+    /// The locality for the following commands (answered without waiting).
+    pub fn set_locality(&self, loc: u8) -> Result<()> {
+        if loc > 4 {
+            return Err(InstanceError::BadLocality(loc));
+        }
+        self.controls.set_locality(loc);
+        Ok(())
+    }
+
+    /// Abandons the command in flight (answered without waiting for it).
+    pub fn cancel(&self) -> Result<()> {
+        if !self.is_running() {
+            return Err(InstanceError::NotRunning);
+        }
+        self.controls.cancel();
+        Ok(())
+    }
+
+    pub fn hash_start(&self) -> Result<()> {
+        self.running_op(|t| t.hash_start())
+    }
+
+    pub fn hash_data(&self, data: &[u8]) -> Result<()> {
+        self.running_op(|t| t.hash_data(data))
+    }
+
+    pub fn hash_end(&self) -> Result<()> {
+        self.running_op(|t| t.hash_end())
+    }
+
+    /// Clears the TPM-established flag as locality `loc`.
+    pub fn reset_established(&self, loc: u8) -> Result<()> {
+        if loc > 4 {
+            return Err(InstanceError::BadLocality(loc));
+        }
+        self.running_op(|t| t.reset_established(loc))
+    }
+
+    /// Writes the volatile state to the state directory now.
+    pub fn store_volatile(&self) -> Result<()> {
+        let mut st = self.lock();
+        if !st.running {
+            return Err(InstanceError::NotRunning);
+        }
+        let v = st.tpm.volatile_store().map_err(InstanceError::Engine)?;
+        Ok(self.store.write_blob(VOLATILE, &v)?)
+    }
+
+    /// Sets (only while stopped) or queries (`0`) the I/O buffer size.
+    pub fn set_buffer_size(&self, wanted: u32) -> Result<BufferSizes> {
+        let mut st = self.lock();
+        if wanted > 0 && st.running {
+            return Err(InstanceError::Running);
+        }
+        let sizes = st.tpm.set_buffer_size(wanted);
+        if wanted > 0 {
+            st.buffer_size = sizes.size;
+            self.io_size.store(sizes.size, Ordering::SeqCst);
+        }
+        Ok(sizes)
+    }
+
+    /// The engine's JSON self-description for `flags`.
+    pub fn info(&self, flags: u32) -> Result<String> {
+        self.lock().tpm.info(flags).ok_or(InstanceError::NoInfo(flags))
+    }
+
+    /// Takes the state directory lock again (QEMU on the source after a
+    /// failed migration, or on a destination with shared storage); a source
+    /// locked for a migration resumes.
+    pub fn lock_storage(&self, retries: u32) -> Result<()> {
+        if self.lock().session.resume_source() {
+            // The VM resumed here after a failed migration: carry on.
+            self.store.set_fenced(false);
+        }
+        let mut attempt = 0;
+        loop {
+            match self.store.lock() {
+                Ok(()) => {
+                    self.store.set_fenced(false);
+                    return Ok(());
+                }
+                Err(err) if attempt == retries => return Err(InstanceError::LockBusy(err)),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+            attempt += 1;
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! The admin protocol between vtpmd's admin socket (`--admin path=SOCK`)
+//! and vtpmctl, defined once: typed requests, typed replies, the envelope
+//! and a client.
+//!
+//! ```text
+//! request:  one JSON object per line, tagged by "op"
+//!           {"op":"outgoing","peer_key":"-----BEGIN PUBLIC KEY-----...","migration_id":"ab12..."}
+//! reply:    {"ok":true,"result":{...}}   or   {"ok":false,"error":"what went wrong and the fix"}
+//! ```
+//!
+//! | op | arguments | result |
+//! |---|---|---|
+//! | `status` | | [`Status`] |
+//! | `incoming-info` | | [`IncomingInfo`] |
+//! | `incoming-key` | `wrapped_key` (hex) | [`KeysPreloaded`] |
+//! | `outgoing` | `peer_key` (PEM), `migration_id` (hex) | [`Prepared`] |
+//! | `abort` | | [`Status`] |
+//! | `receipt` | | [`Receipt`] |
+//! | `complete` | `receipt` ([`Receipt`]) | [`Tombstone`] |
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Longest request line the daemon accepts.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Longest reply line the client accepts.
+pub const MAX_REPLY: usize = 1024 * 1024;
+
+/// One admin request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Lifecycle state, migration id and digest.
+    Status,
+    /// Destination: issue a fresh single-use migration id.
+    IncomingInfo,
+    /// Destination: unwrap the migration's keys ahead of the stream.
+    IncomingKey { wrapped_key: String },
+    /// Source: prepare a migration to the destination that issued the id.
+    Outgoing {
+        peer_key: String,
+        migration_id: String,
+    },
+    /// Source: abandon a prepared or exported migration.
+    Abort,
+    /// Destination: the signed receipt of the completed migration.
+    Receipt,
+    /// Source: check the receipt, then erase the local copy.
+    Complete { receipt: Receipt },
+}
+
+impl Request {
+    /// The op name, as it appears on the wire and in logs.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::IncomingInfo => "incoming-info",
+            Request::IncomingKey { .. } => "incoming-key",
+            Request::Outgoing { .. } => "outgoing",
+            Request::Abort => "abort",
+            Request::Receipt => "receipt",
+            Request::Complete { .. } => "complete",
+        }
+    }
+
+    /// Parses one request line; the error says what a valid one looks like.
+    pub fn parse(line: &str) -> Result<Request, String> {
+        serde_json::from_str(line).map_err(|e| {
+            format!(
+                "bad request ({e}); expected {{\"op\": \"status\" | \"incoming-info\" | \
+                 \"incoming-key\" | \"outgoing\" | \"abort\" | \"receipt\" | \"complete\", ...}}"
+            )
+        })
+    }
+}
+
+/// The lifecycle states of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Running,
+    Prepared,
+    SourceLocked,
+    Exported,
+    MigratedOut,
+    DestinationLocked,
+}
+
+/// `status` and `abort`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: Phase,
+    pub migration_id: Option<String>,
+    pub digest: Option<String>,
+    pub peer_key: Option<String>,
+    pub host_key: Option<String>,
+    /// Whether the TPM is powered on (false once migrated out).
+    pub tpm_running: bool,
+}
+
+/// `incoming-info`: what the source's operator needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingInfo {
+    pub migration_id: String,
+    /// This host's public key, PEM (SubjectPublicKeyInfo).
+    pub public_key: String,
+    pub key_fingerprint: String,
+}
+
+/// `incoming-key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeysPreloaded {
+    pub state: Phase,
+    pub migration_id: String,
+    /// Always "unwrapped".
+    pub keys: String,
+}
+
+/// `outgoing`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepared {
+    pub state: Phase,
+    pub migration_id: String,
+    /// Fingerprint of the destination's key.
+    pub peer_key: String,
+    /// The instance keys wrapped to the destination, hex; not a secret.
+    pub wrapped_key: String,
+}
+
+/// The destination's signed acknowledgement of a migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Receipt {
+    pub migration_id: String,
+    pub digest: String,
+    pub destination_key: String,
+    pub signature: String,
+}
+
+/// What a source leaves in its state directory after the hand-over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub migrated_out: bool,
+    pub migration_id: String,
+    pub destination_key: String,
+    pub digest: String,
+    /// "receipt" or "shutdown-after-export".
+    pub confirmed_by: String,
+    pub unix_time: u64,
+}
+
+/// A successful reply's result, whichever request it answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    Status(Status),
+    IncomingInfo(IncomingInfo),
+    KeysPreloaded(KeysPreloaded),
+    Prepared(Prepared),
+    Receipt(Receipt),
+    Tombstone(Tombstone),
+}
+
+/// The reply envelope on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<T>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The reply line (without its newline) for `r`.
+pub fn encode_reply(r: Result<Reply, String>) -> String {
+    let env = match r {
+        Ok(v) => Envelope {
+            ok: true,
+            result: Some(v),
+            error: None,
+        },
+        Err(e) => Envelope {
+            ok: false,
+            result: None,
+            error: Some(e),
+        },
+    };
+    serde_json::to_string(&env).unwrap_or_else(|_| {
+        "{\"ok\":false,\"error\":\"internal: reply not serialisable\"}".to_string()
+    })
+}
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot reach the admin socket {path}: {source} (is vtpmd running with --admin path={path}?)")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("admin socket I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{path} did not answer in the admin protocol (is it the control socket? vtpmctl needs the socket given to vtpmd --admin path=...): {reply}")]
+    NotAdmin { path: String, reply: String },
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A connection to one vtpmd admin socket.
+#[derive(Debug)]
+pub struct Client {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        let s = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(Client {
+            path: path.to_path_buf(),
+            writer: s.try_clone()?,
+            reader: BufReader::new(s),
+        })
+    }
+
+    /// Sends `req` and decodes the result as `T`.
+    pub fn call<T: DeserializeOwned>(&mut self, req: &Request) -> Result<T, ClientError> {
+        let line = serde_json::to_string(req).map_err(|e| ClientError::Refused(e.to_string()))?;
+        self.writer.write_all(format!("{line}\n").as_bytes())?;
+        let mut reply = String::new();
+        (&mut self.reader)
+            .take(MAX_REPLY as u64)
+            .read_line(&mut reply)?;
+        let not_admin = || ClientError::NotAdmin {
+            path: self.path.display().to_string(),
+            reply: reply.chars().take(80).collect::<String>(),
+        };
+        let env: Envelope<serde_json::Value> =
+            serde_json::from_str(reply.trim()).map_err(|_| not_admin())?;
+        match env {
+            Envelope {
+                ok: true,
+                result: Some(v),
+                ..
+            } => serde_json::from_value(v).map_err(|_| not_admin()),
+            Envelope { ok: false, error, .. } => Err(ClientError::Refused(
+                error.unwrap_or_else(|| "refused without a reason".into()),
+            )),
+            _ => Err(not_admin()),
+        }
+    }
+}
+
+/// Connects, sends one request and returns its result.
+pub fn call<T: DeserializeOwned>(path: &Path, req: &Request) -> Result<T, ClientError> {
+    Client::connect(path)?.call(req)
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_on_the_wire() {
+        let r = Request::parse(r#"{"op":"outgoing","peer_key":"P","migration_id":"00"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Outgoing {
+                peer_key: "P".into(),
+                migration_id: "00".into()
+            }
+        );
+        assert_eq!(r.op(), "outgoing");
+        assert_eq!(
+            serde_json::to_string(&Request::IncomingInfo).unwrap(),
+            r#"{"op":"incoming-info"}"#
+        );
+        for bad in [
+            "not json",
+            "{}",
+            r#"{"op": 5}"#,
+            r#"{"op": "explode"}"#,
+            r#"{"op": "outgoing"}"#,
+            r#"{"op": "status", "extra": 1}"#,
+            "[1,2]",
+            "",
+        ] {
+            let e = Request::parse(bad).unwrap_err();
+            assert!(e.contains("expected {\"op\""), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn replies_on_the_wire() {
+        let t = Tombstone {
+            migrated_out: true,
+            migration_id: "aa".into(),
+            destination_key: "bb".into(),
+            digest: "cc".into(),
+            confirmed_by: "receipt".into(),
+            unix_time: 1,
+        };
+        let line = encode_reply(Ok(Reply::Tombstone(t.clone())));
+        let env: Envelope<Tombstone> = serde_json::from_str(&line).unwrap();
+        assert!(env.ok);
+        assert_eq!(env.result, Some(t));
+        let line = encode_reply(Err("no".into()));
+        assert_eq!(line, r#"{"ok":false,"error":"no"}"#);
+        let s: Status = serde_json::from_str(
+            r#"{"state":"migrated-out","migration_id":null,"digest":null,"peer_key":null,"host_key":null,"tpm_running":false}"#,
+        )
+        .unwrap();
+        assert_eq!(s.state, Phase::MigratedOut);
+    }
+}
