@@ -18,7 +18,9 @@ fn main() -> ExitCode {
                 return print_states(&args.instance);
             }
             let cfg = args.validate();
-            launch(cfg, |c| (&c.instance, vtpmd::daemon::swtpm::run as fn(&_) -> _))
+            launch(cfg, |c| {
+                (&c.instance, vtpmd::daemon::swtpm::run as fn(&_) -> _)
+            })
         }
         Command::VhostUser(args) => {
             if args.print_capabilities {

@@ -1,10 +1,10 @@
 //! vtpmd driven over its real control socket the way QEMU drives it:
 //! SET_DATAFD with a socketpair, start-up, reset, migration blobs, reconnect.
 
-mod common;
 use common::*;
 use std::io::Write;
 use std::time::{Duration, Instant};
+use vtpm_test_support as common;
 
 const PCR: u32 = 16;
 const NV: u32 = 0x0150_0016;

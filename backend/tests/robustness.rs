@@ -2,12 +2,12 @@
 //! unknown codes, commands in the wrong state. Each gets the protocol's
 //! error, vtpmd keeps serving, and the TPM state is intact afterwards.
 
-mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
+use vtpm_test_support as common;
 
 const PCR: u32 = 16;
 const NV: u32 = 0x0150_0020;

@@ -2,10 +2,10 @@
 //! encryption, refusal to replace unreadable state, and crash safety under
 //! kill -9.
 
-mod common;
 use common::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use vtpm_test_support as common;
 
 const NV: u32 = 0x0150_0030;
 

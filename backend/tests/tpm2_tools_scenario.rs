@@ -3,12 +3,12 @@
 //! run, against swtpm as a differential check. Each backend is restarted on
 //! its state directory between the two halves.
 
-mod common;
 use std::collections::BTreeMap;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use vtpm_test_support as common;
 
 fn scenario() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-tests/scenario/tpm2-scenario.sh")

@@ -2,13 +2,13 @@
 //! frontend: real vtpmd processes, a memfd-backed guest memory table, a
 //! split virtqueue, kick and call eventfds, and real TPM 2.0 commands.
 
-mod common;
-#[path = "common/vmm.rs"]
-mod vmm;
+use vtpm_common::admin::{self, IncomingInfo, Prepared, Receipt, Request, Status, Tombstone};
+use vtpm_test_support as common;
+use vtpm_test_support::vmm;
 
 use common::{cmd, state_dir, Daemon};
 use sha2::{Digest, Sha256};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -309,25 +309,10 @@ fn reconnect_keeps_the_tpm_state() {
     assert_eq!(nv_secret(&mut v, 21), b"kept across frontends");
 }
 
-/// One JSON request on an admin socket.
-fn admin(sock: &Path, req: serde_json::Value) -> serde_json::Value {
-    let mut s = UnixStream::connect(sock).expect("admin socket");
-    writeln!(s, "{req}").unwrap();
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap()
-}
-
-fn admin_ok(sock: &Path, req: serde_json::Value) -> serde_json::Value {
-    let r = admin(sock, req.clone());
-    assert_eq!(r["ok"], true, "{req} -> {r}");
-    r["result"].clone()
-}
-
 /// A host key in `dir` (as `vtpmctl keygen` writes it).
 fn host_key(dir: &Path) -> String {
     std::fs::create_dir_all(dir).unwrap();
-    vtpmd::migration::keys::HostKey::generate()
+    vtpm_common::hostkey::HostKey::generate()
         .unwrap()
         .save(dir)
         .unwrap();
@@ -336,12 +321,16 @@ fn host_key(dir: &Path) -> String {
 
 /// Prepares `src` to migrate to `dst`; returns the migration id.
 fn prepare(src: &Path, dst: &Path) -> String {
-    let info = admin_ok(dst, serde_json::json!({"op": "incoming-info"}));
-    admin_ok(
+    let info: IncomingInfo = admin::call(dst, &Request::IncomingInfo).unwrap();
+    let _: Prepared = admin::call(
         src,
-        serde_json::json!({"op": "outgoing", "peer_key": info["public_key"], "migration_id": info["migration_id"]}),
-    );
-    info["migration_id"].as_str().unwrap().to_string()
+        &Request::Outgoing {
+            peer_key: info.public_key,
+            migration_id: info.migration_id.clone(),
+        },
+    )
+    .unwrap();
+    info.migration_id
 }
 
 #[test]
@@ -417,7 +406,7 @@ fn sealed_device_state_migration_between_two_processes() {
 
     // The operator retries: a new id from the destination, the source
     // released and prepared again.
-    admin_ok(&src_admin, serde_json::json!({"op": "abort"}));
+    let _: Status = admin::call(&src_admin, &Request::Abort).unwrap();
     let _id = prepare(&src_admin, &dst_admin);
     a.stop_ring();
     let (stream, saved) = a.save_state();
@@ -435,11 +424,8 @@ fn sealed_device_state_migration_between_two_processes() {
     assert_eq!(pcr16(&mut b), value, "destination unharmed by the replay");
 
     // The destination's receipt lets the source erase its copy.
-    let receipt = admin_ok(&dst_admin, serde_json::json!({"op": "receipt"}));
-    admin_ok(
-        &src_admin,
-        serde_json::json!({"op": "complete", "receipt": receipt}),
-    );
+    let receipt: Receipt = admin::call(&dst_admin, &Request::Receipt).unwrap();
+    let _: Tombstone = admin::call(&src_admin, &Request::Complete { receipt }).unwrap();
     let left: Vec<_> = std::fs::read_dir(ts.path().join("state"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

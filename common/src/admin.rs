@@ -170,9 +170,9 @@ pub enum Reply {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope<T> {
     pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<T>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
@@ -252,7 +252,9 @@ impl Client {
                 result: Some(v),
                 ..
             } => serde_json::from_value(v).map_err(|_| not_admin()),
-            Envelope { ok: false, error, .. } => Err(ClientError::Refused(
+            Envelope {
+                ok: false, error, ..
+            } => Err(ClientError::Refused(
                 error.unwrap_or_else(|| "refused without a reason".into()),
             )),
             _ => Err(not_admin()),
@@ -264,7 +266,6 @@ impl Client {
 pub fn call<T: DeserializeOwned>(path: &Path, req: &Request) -> Result<T, ClientError> {
     Client::connect(path)?.call(req)
 }
-
 
 #[cfg(test)]
 mod tests {

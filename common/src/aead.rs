@@ -167,7 +167,9 @@ mod tests {
         );
         let other = AeadKey::from_parts([1; 32], [2; 32]);
         assert_ne!(other.tag(&[&ct]), k.tag(&[&ct]));
-        assert!(other.decrypt(&iv, &ct).is_err() || other.decrypt(&iv, &ct).unwrap()[..] != [7; 100]);
+        assert!(
+            other.decrypt(&iv, &ct).is_err() || other.decrypt(&iv, &ct).unwrap()[..] != [7; 100]
+        );
         assert_eq!(k.decrypt(&iv, &ct[..15]), Err(AeadError::BadPadding));
     }
 }

@@ -4,8 +4,11 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use vtpmctl::{request, CtlError};
-use vtpmd::migration::keys::HostKey;
+use vtpm_common::admin::{
+    IncomingInfo, KeysPreloaded, Prepared, Receipt, Request, Status, Tombstone,
+};
+use vtpm_common::hostkey::HostKey;
+use vtpmctl::{call, CtlError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -83,47 +86,56 @@ fn read(path: &PathBuf) -> Result<String, CtlError> {
         .map_err(|e| CtlError::Input(format!("cannot read {}: {e}", path.display())))
 }
 
+fn json<T: serde::Serialize>(v: T) -> Result<serde_json::Value, CtlError> {
+    serde_json::to_value(v).map_err(|e| CtlError::Input(e.to_string()))
+}
+
 fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
-    use serde_json::json;
     match cmd {
         Cmd::Keygen { out } => {
             std::fs::create_dir_all(&out)
                 .map_err(|e| CtlError::Input(format!("cannot create {}: {e}", out.display())))?;
             let key = HostKey::generate().map_err(|e| CtlError::Input(e.to_string()))?;
             key.save(&out).map_err(|e| CtlError::Input(e.to_string()))?;
-            Ok(json!({
+            Ok(serde_json::json!({
                 "private_key": out.join("host-key.pem"),
                 "public_key": out.join("host-key.pub.pem"),
                 "fingerprint": key.fingerprint(),
             }))
         }
-        Cmd::IncomingInfo { admin } => request(&admin, &json!({ "op": "incoming-info" })),
-        Cmd::IncomingKey { admin, wrapped_key } => request(
+        Cmd::IncomingInfo { admin } => json(call::<IncomingInfo>(&admin, &Request::IncomingInfo)?),
+        Cmd::IncomingKey { admin, wrapped_key } => json(call::<KeysPreloaded>(
             &admin,
-            &json!({ "op": "incoming-key", "wrapped_key": wrapped_key }),
-        ),
+            &Request::IncomingKey { wrapped_key },
+        )?),
         Cmd::Outgoing {
             admin,
             peer_key,
             migration_id,
-        } => request(
+        } => json(call::<Prepared>(
             &admin,
-            &json!({ "op": "outgoing", "peer_key": read(&peer_key)?, "migration_id": migration_id }),
-        ),
-        Cmd::Status { admin } => request(&admin, &json!({ "op": "status" })),
+            &Request::Outgoing {
+                peer_key: read(&peer_key)?,
+                migration_id,
+            },
+        )?),
+        Cmd::Status { admin } => json(call::<Status>(&admin, &Request::Status)?),
         Cmd::Receipt { admin, out } => {
-            let r = request(&admin, &json!({ "op": "receipt" }))?;
+            let r = json(call::<Receipt>(&admin, &Request::Receipt)?)?;
             std::fs::write(&out, format!("{r:#}\n"))
                 .map_err(|e| CtlError::Input(format!("cannot write {}: {e}", out.display())))?;
             Ok(r)
         }
         Cmd::Complete { admin, receipt } => {
-            let r: serde_json::Value = serde_json::from_str(&read(&receipt)?).map_err(|e| {
+            let r: Receipt = serde_json::from_str(&read(&receipt)?).map_err(|e| {
                 CtlError::Input(format!("{} is not a receipt: {e}", receipt.display()))
             })?;
-            request(&admin, &json!({ "op": "complete", "receipt": r }))
+            json(call::<Tombstone>(
+                &admin,
+                &Request::Complete { receipt: r },
+            )?)
         }
-        Cmd::Abort { admin } => request(&admin, &json!({ "op": "abort" })),
+        Cmd::Abort { admin } => json(call::<Status>(&admin, &Request::Abort)?),
     }
 }
 

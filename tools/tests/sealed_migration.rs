@@ -3,10 +3,9 @@
 //! attack matrix: every tampered, dropped, spliced, replayed, misdirected or
 //! plaintext stream must fail closed.
 
-#[path = "../../backend/tests/common/mod.rs"]
-mod common;
 use common::*;
-use std::io::Read;
+use vtpm_test_support as common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -76,38 +75,32 @@ impl Node {
 
 /// Fetches the three blobs as QEMU's pre_save does.
 fn get_blobs(c: &mut Ctrl) -> Vec<(u32, Vec<u8>)> {
-    (1u32..=3)
-        .map(|ty| {
-            let mut body = 1u32.to_be_bytes().to_vec();
-            body.extend_from_slice(&ty.to_be_bytes());
-            body.extend_from_slice(&0u32.to_be_bytes());
-            let hdr = c.cmd(0x0c, &body, 16);
-            assert_eq!(be32(&hdr, 0), 0, "GET_STATEBLOB {ty}");
-            assert_eq!(be32(&hdr, 8), be32(&hdr, 12));
-            let mut blob = vec![0u8; be32(&hdr, 12) as usize];
-            c.s.read_exact(&mut blob).unwrap();
-            assert!(!blob.is_empty(), "blob {ty} must never be empty");
-            (ty, blob)
+    common::blobs::get_blobs(&mut c.s)
+        .into_iter()
+        .map(|b| {
+            assert_eq!(b.result, 0, "GET_STATEBLOB {}", b.blob_type);
+            assert!(
+                !b.data.is_empty(),
+                "blob {} must never be empty",
+                b.blob_type
+            );
+            (b.blob_type, b.data)
         })
         .collect()
 }
 
-/// QEMU's post_load on a destination: STOP, SET x3 (skipping empty ones),
-/// INIT(DELETE_VOLATILE). Returns the INIT result (or the first SET error).
+/// QEMU's post_load on a destination (see `blobs::put_blobs`).
 fn put_blobs(c: &mut Ctrl, blobs: &[(u32, Vec<u8>)]) -> u32 {
-    assert_eq!(c.result(0x0e, &[]), 0);
-    for (ty, blob) in blobs.iter().filter(|(_, b)| !b.is_empty()) {
-        let mut msg = 0x0du32.to_be_bytes().to_vec();
-        msg.extend_from_slice(&0u32.to_be_bytes());
-        msg.extend_from_slice(&ty.to_be_bytes());
-        msg.extend_from_slice(&(blob.len() as u32).to_be_bytes());
-        msg.extend_from_slice(blob);
-        let r = be32(&c.raw(&msg, 4), 0);
-        if r != 0 {
-            return r;
-        }
-    }
-    c.result(0x02, &[0, 0, 0, 1])
+    let blobs: Vec<common::blobs::StateBlob> = blobs
+        .iter()
+        .map(|(t, d)| common::blobs::StateBlob {
+            blob_type: *t,
+            flags: 0,
+            result: 0,
+            data: d.clone(),
+        })
+        .collect();
+    common::blobs::put_blobs(&mut c.s, &blobs)
 }
 
 /// A running source TPM with NV and PCR contents; returns the PCR value.

@@ -160,7 +160,9 @@ impl Host {
         }
         if let Some(l) = self.admin.take() {
             let v = self.vtpm.clone();
-            spawn("admin-listen", move || crate::frontend::admin::serve_listener(l, v))?;
+            spawn("admin-listen", move || {
+                crate::frontend::admin::serve_listener(l, v)
+            })?;
         }
         let tx = self.exits.clone();
         let mut signals =

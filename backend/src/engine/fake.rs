@@ -4,6 +4,7 @@
 //! * `main_init` loads "permall" through the [`NvStore`] (or a blob handed
 //!   over with `set_state`, which it then stores itself, as libtpms does),
 //!   and manufactures a new state when there is none;
+//! * a saved or handed-over volatile state resumes a started TPM;
 //! * TPM2_Startup, TPM2_Shutdown and TPM2_NV_Write (which appends its
 //!   parameter bytes to the permanent state and stores it) are understood;
 //!   every other command succeeds with a bare header;
@@ -139,7 +140,14 @@ impl TpmEngine for FakeEngine {
             }
             _ if !self.started => Ok(self.respond(tpm2::RC_INITIALIZE)),
             tpm2::CC_SHUTDOWN => {
-                self.volatile = b"shutdown-state".to_vec();
+                // As TPM2_Shutdown(STATE) does, leave a state to resume.
+                if self
+                    .store
+                    .store("volatilestate", b"shutdown-state")
+                    .is_err()
+                {
+                    return Ok(self.respond(tpm2::RC_FAILURE));
+                }
                 Ok(self.respond(tpm2::RC_SUCCESS))
             }
             CC_NV_WRITE => {
@@ -210,6 +218,8 @@ impl TpmEngine for FakeEngine {
     fn get_state(&mut self, st: StateType) -> Result<Vec<u8>, TpmResult> {
         match st {
             StateType::Permanent if self.running => Ok(self.permanent.clone()),
+            // The live volatile state of a started TPM resumes as started.
+            StateType::Volatile if self.running && self.started => Ok(b"live-volatile".to_vec()),
             StateType::Volatile if self.running => Ok(self.volatile.clone()),
             StateType::Permanent => self
                 .store

@@ -41,7 +41,9 @@ pub enum InstanceError {
     Migration(#[from] SessionError),
     #[error("no migration is prepared for this vTPM (run `vtpmctl outgoing` first); plaintext export needs --allow-plaintext-migration")]
     ExportNotPrepared,
-    #[error("exporting state still under the state-file key is not supported (request decrypted blobs)")]
+    #[error(
+        "exporting state still under the state-file key is not supported (request decrypted blobs)"
+    )]
     ExportEncrypted,
     #[error("the blob is encrypted with a state-file key vtpmd does not have")]
     ForeignEncrypted,

@@ -205,7 +205,10 @@ impl Vtpm {
             return;
         }
         if !st.session.unlocked() {
-            log::warn!("TPM command refused: the instance is {:?}", st.session.phase());
+            log::warn!(
+                "TPM command refused: the instance is {:?}",
+                st.session.phase()
+            );
             out.extend_from_slice(&tpm2::error_response(tpm2::RC_FAILURE));
             return;
         }
@@ -476,7 +479,10 @@ impl Vtpm {
 
     /// The engine's JSON self-description for `flags`.
     pub fn info(&self, flags: u32) -> Result<String> {
-        self.lock().tpm.info(flags).ok_or(InstanceError::NoInfo(flags))
+        self.lock()
+            .tpm
+            .info(flags)
+            .ok_or(InstanceError::NoInfo(flags))
     }
 
     /// Takes the state directory lock again (QEMU on the source after a

@@ -20,7 +20,9 @@ use rsa::RsaPublicKey;
 use std::path::PathBuf;
 use std::sync::Arc;
 use thiserror::Error;
-use vtpm_common::admin::{IncomingInfo, KeysPreloaded, Phase, Prepared, Receipt, Status, Tombstone};
+use vtpm_common::admin::{
+    IncomingInfo, KeysPreloaded, Phase, Prepared, Receipt, Status, Tombstone,
+};
 use vtpm_common::hex;
 use vtpm_common::hostkey::{self as keys, HostKey, KeyError};
 use zeroize::Zeroizing;
@@ -35,11 +37,15 @@ pub enum SessionError {
     AlreadyReceiving,
     #[error("not waiting for an incoming migration with an issued id (run vtpmctl incoming-info first), or its state is already arriving")]
     NoIssuedId,
-    #[error("'wrapped_key' is not a hex string (pass the wrapped_key that vtpmctl outgoing printed)")]
+    #[error(
+        "'wrapped_key' is not a hex string (pass the wrapped_key that vtpmctl outgoing printed)"
+    )]
     BadWrappedKey,
     #[error("no random numbers from the OS")]
     Random,
-    #[error("cannot prepare a migration while {0:?} (vtpmctl abort first, or wait for the running one)")]
+    #[error(
+        "cannot prepare a migration while {0:?} (vtpmctl abort first, or wait for the running one)"
+    )]
     CannotPrepare(Phase),
     #[error("the peer key is this host's own key (pass the destination's public_key from its vtpmctl incoming-info)")]
     OwnKey,
@@ -193,9 +199,7 @@ impl Session {
     }
 
     fn host(&self) -> Result<&Arc<HostKey>, SessionError> {
-        self.host
-            .as_ref()
-            .ok_or(SessionError::NoHostKey)
+        self.host.as_ref().ok_or(SessionError::NoHostKey)
     }
 
     /// Destination: a fresh single-use migration id and this host's key.
@@ -237,8 +241,7 @@ impl Session {
         else {
             return Err(SessionError::NoIssuedId);
         };
-        let wrapped =
-            hex::decode(wrapped_hex.trim()).map_err(|_| SessionError::BadWrappedKey)?;
+        let wrapped = hex::decode(wrapped_hex.trim()).map_err(|_| SessionError::BadWrappedKey)?;
         *preloaded = Some(PreloadedKeys::open(&host, &wrapped)?);
         Ok(KeysPreloaded {
             state: Phase::DestinationLocked,
@@ -248,11 +251,7 @@ impl Session {
     }
 
     /// Source: prepares a migration to exactly the destination that issued `id`.
-    pub fn prepare_outgoing(
-        &mut self,
-        peer_pem: &str,
-        id: &str,
-    ) -> Result<Prepared, SessionError> {
+    pub fn prepare_outgoing(&mut self, peer_pem: &str, id: &str) -> Result<Prepared, SessionError> {
         if !matches!(self.state, State::Running | State::Prepared { .. }) {
             return Err(SessionError::CannotPrepare(self.phase()));
         }
@@ -482,9 +481,7 @@ impl Session {
 
     /// Destination, `vtpmctl receipt`.
     pub fn receipt(&self) -> Result<Receipt, SessionError> {
-        let (id, digest) = self
-            .imported
-            .ok_or(SessionError::NoCompletedIncoming)?;
+        let (id, digest) = self.imported.ok_or(SessionError::NoCompletedIncoming)?;
         let host = self.host()?;
         let sig = host.sign(&receipt_message(&id, &digest))?;
         Ok(Receipt {
@@ -591,12 +588,7 @@ mod tests {
         let (mut src, mut dst) = pair();
         let blobs = migrate(&mut src, &mut dst);
         let (_, b) = test_keys();
-        let mut dst2 = Session::new(
-            Some(Arc::new(b.clone())),
-            None,
-            false,
-            true,
-        );
+        let mut dst2 = Session::new(Some(Arc::new(b.clone())), None, false, true);
         dst2.issue_incoming().unwrap();
         assert!(
             dst2.import(1, &blobs[0]).is_err(),

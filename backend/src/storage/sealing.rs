@@ -117,12 +117,11 @@ impl StateKey {
                         why: format!("hex key must be 64 hex digits (AES-256), found {}", t.len()),
                     });
                 }
-                let bytes = Zeroizing::new(hex::decode(t).map_err(|_| {
-                    SealError::KeyFileFormat {
+                let bytes =
+                    Zeroizing::new(hex::decode(t).map_err(|_| SealError::KeyFileFormat {
                         path: shown.clone(),
                         why: "hex key holds a non-hex character".into(),
-                    }
-                })?);
+                    })?);
                 master.copy_from_slice(&bytes);
             }
         }

@@ -11,8 +11,8 @@
 //! reaches here.
 
 use super::wire::{
-    cmd, rc, Request, Response, CAPABILITIES, INIT_FLAG_DELETE_VOLATILE,
-    STATE_FLAG_DECRYPTED, STATE_FLAG_ENCRYPTED,
+    cmd, rc, Request, Response, CAPABILITIES, INIT_FLAG_DELETE_VOLATILE, STATE_FLAG_DECRYPTED,
+    STATE_FLAG_ENCRYPTED,
 };
 use crate::instance::{BlobKind, InitFlags, InstanceError, Vtpm};
 use crate::migration::session::SessionError;
@@ -70,8 +70,7 @@ fn ok() -> Result<Response, InstanceError> {
 }
 
 fn blob_kind(ty: u32) -> Result<BlobKind, InstanceError> {
-    BlobKind::from_number(ty)
-        .ok_or(InstanceError::Migration(SessionError::UnknownBlobType(ty)))
+    BlobKind::from_number(ty).ok_or(InstanceError::Migration(SessionError::UnknownBlobType(ty)))
 }
 
 fn answer(vtpm: &Vtpm, req: &Request, data: &[u8]) -> Result<Response, InstanceError> {
@@ -137,12 +136,7 @@ fn answer(vtpm: &Vtpm, req: &Request, data: &[u8]) -> Result<Response, InstanceE
     }
 }
 
-fn get_stateblob(
-    vtpm: &Vtpm,
-    flags: u32,
-    ty: u32,
-    offset: u32,
-) -> Result<Response, InstanceError> {
+fn get_stateblob(vtpm: &Vtpm, flags: u32, ty: u32, offset: u32) -> Result<Response, InstanceError> {
     if !vtpm.is_running() {
         return Err(InstanceError::NotRunning);
     }
@@ -220,8 +214,14 @@ mod tests {
     fn state_faults_map_to_swtpm_codes() {
         assert_eq!(result_code(&InstanceError::NotRunning), rc::BAD_ORDINAL);
         assert_eq!(result_code(&InstanceError::Running), rc::BAD_ORDINAL);
-        assert_eq!(result_code(&InstanceError::BadLocality(9)), rc::BAD_LOCALITY);
-        assert_eq!(result_code(&InstanceError::ForeignEncrypted), rc::KEYNOTFOUND);
+        assert_eq!(
+            result_code(&InstanceError::BadLocality(9)),
+            rc::BAD_LOCALITY
+        );
+        assert_eq!(
+            result_code(&InstanceError::ForeignEncrypted),
+            rc::KEYNOTFOUND
+        );
         assert_eq!(result_code(&InstanceError::ExportNotPrepared), rc::FAIL);
         assert_eq!(
             result_code(&InstanceError::NoBlob(BlobKind::SaveState)),

@@ -115,11 +115,7 @@ fn reject(bytes: &[u8], e: &DecodeError) -> Response {
 
 /// Reads the `len` streamed bytes that follow SET_STATEBLOB / HASH_DATA.
 /// Returns None if the client went away or stalled.
-fn read_stream(
-    c: &mut Stream,
-    mut data: Vec<u8>,
-    len: usize,
-) -> io::Result<Option<Vec<u8>>> {
+fn read_stream(c: &mut Stream, mut data: Vec<u8>, len: usize) -> io::Result<Option<Vec<u8>>> {
     let have = data.len();
     data.resize(len.max(have), 0);
     let mut at = have;

@@ -208,9 +208,7 @@ impl DataChannel {
             let _ = old.0.stream.shutdown(std::net::Shutdown::Both);
         }
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        let keep = stream
-            .try_clone()
-            .map_err(|_| DataFdError::Duplicate)?;
+        let keep = stream.try_clone().map_err(|_| DataFdError::Duplicate)?;
         *cur = Some(ActiveDebug(Active {
             stream: keep,
             generation,

@@ -169,9 +169,7 @@ impl TpmDevice {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .ok_or(DeviceError::NoTransfer)?;
-        handle
-            .join()
-            .unwrap_or(Err(DeviceError::Panicked))
+        handle.join().unwrap_or(Err(DeviceError::Panicked))
     }
 }
 

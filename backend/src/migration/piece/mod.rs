@@ -229,8 +229,8 @@ pub(crate) mod test_keys {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::test_keys::keys;
+    use super::*;
 
     fn export(id: MigrationId, perm: &[u8], vol: &[u8]) -> (Vec<Vec<u8>>, [u8; 32]) {
         let (_, dest) = keys();

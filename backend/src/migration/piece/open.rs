@@ -10,8 +10,8 @@
 //! collected is wiped.
 
 use super::{
-    chain_start, fold_digest, id_hex, open_wrapped, BlobHeader, MigrationId, PieceError,
-    RawPiece, FLAG_LAST_IN_BLOB, KIND_FINAL, KIND_PERMANENT, KIND_VOLATILE,
+    chain_start, fold_digest, id_hex, open_wrapped, BlobHeader, MigrationId, PieceError, RawPiece,
+    FLAG_LAST_IN_BLOB, KIND_FINAL, KIND_PERMANENT, KIND_VOLATILE,
 };
 use vtpm_common::aead::AeadKey;
 use vtpm_common::hex;

@@ -1,7 +1,6 @@
 //! Raw TPM 2.0 commands built by hand (empty password authorisation,
 //! objects marked noDA so no dictionary-attack retries), shared by the
-//! integration tests and the benchmark (`bench/` includes this file).
-#![allow(dead_code)]
+//! integration tests and the benchmark.
 
 fn finish(tag: u16, cc: u32, body: &[u8]) -> Vec<u8> {
     let mut v = tag.to_be_bytes().to_vec();

@@ -1,6 +1,18 @@
-//! Test support: start real vtpmd (and swtpm) processes, talk to them over
-//! real sockets, and build raw TPM 2.0 commands.
-#![allow(dead_code)]
+//! Test support shared by the integration tests of every crate and the
+//! bench (a `publish = false` crate, not `#[path]` includes):
+//!
+//! * this module: start real vtpmd (and swtpm) processes and talk to their
+//!   control and data sockets like QEMU does;
+//! * [`cmd`]: raw TPM 2.0 commands built by hand;
+//! * [`blobs`]: QEMU's state-blob sequence (GET ×3, then STOP, SET ×3, INIT);
+//! * [`vmm`]: a vhost-user VMM (memfd memory, a hand-driven split ring).
+//!
+//! The vtpmd binary is the workspace's release build (`cargo build
+//! --release`, which `make test` runs first).
+
+#![allow(missing_debug_implementations)]
+
+pub mod blobs;
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -9,12 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The vtpmd binary: this package's, or the workspace sibling's when the
-/// tests of another package include this module.
-pub const VTPMD: &str = match option_env!("CARGO_BIN_EXE_vtpmd") {
-    Some(p) => p,
-    None => concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/vtpmd"),
-};
+/// The workspace's vtpmd binary.
+pub const VTPMD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/vtpmd");
 
 /// A running backend process, killed when dropped.
 pub struct Daemon {
@@ -239,5 +247,5 @@ pub fn read_response<S: Read>(s: &mut S) -> Vec<u8> {
 }
 
 pub mod cmd;
-#[allow(unused_imports)]
+pub mod vmm;
 pub use cmd::rc;

@@ -2,7 +2,6 @@
 //! memory in a memfd shared with the device process, one split virtqueue
 //! driven by hand, and kick/call eventfds. It plays the guest driver too:
 //! it places TPM commands in guest memory and reads responses back.
-#![allow(dead_code)]
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -68,6 +67,7 @@ pub struct TestVmm {
     next_avail: u16,
     next_used: u16,
     pub protocol: VhostUserProtocolFeatures,
+    #[allow(dead_code)]
     features: u64,
 }
 
