@@ -22,6 +22,7 @@ demo: build
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	python3 scripts/check-layers.py
 
 # Unit tests, host integration tests (real sockets, real libtpms, tpm2-tools
 # against vtpmd and swtpm side by side).

@@ -3,6 +3,8 @@
 //! process with no transport at all. `--smoke` runs a few iterations of each
 //! row so `make test` keeps the harness working; it asserts no timings.
 
+#![deny(unsafe_code)]
+
 //!
 //! * [`targets`]: the backends driven (processes over TCP, libtpms in process);
 //! * [`rows`]: what is measured;

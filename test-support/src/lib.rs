@@ -10,6 +10,7 @@
 //! The vtpmd binary is the workspace's release build (`cargo build
 //! --release`, which `make test` runs first).
 
+#![deny(unsafe_code)]
 #![allow(missing_debug_implementations)]
 
 pub mod blobs;

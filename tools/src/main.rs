@@ -1,6 +1,8 @@
 //! `vtpmctl`: arguments → one admin request (or a local key operation) →
 //! JSON on stdout. Exit status 1 with `{"error": ...}` when refused.
 
+#![deny(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;

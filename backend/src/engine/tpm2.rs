@@ -2,6 +2,8 @@
 //! channel, build the commands vtpmd sends on its own (Startup, Shutdown) and
 //! answer with a well-formed error.
 
+use vtpm_common::reader::ByteReader;
+
 /// Size of every TPM 2.0 command and response header.
 pub const HEADER_LEN: usize = 10;
 
@@ -48,11 +50,11 @@ pub struct Header {
 impl Header {
     /// Parses the first ten bytes; None if fewer are given.
     pub fn parse(bytes: &[u8]) -> Option<Header> {
-        let b = bytes.get(..HEADER_LEN)?;
+        let mut r = ByteReader::new(bytes);
         Some(Header {
-            tag: u16::from_be_bytes([b[0], b[1]]),
-            size: u32::from_be_bytes([b[2], b[3], b[4], b[5]]),
-            code: u32::from_be_bytes([b[6], b[7], b[8], b[9]]),
+            tag: r.u16("tag").ok()?,
+            size: r.u32("size").ok()?,
+            code: r.u32("code").ok()?,
         })
     }
 

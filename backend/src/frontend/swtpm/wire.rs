@@ -8,6 +8,7 @@
 //! GET_TPMESTABLISHED (always 8 bytes) and GET_CAPABILITY (never fails).
 
 use thiserror::Error;
+use vtpm_common::reader::ByteReader;
 
 /// Command codes.
 pub mod cmd {
@@ -183,10 +184,6 @@ fn body_len(code: u32) -> Option<usize> {
     })
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
 /// Decodes one request from `buf`, which holds everything received so far.
 ///
 /// `final_read` says no more bytes will arrive for this request: a short
@@ -202,7 +199,7 @@ pub fn decode(buf: &[u8], final_read: bool) -> Result<Request, DecodeError> {
             usable: false,
         });
     }
-    let code = be32(buf, 0);
+    let code = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
     let expected = body_len(code).ok_or(DecodeError::Unknown(code))?;
     let body = &buf[4..];
     let streams = matches!(code, cmd::SET_STATEBLOB | cmd::HASH_DATA);
@@ -230,40 +227,50 @@ pub fn decode(buf: &[u8], final_read: bool) -> Result<Request, DecodeError> {
             got: body.len(),
         });
     }
+    // The length checks above guarantee every field below is present; the
+    // reader checks again rather than trusting that.
+    let bad = |_| DecodeError::BadLength {
+        cmd: code,
+        expected,
+        got: body.len(),
+    };
+    let mut r = ByteReader::new(body);
     Ok(match code {
         cmd::GET_CAPABILITY => Request::GetCapability,
         cmd::INIT => Request::Init {
-            flags: be32(body, 0),
+            flags: r.u32("flags").map_err(bad)?,
         },
         cmd::SHUTDOWN => Request::Shutdown,
         cmd::GET_TPMESTABLISHED => Request::GetTpmEstablished,
-        cmd::SET_LOCALITY => Request::SetLocality(body[0]),
+        cmd::SET_LOCALITY => Request::SetLocality(r.u8("locality").map_err(bad)?),
         cmd::HASH_START => Request::HashStart,
-        cmd::HASH_DATA => Request::HashData { len: be32(body, 0) },
+        cmd::HASH_DATA => Request::HashData {
+            len: r.u32("length").map_err(bad)?,
+        },
         cmd::HASH_END => Request::HashEnd,
         cmd::CANCEL_TPM_CMD => Request::CancelTpmCmd,
         cmd::STORE_VOLATILE => Request::StoreVolatile,
-        cmd::RESET_TPMESTABLISHED => Request::ResetTpmEstablished(body[0]),
+        cmd::RESET_TPMESTABLISHED => Request::ResetTpmEstablished(r.u8("locality").map_err(bad)?),
         cmd::GET_STATEBLOB => Request::GetStateBlob {
-            flags: be32(body, 0),
-            blob_type: be32(body, 4),
-            offset: be32(body, 8),
+            flags: r.u32("flags").map_err(bad)?,
+            blob_type: r.u32("type").map_err(bad)?,
+            offset: r.u32("offset").map_err(bad)?,
         },
         cmd::SET_STATEBLOB => Request::SetStateBlob {
-            flags: be32(body, 0),
-            blob_type: be32(body, 4),
-            len: be32(body, 8),
+            flags: r.u32("flags").map_err(bad)?,
+            blob_type: r.u32("type").map_err(bad)?,
+            len: r.u32("length").map_err(bad)?,
         },
         cmd::STOP => Request::Stop,
         cmd::GET_CONFIG => Request::GetConfig,
         cmd::SET_DATAFD => Request::SetDataFd,
-        cmd::SET_BUFFERSIZE => Request::SetBufferSize(be32(body, 0)),
+        cmd::SET_BUFFERSIZE => Request::SetBufferSize(r.u32("size").map_err(bad)?),
         cmd::GET_INFO => Request::GetInfo {
-            flags: u64::from_be_bytes(body[..8].try_into().unwrap_or([0; 8])),
-            offset: be32(body, 8),
+            flags: r.u64("flags").map_err(bad)?,
+            offset: r.u32("offset").map_err(bad)?,
         },
         cmd::LOCK_STORAGE => Request::LockStorage {
-            retries: be32(body, 0),
+            retries: r.u32("retries").map_err(bad)?,
         },
         _ => return Err(DecodeError::Unknown(code)),
     })
@@ -376,6 +383,10 @@ impl Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn be32(b: &[u8], at: usize) -> u32 {
+        u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    }
 
     fn req(code: u32, body: &[u8]) -> Vec<u8> {
         let mut v = code.to_be_bytes().to_vec();

@@ -20,7 +20,6 @@ use vhost::vhost_user::message::{
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -102,25 +101,18 @@ impl TpmDevice {
             return Ok(());
         };
         let guard = mem.memory();
-        let chains: Vec<_> = vring
-            .get_mut()
-            .get_queue_mut()
-            .iter(guard.clone())
-            .map_err(DeviceError::Queue)?
-            .collect();
-        if chains.is_empty() {
+        let mut out = Vec::with_capacity(MAX_MESSAGE);
+        let used = request::serve_available(
+            &self.vtpm,
+            guard.clone(),
+            vring.get_mut().get_queue_mut(),
+            &mut out,
+        )
+        .map_err(DeviceError::Queue)?;
+        if used.is_empty() {
             return Ok(());
         }
-        let mut out = Vec::with_capacity(MAX_MESSAGE);
-        for chain in chains {
-            let head = chain.head_index();
-            let used = match request::serve(&self.vtpm, &*guard, chain, &mut out) {
-                Ok(n) => n,
-                Err(e) => {
-                    log::warn!("virtio-tpm: request {head} gets no response: {e}");
-                    0
-                }
-            };
+        for (head, used) in used {
             vring.add_used(head, used).map_err(DeviceError::Queue)?;
         }
         let notify = !self.event_idx.load(Ordering::Relaxed)

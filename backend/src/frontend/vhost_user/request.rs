@@ -18,6 +18,7 @@ use crate::engine::tpm2;
 use crate::instance::Vtpm;
 use thiserror::Error;
 use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 /// Largest command and response (Linux's TPM_BUFSIZE; crosvm's limit).
@@ -161,6 +162,33 @@ pub fn serve<M: GuestMemory + ?Sized>(
     Ok(out.len() as u32)
 }
 
+/// Serves every chain available on `queue`, in order. Returns each
+/// chain's head index and used length (0 for a chain that got no
+/// response); the caller publishes them and signals the driver.
+pub fn serve_available<M>(
+    vtpm: &Vtpm,
+    mem: M,
+    queue: &mut Queue,
+    out: &mut Vec<u8>,
+) -> Result<Vec<(u16, u32)>, virtio_queue::Error>
+where
+    M: std::ops::Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let chains: Vec<_> = queue.iter(mem.clone())?.collect();
+    Ok(chains
+        .into_iter()
+        .map(|chain| {
+            let head = chain.head_index();
+            let used = serve(vtpm, &*mem, chain, out).unwrap_or_else(|e| {
+                log::warn!("virtio-tpm: request {head} gets no response: {e}");
+                0
+            });
+            (head, used)
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,5 +260,132 @@ mod tests {
             b.write_response(&mem, &[0; 10]),
             Err(ChainError::BadAddress { .. })
         ));
+    }
+
+    mod on_a_mock_queue {
+        //! Whole requests through virtio-queue's mock split queue, served by
+        //! an instance on the fake engine.
+
+        use super::super::*;
+        use crate::engine::fake::FakeEngine;
+        use crate::instance::{Options, Vtpm};
+        use crate::migration::session::Session;
+        use crate::storage::StateDir;
+        use std::sync::Arc;
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+        const W: u16 = 2;
+        const CMD: u64 = 0x10_0000;
+        const RSP: u64 = 0x11_0000;
+
+        fn running_vtpm() -> (tempfile::TempDir, Vtpm) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(StateDir::open(dir.path(), 0o600, None).unwrap());
+            let (engine, _) = FakeEngine::new(store.clone());
+            let v = Vtpm::new(
+                Box::new(engine),
+                store,
+                Options::default(),
+                Session::new(None, None, false, false),
+            )
+            .unwrap();
+            v.start(Some(crate::engine::tpm2::StartupType::Clear))
+                .unwrap();
+            (dir, v)
+        }
+
+        fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+            RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+        }
+
+        fn serve_chains(
+            v: &Vtpm,
+            mem: &GuestMemoryMmap,
+            descs: &[RawDescriptor],
+        ) -> Vec<(u16, u32)> {
+            let q = MockSplitQueue::new(mem, 16);
+            q.add_desc_chains(descs, 0).unwrap();
+            let mut queue: Queue = q.create_queue().unwrap();
+            let mut out = Vec::new();
+            serve_available(v, mem, &mut queue, &mut out).unwrap()
+        }
+
+        #[test]
+        fn good_and_bad_chains_in_one_kick() {
+            let (_d, v) = running_vtpm();
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+            let su = tpm2::startup_command(tpm2::SU_CLEAR);
+            let getrandom = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 16];
+            mem.write_slice(&su, GuestAddress(CMD)).unwrap();
+            mem.write_slice(&getrandom, GuestAddress(CMD + 0x100))
+                .unwrap();
+            const NEXT: u16 = 1;
+            let used = serve_chains(
+                &v,
+                &mem,
+                &[
+                    // 0: a command split over two descriptors, one response buffer.
+                    raw(CMD + 0x100, 6, NEXT, 1),
+                    raw(CMD + 0x106, 6, NEXT, 2),
+                    raw(RSP, 64, W, 0),
+                    // 3: no writable descriptor: no response.
+                    raw(CMD, su.len() as u32, 0, 0),
+                    // 4: a writable buffer too small for any response.
+                    raw(CMD, su.len() as u32, NEXT, 5),
+                    raw(RSP + 0x100, 4, W, 0),
+                    // 6: a size field that disagrees with the bytes sent.
+                    raw(CMD, 11, NEXT, 7),
+                    raw(RSP + 0x200, 64, W, 0),
+                ],
+            );
+            assert_eq!(used, vec![(0, 10), (3, 0), (4, 0), (6, 10)]);
+            let mut rsp = [0u8; 10];
+            mem.read_slice(&mut rsp, GuestAddress(RSP)).unwrap();
+            assert_eq!(tpm2::response_code(&rsp), tpm2::RC_SUCCESS, "GetRandom");
+            mem.read_slice(&mut rsp, GuestAddress(RSP + 0x200)).unwrap();
+            assert_eq!(tpm2::response_code(&rsp), tpm2::RC_COMMAND_SIZE);
+        }
+
+        #[test]
+        fn oversized_command_and_foreign_address() {
+            let (_d, v) = running_vtpm();
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+            let used = serve_chains(
+                &v,
+                &mem,
+                &[
+                    // 0: 5000 readable bytes: over the 4096-byte limit.
+                    raw(CMD, 5000, 1, 1),
+                    raw(RSP, 64, W, 0),
+                    // 2: a response buffer outside guest memory.
+                    raw(CMD, 12, 1, 3),
+                    raw(0x4000_0000, 64, W, 0),
+                ],
+            );
+            assert_eq!(used, vec![(0, 10), (2, 0)]);
+            let mut rsp = [0u8; 10];
+            mem.read_slice(&mut rsp, GuestAddress(RSP)).unwrap();
+            assert_eq!(tpm2::response_code(&rsp), tpm2::RC_COMMAND_SIZE);
+        }
+
+        #[test]
+        fn stopped_tpm_answers_failure() {
+            let (_d, v) = running_vtpm();
+            v.power_off();
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+            let su = tpm2::startup_command(tpm2::SU_CLEAR);
+            mem.write_slice(&su, GuestAddress(CMD)).unwrap();
+            let used = serve_chains(
+                &v,
+                &mem,
+                &[raw(CMD, su.len() as u32, 1, 1), raw(RSP, 64, W, 0)],
+            );
+            assert_eq!(used, vec![(0, 10)]);
+            let mut rsp = [0u8; 10];
+            mem.read_slice(&mut rsp, GuestAddress(RSP)).unwrap();
+            assert_eq!(tpm2::response_code(&rsp), tpm2::RC_FAILURE);
+        }
     }
 }
