@@ -41,7 +41,7 @@ pub enum KeyError {
     #[error("peer key has {0} bits; at least {MIN_PEER_BITS} are required")]
     TooSmall(usize),
     #[error("RSA operation failed: {0}")]
-    Rsa(String),
+    Rsa(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("peer key {0} is not in the trusted peers directory")]
     Untrusted(String),
 }
@@ -76,7 +76,7 @@ impl std::fmt::Debug for HostKey {
 impl HostKey {
     pub fn generate() -> Result<HostKey, KeyError> {
         let private = RsaPrivateKey::new(&mut rand_core::OsRng, HOST_KEY_BITS)
-            .map_err(|e| KeyError::Rsa(e.to_string()))?;
+            .map_err(|e| KeyError::Rsa(Box::new(e)))?;
         let public = private.to_public_key();
         Ok(HostKey { private, public })
     }
@@ -106,7 +106,7 @@ impl HostKey {
         let pem = self
             .private
             .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|e| KeyError::Rsa(e.to_string()))?;
+            .map_err(|e| KeyError::Rsa(Box::new(e)))?;
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -137,14 +137,14 @@ impl HostKey {
         self.private
             .decrypt(Oaep::new::<Sha256>(), wrapped)
             .map(zeroize::Zeroizing::new)
-            .map_err(|e| KeyError::Rsa(e.to_string()))
+            .map_err(|e| KeyError::Rsa(Box::new(e)))
     }
 
     pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, KeyError> {
         let digest = Sha256::digest(msg);
         self.private
             .sign_with_rng(&mut rand_core::OsRng, Pss::new::<Sha256>(), &digest)
-            .map_err(|e| KeyError::Rsa(e.to_string()))
+            .map_err(|e| KeyError::Rsa(Box::new(e)))
     }
 }
 
@@ -165,7 +165,7 @@ pub fn parse_public(pem: &str, what: &str) -> Result<RsaPublicKey, KeyError> {
 /// Wraps `secret` to `peer` with RSA-OAEP-SHA256.
 pub fn wrap_key(peer: &RsaPublicKey, secret: &[u8]) -> Result<Vec<u8>, KeyError> {
     peer.encrypt(&mut rand_core::OsRng, Oaep::new::<Sha256>(), secret)
-        .map_err(|e| KeyError::Rsa(e.to_string()))
+        .map_err(|e| KeyError::Rsa(Box::new(e)))
 }
 
 pub fn verify(peer: &RsaPublicKey, msg: &[u8], sig: &[u8]) -> bool {
