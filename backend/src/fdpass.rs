@@ -7,14 +7,22 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 
+/// The most descriptors Linux passes in one message (SCM_MAX_FD).
+const MAX_FDS: usize = 253;
+
 /// Reads into `buf` and collects any descriptors that came with the bytes.
 /// Returns the byte count (0 at end of stream).
+///
+/// The control buffer has room for as many descriptors as the kernel
+/// passes in one message, so none is ever cut off; every one received is
+/// adopted into `fds`, and whatever the caller does not keep is closed when
+/// dropped.
 pub fn recv_with_fds(
     sock: &UnixStream,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> io::Result<usize> {
-    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),

@@ -1,8 +1,8 @@
 //! A small `log` backend: timestamped lines to a file or stderr.
 //! TPM command contents are never logged, only codes and sizes.
 
-use std::fs::OpenOptions;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -45,19 +45,29 @@ pub fn level_for(n: u32) -> log::LevelFilter {
     }
 }
 
-/// Installs the logger: to `file` at `level`, or warnings to stderr.
+/// Mode of a log file vtpmd creates.
+pub const LOG_FILE_MODE: u32 = 0o600;
+
+static TO_STDERR: AtomicBool = AtomicBool::new(false);
+
+/// Whether log lines already go to stderr (no `--log file=`), so a caller
+/// reporting an error there need not print it twice.
+pub fn logs_to_stderr() -> bool {
+    TO_STDERR.load(Ordering::SeqCst)
+}
+
+/// Installs the logger: to `file` at `level` (created 0600, never through
+/// a symlink), or warnings to stderr.
 pub fn init(file: Option<(&std::path::Path, u32, bool)>) -> std::io::Result<()> {
     let (out, level): (Box<dyn Write + Send>, _) = match file {
         Some((path, n, truncate)) => {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(!truncate)
-                .write(true)
-                .truncate(truncate)
-                .open(path)?;
+            let f = crate::storage::files::open_append(path, LOG_FILE_MODE, truncate)?;
             (Box::new(f), level_for(n))
         }
-        None => (Box::new(std::io::stderr()), log::LevelFilter::Warn),
+        None => {
+            TO_STDERR.store(true, Ordering::SeqCst);
+            (Box::new(std::io::stderr()), log::LevelFilter::Warn)
+        }
     };
     let logger = Logger {
         out: Mutex::new(out),

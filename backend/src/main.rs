@@ -64,7 +64,11 @@ fn launch<C>(
         }
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{e}");
+            // stderr always says why (libvirt keeps it in the domain's
+            // TPM log); the log file too, when there is one.
+            if !vtpmd::logging::logs_to_stderr() {
+                log::error!("{e}");
+            }
             eprintln!("vtpmd: {e}");
             ExitCode::FAILURE
         }

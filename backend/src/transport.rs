@@ -4,7 +4,16 @@
 //! ```text
 //!  Listener::{bind_unix, bind_tcp} ──serve(name, handler)──▶ Stream per connection
 //!  Stream::recv(buf, fds)   unix: SCM_RIGHTS descriptors collected; TCP: none
+//!  Slots::admit(stream)     at most `max` connections; when full, the one idle
+//!                           longest (not pinned, not mid-request) is closed
 //! ```
+//!
+//! Fairness rules every channel follows: a connection waits at most
+//! [`IDLE_TIMEOUT`] for its next request unless it is pinned (the VMM's
+//! control connection that handed over the data channel, and that data
+//! channel); a started request must arrive within its channel's request
+//! timeout; and a full house never locks a new client out while some
+//! connection is merely idle.
 
 use crate::fdpass;
 use std::fs;
@@ -14,7 +23,11 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long an unpinned connection may sit between requests.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Whether a read failed only because its timeout ran out.
 pub fn is_timeout(e: &io::Error) -> bool {
@@ -44,6 +57,22 @@ impl Stream {
             Stream::Unix(s) => s.set_read_timeout(t),
             Stream::Tcp(s) => s.set_read_timeout(t),
         }
+    }
+
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Ends the connection in both directions (a reader blocked on it
+    /// returns at once).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
     }
 }
 
@@ -78,17 +107,16 @@ pub enum Listener {
 
 impl Listener {
     /// Binds a unix socket at `path`, replacing a stale socket (never another
-    /// kind of file), and applies `mode`.
-    pub fn bind_unix(path: &Path, mode: Option<u32>) -> io::Result<UnixListener> {
+    /// kind of file), and gives it `mode`. (The daemon runs with umask 077,
+    /// so the socket is private until then.)
+    pub fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
         if let Ok(m) = fs::symlink_metadata(path) {
             if m.file_type().is_socket() {
                 fs::remove_file(path)?;
             }
         }
         let l = UnixListener::bind(path)?;
-        if let Some(mode) = mode {
-            fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
-        }
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
         Ok(l)
     }
 
@@ -120,5 +148,190 @@ impl Listener {
                 }
             }
         }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    last_active: Instant,
+    busy: bool,
+    pinned: bool,
+    closer: Stream,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    next_id: u64,
+    live: Vec<Entry>,
+}
+
+/// The connections one channel serves at once (see the module rules).
+#[derive(Debug)]
+pub struct Slots {
+    name: &'static str,
+    max: usize,
+    table: Mutex<Table>,
+}
+
+/// One admitted connection; leaving drops its slot.
+#[derive(Debug)]
+pub struct Slot {
+    slots: Arc<Slots>,
+    id: u64,
+}
+
+impl Slots {
+    pub fn new(name: &'static str, max: usize) -> Arc<Slots> {
+        Arc::new(Slots {
+            name,
+            max,
+            table: Mutex::new(Table::default()),
+        })
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connections now held.
+    pub fn len(&self) -> usize {
+        self.table().live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes a slot for `s`. When all are taken, the connection idle the
+    /// longest that is neither pinned nor in the middle of a request is
+    /// closed to make room; if every one is busy or pinned, `s` is refused.
+    pub fn admit(self: &Arc<Self>, s: &Stream) -> Option<Slot> {
+        let closer = s.try_clone().ok()?;
+        let mut t = self.table();
+        if t.live.len() >= self.max {
+            let victim = t
+                .live
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| !e.pinned && !e.busy)
+                .min_by_key(|(_, e)| e.last_active)
+                .map(|(i, _)| i);
+            match victim {
+                Some(i) => {
+                    let e = t.live.swap_remove(i);
+                    log::warn!(
+                        "{}: {} connections open; closing the one idle longest ({:?})",
+                        self.name,
+                        self.max,
+                        e.last_active.elapsed()
+                    );
+                    e.closer.shutdown();
+                }
+                None => {
+                    log::warn!(
+                        "{}: refusing a connection, all {} are busy or pinned",
+                        self.name,
+                        self.max
+                    );
+                    return None;
+                }
+            }
+        }
+        t.next_id += 1;
+        let id = t.next_id;
+        t.live.push(Entry {
+            id,
+            last_active: Instant::now(),
+            busy: false,
+            pinned: false,
+            closer,
+        });
+        Some(Slot {
+            slots: self.clone(),
+            id,
+        })
+    }
+
+    fn with(&self, id: u64, f: impl FnOnce(&mut Entry)) {
+        if let Some(e) = self.table().live.iter_mut().find(|e| e.id == id) {
+            f(e);
+        }
+    }
+}
+
+impl Slot {
+    /// A request started (`true`) or was answered (`false`).
+    pub fn busy(&self, on: bool) {
+        self.slots.with(self.id, |e| {
+            e.busy = on;
+            e.last_active = Instant::now();
+        });
+    }
+
+    /// Pins this connection (the VMM's), unpinning any other of the
+    /// channel: it is never closed for being idle or to make room.
+    pub fn pin(&self) {
+        for e in self.slots.table().live.iter_mut() {
+            e.pinned = e.id == self.id;
+        }
+    }
+
+    pub fn is_pinned(&self) -> bool {
+        self.slots
+            .table()
+            .live
+            .iter()
+            .any(|e| e.id == self.id && e.pinned)
+    }
+
+    /// How long to wait for the next request on this connection.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (!self.is_pinned()).then_some(IDLE_TIMEOUT)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.table().live.retain(|e| e.id != self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn pair() -> (Stream, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Stream::Unix(a), b)
+    }
+
+    #[test]
+    fn full_house_closes_the_longest_idle_unpinned_connection() {
+        let slots = Slots::new("test", 2);
+        let (a, _pa) = pair();
+        let (b, _pb) = pair();
+        let (c, _pc) = pair();
+        let (d, _pd) = pair();
+        let sa = slots.admit(&a).unwrap();
+        let sb = slots.admit(&b).unwrap();
+        sa.pin();
+        sb.busy(true);
+        // a is pinned, b is mid-request: nothing may be closed.
+        assert!(slots.admit(&c).is_none());
+        sb.busy(false);
+        let _sc = slots.admit(&c).unwrap();
+        // b was closed to make room: its reader sees end of stream.
+        let mut b = b;
+        let mut buf = [0u8; 1];
+        assert_eq!(b.read(&mut buf).unwrap(), 0);
+        assert_eq!(slots.len(), 2);
+        assert!(sa.is_pinned() && sa.idle_timeout().is_none());
+        drop(sb);
+        assert_eq!(slots.len(), 2, "b's slot was already given up");
+        drop(sa);
+        let sd = slots.admit(&d).unwrap();
+        assert_eq!(sd.idle_timeout(), Some(IDLE_TIMEOUT));
     }
 }

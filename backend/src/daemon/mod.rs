@@ -60,8 +60,15 @@ pub(crate) fn io_err(
     }
 }
 
-/// Binds a unix socket at `path` (see [`Listener::bind_unix`]).
-pub fn bind_unix(path: &Path, mode: Option<u32>) -> Result<UnixListener, RunError> {
+/// Mode of the control, data and vhost-user sockets unless `mode=` says
+/// otherwise: the owner and its group (a VMM running as another user in
+/// the group) may connect.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// Mode of the pid file.
+const PID_FILE_MODE: u32 = 0o600;
+
+/// Binds a unix socket at `path` with `mode` (see [`Listener::bind_unix`]).
+pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, RunError> {
     Listener::bind_unix(path, mode).map_err(io_err("listen on", path.display()))
 }
 
@@ -84,6 +91,7 @@ pub struct Host {
     /// Sockets to remove when the process stops.
     sockets: Vec<PathBuf>,
     pid_file: Option<PathBuf>,
+    pid_written: bool,
     state_dir: PathBuf,
 }
 
@@ -92,6 +100,8 @@ impl Host {
     /// libtpms and binds the admin socket. Starts no thread, so the caller
     /// may still detach (fork) afterwards.
     pub fn open(cfg: &InstanceConfig, opts: Options) -> Result<Host, RunError> {
+        // Whatever vtpmd creates is private until given an explicit mode.
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
         let key = cfg
             .key
             .as_ref()
@@ -125,7 +135,7 @@ impl Host {
         let mut sockets = Vec::new();
         let admin = match &cfg.admin {
             Some(p) => {
-                let l = bind_unix(p, Some(0o600))?;
+                let l = bind_unix(p, 0o600)?;
                 sockets.push(p.clone());
                 Some(l)
             }
@@ -139,6 +149,7 @@ impl Host {
             admin,
             sockets,
             pid_file: cfg.pid_file.clone(),
+            pid_written: false,
             state_dir: cfg.state_dir.clone(),
         })
     }
@@ -157,6 +168,7 @@ impl Host {
     pub fn start_services(&mut self) -> Result<(), RunError> {
         if let Some(p) = &self.pid_file {
             write_pid_file(p)?;
+            self.pid_written = true;
         }
         if let Some(l) = self.admin.take() {
             let v = self.vtpm.clone();
@@ -188,19 +200,36 @@ impl Host {
         let why = self.stop.recv().unwrap_or(Exit::Signal(0));
         log::info!("stopping: {why:?}");
         self.vtpm.power_off();
-        for p in &self.sockets {
-            let _ = fs::remove_file(p);
-        }
-        if let Some(p) = &self.pid_file {
-            let _ = fs::remove_file(p);
-        }
         why
     }
 }
 
+impl Drop for Host {
+    /// Whether the process stops normally or start-up failed half-way, the
+    /// sockets it bound and its pid file go.
+    fn drop(&mut self) {
+        for p in &self.sockets {
+            let _ = fs::remove_file(p);
+        }
+        if self.pid_written {
+            if let Some(p) = &self.pid_file {
+                let _ = fs::remove_file(p);
+            }
+        }
+    }
+}
+
+/// Writes the pid file atomically: a new temporary file (never through a
+/// planted link), then a rename over the old one.
 fn write_pid_file(path: &Path) -> Result<(), RunError> {
     let tmp = path.with_extension("tmp");
-    let mut f = fs::File::create(&tmp).map_err(io_err("create", tmp.display()))?;
-    writeln!(f, "{}", std::process::id()).map_err(io_err("write", tmp.display()))?;
-    fs::rename(&tmp, path).map_err(io_err("rename", path.display()))
+    let mut f = crate::storage::files::create_new(&tmp, PID_FILE_MODE)
+        .map_err(io_err("create", tmp.display()))?;
+    let r = writeln!(f, "{}", std::process::id())
+        .and_then(|()| f.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r.map_err(io_err("write", path.display()))
 }

@@ -7,12 +7,12 @@ use crate::exit::Exit;
 use crate::frontend::swtpm::ctrl::{self, Context};
 use crate::frontend::swtpm::data::{self, DataChannel};
 use crate::instance::Options;
-use crate::transport::Listener;
+use crate::transport::{Listener, Slots};
 
 fn bind(ep: &Endpoint, host: &mut Host) -> Result<Listener, RunError> {
     match ep {
         Endpoint::Unix { path, mode } => {
-            let l = bind_unix(path, *mode)?;
+            let l = bind_unix(path, mode.unwrap_or(super::DEFAULT_SOCKET_MODE))?;
             host.remove_at_exit(path.clone());
             Ok(Listener::Unix(l))
         }
@@ -53,6 +53,7 @@ pub fn run(cfg: &SocketConfig) -> Result<Exit, RunError> {
             data: data.clone(),
             exits: host.exits(),
             exit_on_close: cfg.ctrl_terminate,
+            slots: Slots::new("control", ctrl::MAX_CONNECTIONS),
         };
         spawn("ctrl-listen", move || ctrl::serve_listener(l, ctx))?;
     }

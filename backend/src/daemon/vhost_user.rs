@@ -30,7 +30,7 @@ pub fn run(cfg: &VhostUserConfig) -> Result<Exit, RunError> {
     let mut host = Host::open(&cfg.instance, Options::default())?;
     let listener = match &cfg.socket {
         VhostUserSocket::Path(p) => {
-            let l = bind_unix(p, None)?;
+            let l = bind_unix(p, super::DEFAULT_SOCKET_MODE)?;
             host.remove_at_exit(p.clone());
             l
         }

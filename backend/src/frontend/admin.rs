@@ -4,13 +4,17 @@
 //!
 //! One JSON object per line in each direction; the protocol (typed
 //! requests and replies) is `vtpm_common::admin`. See docs/migration.md.
+//! Connections are served concurrently (at most [`MAX_CONNECTIONS`]); a
+//! request line must be complete within 10 s of its first byte, and a
+//! connection idle for `transport::IDLE_TIMEOUT` is closed, so no client
+//! keeps vtpmctl out.
 
 use crate::instance::Vtpm;
-use crate::transport::Stream;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixListener;
+use crate::transport::{is_timeout, Listener, Slot, Slots, Stream};
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vtpm_common::admin::{encode_reply, Request, MAX_REQUEST};
 
 /// Answers one request line.
@@ -27,38 +31,100 @@ pub fn handle_line(vtpm: &Vtpm, line: &str) -> String {
     }))
 }
 
-fn serve(conn: Stream, vtpm: &Vtpm) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let Stream::Unix(conn) = conn else {
-        return Ok(());
-    };
-    let mut writer = conn.try_clone()?;
-    let mut reader = BufReader::new(conn);
-    let limit = MAX_REQUEST as u64;
+/// Admin connections served at once.
+pub const MAX_CONNECTIONS: usize = 4;
+/// Time allowed for a whole request line once its first byte arrived.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Reads one request line into a String: waits up to `idle` for its
+/// first byte, then allows [`REQUEST_DEADLINE`] for the rest (a client
+/// dripping bytes is cut off). `pending` keeps bytes that arrived past the
+/// line for the next call. `Ok(None)`: closed or idle.
+fn read_line(
+    conn: &mut UnixStream,
+    pending: &mut Vec<u8>,
+    idle: Option<Duration>,
+) -> std::io::Result<Option<Result<String, String>>> {
+    let mut chunk = [0u8; 4096];
+    let mut deadline = (!pending.is_empty()).then(|| Instant::now() + REQUEST_DEADLINE);
     loop {
-        let mut line = String::new();
-        let n = (&mut reader).take(limit + 1).read_line(&mut line)? as u64;
-        if n == 0 {
-            return Ok(());
+        if let Some(i) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=i).collect();
+            return Ok(Some(
+                String::from_utf8(line).map_err(|_| "request is not UTF-8".to_string()),
+            ));
         }
-        let too_long = n > limit || !line.ends_with('\n') && n == limit + 1;
-        let reply = if too_long {
-            encode_reply(Err(format!("request longer than {MAX_REQUEST} bytes")))
-        } else {
-            handle_line(vtpm, line.trim())
+        if pending.len() > MAX_REQUEST {
+            return Ok(Some(Err(format!(
+                "request longer than {MAX_REQUEST} bytes"
+            ))));
+        }
+        let wait = match deadline {
+            None => idle,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(Some(Err(format!(
+                        "request not complete within {REQUEST_DEADLINE:?}"
+                    ))));
+                }
+                Some(left)
+            }
         };
-        writer.write_all(format!("{reply}\n").as_bytes())?;
-        if too_long {
+        conn.set_read_timeout(wait)?;
+        match conn.read(&mut chunk) {
+            Ok(0) => return Ok(None),
+            Ok(n) => {
+                pending.extend_from_slice(&chunk[..n]);
+                deadline.get_or_insert_with(|| Instant::now() + REQUEST_DEADLINE);
+            }
+            Err(e) if is_timeout(&e) && deadline.is_none() => return Ok(None),
+            Err(e) if is_timeout(&e) || e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn serve(mut conn: UnixStream, vtpm: &Vtpm, slot: &Slot) -> std::io::Result<()> {
+    let mut pending = Vec::new();
+    loop {
+        let line = read_line(&mut conn, &mut pending, slot.idle_timeout())?;
+        slot.busy(true);
+        let (reply, last) = match line {
+            None => return Ok(()),
+            Some(Ok(line)) => (handle_line(vtpm, line.trim()), false),
+            Some(Err(why)) => (encode_reply(Err(why)), true),
+        };
+        conn.write_all(format!("{reply}\n").as_bytes())?;
+        slot.busy(false);
+        if last {
             return Ok(());
         }
     }
 }
 
-/// Serves admin connections, one at a time.
+/// Serves admin connections, each on its own thread; at most
+/// [`MAX_CONNECTIONS`] at once, an idle one closed after
+/// `transport::IDLE_TIMEOUT` or when a new client needs its slot.
 pub fn serve_listener(l: UnixListener, vtpm: Arc<Vtpm>) {
-    crate::transport::Listener::Unix(l).serve("admin", |c| {
-        if let Err(e) = serve(c, &vtpm) {
-            log::warn!("admin connection: {e}");
+    let slots = Slots::new("admin", MAX_CONNECTIONS);
+    Listener::Unix(l).serve("admin", |c| {
+        let Some(slot) = slots.admit(&c) else {
+            return;
+        };
+        let Stream::Unix(conn) = c else {
+            return;
+        };
+        let vtpm = vtpm.clone();
+        let r = std::thread::Builder::new()
+            .name("admin".into())
+            .spawn(move || {
+                if let Err(e) = serve(conn, &vtpm, &slot) {
+                    log::warn!("admin connection: {e}");
+                }
+            });
+        if r.is_err() {
+            log::error!("admin: cannot start a connection thread");
         }
     })
 }

@@ -15,8 +15,12 @@ use vtpm_common::admin::Phase;
 pub enum InstanceError {
     #[error("the existing TPM state in {dir} cannot be loaded (TPM result {rc:#x}); refusing to start a blank TPM in its place")]
     BadState { dir: String, rc: TpmResult },
-    #[error("the TPM engine could not start the TPM (result {0:#x}); see earlier errors")]
-    PowerOn(TpmResult),
+    #[error("the TPM engine could not start the TPM (result {rc:#x}){}", cause.as_deref().map(|c| format!(": {c}")).unwrap_or_default())]
+    PowerOn {
+        rc: TpmResult,
+        /// What the state directory last failed at, if anything.
+        cause: Option<String>,
+    },
     #[error("TPM2_Startup answered {0:#x}")]
     Startup(u32),
     #[error("the TPM is not running (send INIT first)")]

@@ -292,9 +292,13 @@ impl Vtpm {
             let want = st.buffer_size;
             st.tpm.set_buffer_size(want);
         }
-        if let Err(r) = st.tpm.main_init() {
+        let _ = self.store.take_last_failure();
+        if let Err(rc) = st.tpm.main_init() {
             st.tpm.terminate();
-            return Err(InstanceError::PowerOn(r));
+            return Err(InstanceError::PowerOn {
+                rc,
+                cause: self.store.take_last_failure(),
+            });
         }
         st.running = true;
         st.last_was_shutdown = false;

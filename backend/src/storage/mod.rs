@@ -11,6 +11,7 @@
 //!   while a key is configured is refused rather than trusted.
 
 pub mod blob;
+pub mod files;
 pub mod sealing;
 
 use crate::engine::{NvError, NvStore};
@@ -18,7 +19,7 @@ use sealing::{SealError, StateKey};
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -83,6 +84,7 @@ pub struct StateDir {
     key: Option<StateKey>,
     lock: Mutex<Option<File>>,
     fenced: AtomicBool,
+    last_failure: Mutex<Option<String>>,
 }
 
 impl StateDir {
@@ -116,6 +118,7 @@ impl StateDir {
             key,
             lock: Mutex::new(None),
             fenced: AtomicBool::new(false),
+            last_failure: Mutex::new(None),
         };
         sd.lock()?;
         Ok(sd)
@@ -233,21 +236,38 @@ impl StateDir {
         };
         let tmp = self.dir.join(format!("TMP2-00.{name}"));
         let dst = self.file_of(name);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(self.file_mode)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
-        f.set_permissions(fs::Permissions::from_mode(self.file_mode))
-            .map_err(io("chmod", &tmp))?;
-        f.write_all(&bytes).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("fsync", &tmp))?;
+        let r = self.write_then_rename(&tmp, &dst, &bytes);
+        if r.is_err() {
+            // A full disk or an I/O error must not leave a partial file.
+            let _ = fs::remove_file(&tmp);
+        }
+        r.map_err(|e| {
+            self.note_failure(&e);
+            e
+        })
+    }
+
+    fn write_then_rename(&self, tmp: &Path, dst: &Path, bytes: &[u8]) -> Result<(), StorageError> {
+        let mut f = files::create_new(tmp, self.file_mode).map_err(io("create", tmp))?;
+        f.write_all(bytes).map_err(io("write", tmp))?;
+        f.sync_all().map_err(io("fsync", tmp))?;
         drop(f);
-        fs::rename(&tmp, &dst).map_err(io("rename", &dst))?;
+        fs::rename(tmp, dst).map_err(io("rename", dst))?;
         self.dir_handle.sync_all().map_err(io("fsync", &self.dir))
+    }
+
+    /// Remembers why storage last failed, so a start-up that fails inside
+    /// the engine can say why.
+    fn note_failure(&self, e: &StorageError) {
+        *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+    }
+
+    /// Why storage last failed, if it did since the last call.
+    pub fn take_last_failure(&self) -> Option<String> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Removes blob `name`; a missing file is not an error.
@@ -277,7 +297,7 @@ impl StateDir {
     pub fn erase_with_tombstone(&self, tombstone: &[u8]) -> Result<(), StorageError> {
         let tmp = self.dir.join(format!("{TOMBSTONE}.tmp"));
         let dst = self.dir.join(TOMBSTONE);
-        let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
+        let mut f = files::create_new(&tmp, 0o600).map_err(io("create", &tmp))?;
         f.write_all(tombstone).map_err(io("write", &tmp))?;
         f.sync_all().map_err(io("fsync", &tmp))?;
         fs::rename(&tmp, &dst).map_err(io("rename", &dst))?;
@@ -311,7 +331,11 @@ impl From<StorageError> for NvError {
 
 impl NvStore for StateDir {
     fn load(&self, name: &str) -> Result<Option<Vec<u8>>, NvError> {
-        Ok(self.read_blob(name)?.map(|z| z.to_vec()))
+        let r = self.read_blob(name);
+        if let Err(e) = &r {
+            self.note_failure(e);
+        }
+        Ok(r?.map(|z| z.to_vec()))
     }
 
     fn store(&self, name: &str, data: &[u8]) -> Result<(), NvError> {
@@ -326,6 +350,7 @@ impl NvStore for StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn missing_directory_is_a_clear_error() {

@@ -27,7 +27,7 @@ pub fn result_code(e: &InstanceError) -> u32 {
     match e {
         InstanceError::NotRunning | InstanceError::Running => rc::BAD_ORDINAL,
         InstanceError::BadLocality(_) => rc::BAD_LOCALITY,
-        InstanceError::Engine(r) | InstanceError::PowerOn(r) => *r,
+        InstanceError::Engine(r) | InstanceError::PowerOn { rc: r, .. } => *r,
         InstanceError::StorageLock(_) => rc::IOERROR,
         InstanceError::ForeignEncrypted => rc::KEYNOTFOUND,
         InstanceError::NoBlob(_) => rc::RETRY,

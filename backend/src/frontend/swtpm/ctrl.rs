@@ -1,21 +1,24 @@
 //! Serving control connections.
 //!
-//! A request is read the way swtpm reads it: the first bytes are awaited for
-//! as long as the client likes, the rest of the fixed part must follow within
-//! 500 ms, and only SET_STATEBLOB / HASH_DATA stream more after it. Each
-//! connection is served on its own thread, so a VMM that reconnects (a
-//! cloud-hypervisor reboot) is served even while its old connection lingers,
-//! and CANCEL_TPM_CMD is answered while a TPM command runs.
+//! A request is read the way swtpm reads it: the first bytes are awaited
+//! (for as long as the VMM likes on its pinned connection, up to
+//! `transport::IDLE_TIMEOUT` on any other), the rest of the fixed part must
+//! follow within 500 ms, and only SET_STATEBLOB / HASH_DATA stream more
+//! after it, read in 64 KiB pieces as they arrive. Each connection is served
+//! on its own thread, so a VMM that reconnects (a cloud-hypervisor reboot) is
+//! served even while its old connection lingers, and CANCEL_TPM_CMD is
+//! answered while a TPM command runs. At most [`MAX_CONNECTIONS`] are held;
+//! a new client takes the slot of the one idle longest
+//! ([`crate::transport::Slots`]).
 
 use super::commands;
 use super::data::{DataChannel, DataFdError};
 use super::wire::{self, cmd, rc, DecodeError, Request, Response};
 use crate::exit::{self, Exit, ExitTx};
 use crate::instance::{Vtpm, MAX_STATE_BLOB};
-use crate::transport::{is_timeout, Listener, Stream};
+use crate::transport::{is_timeout, Listener, Slot, Slots, Stream};
 use std::io::{self, ErrorKind, Write};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +31,9 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// HASH_DATA is streamed through; more than this in one request is refused.
 const MAX_HASH_DATA: u32 = 64 * 1024 * 1024;
 /// Control connections served at once.
-const MAX_CONNECTIONS: usize = 8;
+pub const MAX_CONNECTIONS: usize = 8;
+/// Streamed data is read (and hashed) in pieces of at most this size.
+const STREAM_CHUNK: usize = 64 * 1024;
 
 /// What the control server needs.
 #[derive(Debug, Clone)]
@@ -36,6 +41,8 @@ pub struct Context {
     pub vtpm: Arc<Vtpm>,
     pub data: Arc<DataChannel>,
     pub exits: ExitTx,
+    /// The control connections served at once (see [`Slots`]).
+    pub slots: Arc<Slots>,
     /// `--ctrl ...,terminate`: exit when a control client disconnects.
     pub exit_on_close: bool,
 }
@@ -48,10 +55,14 @@ enum Next {
 
 /// Reads one request. Leftover bytes past the fixed part are returned for
 /// the streaming commands.
-fn read_request(c: &mut Stream, fds: &mut Vec<OwnedFd>) -> io::Result<Next> {
+fn read_request(
+    c: &mut Stream,
+    fds: &mut Vec<OwnedFd>,
+    idle: Option<Duration>,
+) -> io::Result<Next> {
     let mut buf = vec![0u8; 4104];
     let mut have;
-    c.set_read_timeout(None)?;
+    c.set_read_timeout(idle)?;
     loop {
         match c.recv(&mut buf, fds) {
             Ok(0) => return Ok(Next::Closed),
@@ -60,6 +71,10 @@ fn read_request(c: &mut Stream, fds: &mut Vec<OwnedFd>) -> io::Result<Next> {
                 break;
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {
+                log::info!("control: closing a connection idle for {idle:?}");
+                return Ok(Next::Closed);
+            }
             Err(e) => return Err(e),
         }
     }
@@ -113,24 +128,38 @@ fn reject(bytes: &[u8], e: &DecodeError) -> Response {
     Response::error_for(code, e.result_code())
 }
 
-/// Reads the `len` streamed bytes that follow SET_STATEBLOB / HASH_DATA.
-/// Returns None if the client went away or stalled.
-fn read_stream(c: &mut Stream, mut data: Vec<u8>, len: usize) -> io::Result<Option<Vec<u8>>> {
-    let have = data.len();
-    data.resize(len.max(have), 0);
-    let mut at = have;
+/// Reads up to `want` streamed bytes (SET_STATEBLOB / HASH_DATA data) in
+/// pieces of at most [`STREAM_CHUNK`], handing each to `sink`; memory
+/// grows only with bytes actually received. `first` holds bytes that came
+/// with the request. Returns false if the client went away or stalled.
+fn read_stream(
+    c: &mut Stream,
+    first: Vec<u8>,
+    want: usize,
+    mut sink: impl FnMut(&[u8]),
+) -> io::Result<bool> {
+    let mut got = first.len();
+    if !first.is_empty() {
+        sink(&first);
+    }
     c.set_read_timeout(Some(STREAM_TIMEOUT))?;
+    let mut chunk = vec![0u8; STREAM_CHUNK.min(want.saturating_sub(got))];
     let mut ignored = Vec::new();
-    while at < len {
-        match c.recv(&mut data[at..len], &mut ignored) {
-            Ok(0) => return Ok(None),
-            Ok(n) => at += n,
+    while got < want {
+        let n = chunk.len().min(want - got);
+        match c.recv(&mut chunk[..n], &mut ignored) {
+            Ok(0) => return Ok(false),
+            Ok(k) => {
+                got += k;
+                sink(&chunk[..k]);
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) => return Ok(None),
+            Err(e) if is_timeout(&e) => return Ok(false),
             Err(e) => return Err(e),
         }
+        ignored.clear();
     }
-    Ok(Some(data))
+    Ok(true)
 }
 
 /// Drops incoming bytes until the client pauses.
@@ -149,48 +178,93 @@ fn drain(c: &mut Stream) -> io::Result<()> {
     }
 }
 
-/// Serves requests on one connection until it closes or SHUTDOWN arrives.
-pub fn serve(c: &mut Stream, ctx: &Context) -> io::Result<()> {
+/// The streamed part of SET_STATEBLOB (collected, at most
+/// [`MAX_STATE_BLOB`] bytes) or HASH_DATA (hashed piece by piece as it
+/// arrives, so memory never holds more than one piece). `None`: the stream
+/// ended early and the connection is done.
+fn streamed(
+    c: &mut Stream,
+    ctx: &Context,
+    req: &Request,
+    extra: Vec<u8>,
+) -> io::Result<Option<Response>> {
+    let (len, limit) = match *req {
+        Request::SetStateBlob { len, .. } => (len, MAX_STATE_BLOB),
+        Request::HashData { len } => (len, MAX_HASH_DATA),
+        _ => unreachable!("only streaming requests come here"),
+    };
+    if len > limit {
+        log::error!("control: {len}-byte stream refused (limit {limit})");
+        drain(c)?;
+        return Ok(Some(Response::Result(rc::FAIL)));
+    }
+    if extra.len() > len as usize {
+        log::error!("control: more data than the announced {len} bytes");
+        return Ok(Some(Response::Result(rc::BAD_PARAMETER)));
+    }
+    let complete;
+    let resp = if req.code() == cmd::HASH_DATA {
+        let mut first_failure = None;
+        complete = read_stream(c, extra, len as usize, |piece| {
+            if first_failure.is_none() {
+                let r = commands::execute(&ctx.vtpm, req, piece);
+                if r != Response::Result(rc::SUCCESS) {
+                    first_failure = Some(r);
+                }
+            }
+        })?;
+        first_failure.unwrap_or(Response::Result(rc::SUCCESS))
+    } else {
+        let mut data = Vec::new();
+        complete = read_stream(c, extra, len as usize, |piece| {
+            data.extend_from_slice(piece)
+        })?;
+        commands::execute(&ctx.vtpm, req, &data)
+    };
+    if !complete {
+        log::error!("control: stream of {len} bytes ended early");
+        c.write_all(&Response::Result(rc::BAD_PARAMETER).encode())?;
+        return Ok(None);
+    }
+    Ok(Some(resp))
+}
+
+/// Serves requests on one connection until it closes, sits idle too long
+/// (unless pinned), or SHUTDOWN arrives.
+pub fn serve(c: &mut Stream, ctx: &Context, slot: &Slot) -> io::Result<()> {
     loop {
         let mut fds = Vec::new();
-        let (req, extra) = match read_request(c, &mut fds)? {
+        let next = read_request(c, &mut fds, slot.idle_timeout())?;
+        slot.busy(true);
+        let (req, extra) = match next {
             Next::Closed => return Ok(()),
             Next::Reply(r) => {
                 c.write_all(&r.encode())?;
+                slot.busy(false);
                 continue;
             }
             Next::Request(req, extra) => (req, extra),
         };
         log::debug!("control: {req:?}");
         let resp = match req {
-            Request::SetStateBlob { len, .. } | Request::HashData { len } => {
-                let limit = if req.code() == cmd::SET_STATEBLOB {
-                    MAX_STATE_BLOB
-                } else {
-                    MAX_HASH_DATA
-                };
-                if len > limit {
-                    log::error!("control: {len}-byte stream refused (limit {limit})");
-                    drain(c)?;
-                    Response::Result(rc::FAIL)
-                } else if extra.len() > len as usize {
-                    log::error!("control: more data than the announced {len} bytes");
-                    Response::Result(rc::BAD_PARAMETER)
-                } else {
-                    match read_stream(c, extra, len as usize)? {
-                        Some(data) => commands::execute(&ctx.vtpm, &req, &data),
-                        None => {
-                            log::error!("control: stream of {len} bytes ended early");
-                            c.write_all(&Response::Result(rc::BAD_PARAMETER).encode())?;
-                            return Ok(());
-                        }
-                    }
+            Request::SetStateBlob { .. } | Request::HashData { .. } => {
+                match streamed(c, ctx, &req, extra)? {
+                    Some(r) => r,
+                    None => return Ok(()),
                 }
             }
-            Request::SetDataFd => Response::Result(set_data_fd(ctx, fds)),
+            Request::SetDataFd => {
+                let r = set_data_fd(ctx, fds);
+                if r == rc::SUCCESS {
+                    // The VMM's connection: never closed for idling.
+                    slot.pin();
+                }
+                Response::Result(r)
+            }
             _ => commands::execute(&ctx.vtpm, &req, &[]),
         };
         c.write_all(&resp.encode())?;
+        slot.busy(false);
         if req == Request::Shutdown {
             exit::report(&ctx.exits, Exit::Shutdown);
             return Ok(());
@@ -216,28 +290,23 @@ fn set_data_fd(ctx: &Context, mut fds: Vec<OwnedFd>) -> u32 {
     }
 }
 
-static ACTIVE: AtomicUsize = AtomicUsize::new(0);
-
 fn spawn_conn(mut conn: Stream, ctx: &Context) {
-    if ACTIVE.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-        ACTIVE.fetch_sub(1, Ordering::SeqCst);
-        log::warn!("control: refusing a connection, {MAX_CONNECTIONS} already open");
+    let Some(slot) = ctx.slots.admit(&conn) else {
         return;
-    }
+    };
     let ctx = ctx.clone();
     let r = std::thread::Builder::new()
         .name("ctrl".into())
         .spawn(move || {
-            if let Err(e) = serve(&mut conn, &ctx) {
+            if let Err(e) = serve(&mut conn, &ctx, &slot) {
                 log::warn!("control connection: {e}");
             }
-            ACTIVE.fetch_sub(1, Ordering::SeqCst);
+            drop(slot);
             if ctx.exit_on_close {
                 exit::report(&ctx.exits, Exit::CtrlClosed);
             }
         });
     if r.is_err() {
-        ACTIVE.fetch_sub(1, Ordering::SeqCst);
         log::error!("control: cannot start a connection thread");
     }
 }

@@ -12,13 +12,13 @@
 use crate::engine::tpm2;
 use crate::exit::{self, Exit, ExitTx};
 use crate::instance::Vtpm;
-use crate::transport::{is_timeout, Listener, Stream};
+use crate::transport::{is_timeout, Listener, Slots, Stream};
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// How long a started command may take to arrive in full.
@@ -31,6 +31,8 @@ pub enum DataFdError {
     BadDescriptor,
     #[error("the descriptor is not a socket")]
     NotASocket,
+    #[error("the socket is not a stream socket (a datagram socket cannot carry the data channel)")]
+    NotAStream,
     #[error("a data connection is already open")]
     AlreadyOpen,
     #[error("cannot duplicate the descriptor")]
@@ -45,16 +47,23 @@ enum Fill {
     TimedOut,
 }
 
-/// Fills `buf`. Before the first byte it waits for ever; once a command has
-/// started, a read that times out abandons it.
-fn fill(s: &mut Stream, buf: &mut [u8], started: bool) -> io::Result<Fill> {
+/// Fills `buf`. Before the first byte it waits up to `idle` (for ever
+/// with `None`), then reports end of stream; once a command has started, a
+/// read that times out abandons it.
+fn fill(s: &mut Stream, buf: &mut [u8], started: bool, idle: Option<Duration>) -> io::Result<Fill> {
     let mut have = 0;
+    let since = Instant::now();
     while have < buf.len() {
         match s.read(&mut buf[have..]) {
             Ok(0) => return Ok(Fill::Eof),
             Ok(n) => have += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) && have == 0 && !started => {}
+            Err(e) if is_timeout(&e) && have == 0 && !started => {
+                if idle.is_some_and(|t| since.elapsed() >= t) {
+                    log::info!("data channel: closing a connection idle for {idle:?}");
+                    return Ok(Fill::Eof);
+                }
+            }
             Err(e) if is_timeout(&e) => return Ok(Fill::TimedOut),
             Err(e) => return Err(e),
         }
@@ -92,13 +101,14 @@ fn skip_body(s: &mut Stream, len: usize) -> io::Result<()> {
     r
 }
 
-/// Serves TPM commands on `s` until the peer closes it.
-pub fn serve(s: &mut Stream, vtpm: &Vtpm) -> io::Result<()> {
+/// Serves TPM commands on `s` until the peer closes it or, with `idle`,
+/// sends nothing for that long.
+pub fn serve(s: &mut Stream, vtpm: &Vtpm, idle: Option<Duration>) -> io::Result<()> {
     s.set_read_timeout(Some(COMMAND_TIMEOUT))?;
     let mut cmd = vec![0u8; 4096];
     let mut out = Vec::with_capacity(4096);
     loop {
-        match fill(s, &mut cmd[..tpm2::HEADER_LEN], false)? {
+        match fill(s, &mut cmd[..tpm2::HEADER_LEN], false, idle)? {
             Fill::Full => {}
             Fill::Eof => return Ok(()),
             Fill::TimedOut => {
@@ -120,7 +130,7 @@ pub fn serve(s: &mut Stream, vtpm: &Vtpm) -> io::Result<()> {
         if cmd.len() < size {
             cmd.resize(size, 0);
         }
-        match fill(s, &mut cmd[tpm2::HEADER_LEN..size], true)? {
+        match fill(s, &mut cmd[tpm2::HEADER_LEN..size], true, None)? {
             Fill::Full => {}
             Fill::Eof => return Ok(()),
             Fill::TimedOut => {
@@ -164,6 +174,21 @@ impl std::fmt::Debug for ActiveDebug {
     }
 }
 
+/// A data channel must be a connected stream socket (QEMU and
+/// cloud-hypervisor pass one end of a unix socketpair): a datagram socket
+/// or anything else is refused before it is adopted.
+fn check_stream_socket(fd: &OwnedFd) -> Result<(), DataFdError> {
+    use nix::sys::socket::{getsockopt, sockopt, SockType};
+    let stat = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|_| DataFdError::BadDescriptor)?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(DataFdError::NotASocket);
+    }
+    match getsockopt(fd, sockopt::SockType) {
+        Ok(SockType::Stream) => Ok(()),
+        _ => Err(DataFdError::NotAStream),
+    }
+}
+
 /// Whether the peer of `s` has hung up.
 fn hung_up(s: &UnixStream) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -191,22 +216,22 @@ impl DataChannel {
     /// the previous connection is still open; one whose peer hung up is
     /// replaced, as a VMM that reconnects after a reboot needs.
     pub fn install(self: &Arc<Self>, fd: OwnedFd) -> Result<(), DataFdError> {
-        let stat = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|_| DataFdError::BadDescriptor)?;
-        if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-            return Err(DataFdError::NotASocket);
-        }
-        let stream = UnixStream::from(fd);
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        // As swtpm: an open connection is checked first, whatever was sent.
         if let Some(old) = cur.as_ref() {
             if !hung_up(&old.0.stream) {
                 return Err(DataFdError::AlreadyOpen);
             }
+        }
+        check_stream_socket(&fd)?;
+        if let Some(old) = cur.as_ref() {
             log::info!(
                 "replacing data connection #{} whose peer hung up",
                 old.0.generation
             );
             let _ = old.0.stream.shutdown(std::net::Shutdown::Both);
         }
+        let stream = UnixStream::from(fd);
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let keep = stream.try_clone().map_err(|_| DataFdError::Duplicate)?;
         *cur = Some(ActiveDebug(Active {
@@ -224,7 +249,7 @@ impl DataChannel {
 
     fn run(&self, stream: UnixStream, generation: u64) {
         log::info!("data connection #{generation} opened");
-        if let Err(e) = serve(&mut Stream::Unix(stream), &self.vtpm) {
+        if let Err(e) = serve(&mut Stream::Unix(stream), &self.vtpm, None) {
             log::warn!("data connection #{generation}: {e}");
         }
         log::info!("data connection #{generation} closed");
@@ -239,14 +264,33 @@ impl DataChannel {
     }
 }
 
-/// Accepts `--server` connections one at a time and serves each.
+/// `--server` connections served at once.
+pub const MAX_SERVER_CONNECTIONS: usize = 8;
+
+/// Serves `--server` connections, each on its own thread (TPM commands
+/// still run one at a time): an idle client is closed after
+/// `transport::IDLE_TIMEOUT`, and when all slots are taken the one idle
+/// longest makes room.
 pub fn serve_listener(l: Listener, vtpm: Arc<Vtpm>, exit_on_close: bool, exits: ExitTx) {
+    let slots = Slots::new("data server", MAX_SERVER_CONNECTIONS);
     l.serve("data server", |mut s| {
-        if let Err(e) = serve(&mut s, &vtpm) {
-            log::warn!("data client: {e}");
-        }
-        if exit_on_close {
-            exit::report(&exits, Exit::DataClosed);
+        let Some(slot) = slots.admit(&s) else {
+            return;
+        };
+        let (vtpm, exits) = (vtpm.clone(), exits.clone());
+        let r = std::thread::Builder::new()
+            .name("data-client".into())
+            .spawn(move || {
+                if let Err(e) = serve(&mut s, &vtpm, slot.idle_timeout()) {
+                    log::warn!("data client: {e}");
+                }
+                drop(slot);
+                if exit_on_close {
+                    exit::report(&exits, Exit::DataClosed);
+                }
+            });
+        if r.is_err() {
+            log::error!("data server: cannot start a connection thread");
         }
     })
 }
