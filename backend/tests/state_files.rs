@@ -10,7 +10,7 @@ use vtpm_test_support as common;
 const NV: u32 = 0x0150_0030;
 
 fn start_fails(dir: &std::path::Path, extra: &[&str]) -> String {
-    let out = Command::new(VTPMD)
+    let out = Command::new(&*VTPMD)
         .args(["socket", "--tpm2", "--tpmstate"])
         .arg(format!("dir={}", dir.join("state").display()))
         .arg("--ctrl")

@@ -142,7 +142,7 @@ fn scenario_against(bin: &str) -> Vec<String> {
 
 #[test]
 fn tpm2_tools_scenario_vtpmd_and_swtpm() {
-    let ours = scenario_against(common::VTPMD);
+    let ours = scenario_against(&common::VTPMD);
     let reference = scenario_against("swtpm");
     assert!(
         reference.is_empty(),

@@ -112,7 +112,7 @@ fn start_vhost_user_fd(dir: &Path) -> Daemon {
     )
     .unwrap();
     let args = ["vhost-user".to_string(), "--fd".into(), fd.to_string()];
-    let d = Daemon::spawn(common::VTPMD, dir, sock, &args);
+    let d = Daemon::spawn(&common::VTPMD, dir, sock, &args);
     // The child has its copy; this process's is closed here.
     drop(listener);
     d
@@ -132,7 +132,7 @@ fn inherited_listening_socket() {
     assert!(d.alive());
     // Not a listening socket: refused with a clear error at start-up.
     std::fs::create_dir(t.path().join("other")).unwrap();
-    let out = std::process::Command::new(common::VTPMD)
+    let out = std::process::Command::new(&*common::VTPMD)
         .args(["vhost-user", "--fd", "0", "--tpmstate"])
         .arg(format!("dir={}", t.path().join("other").display()))
         .stdin(std::process::Stdio::null())
@@ -452,7 +452,7 @@ fn same_state_directory_lock_and_at_rest_encryption_as_the_socket_frontend() {
 
     // While it runs, neither frontend may open the same state directory.
     for sub in ["socket", "vhost-user"] {
-        let mut c = std::process::Command::new(common::VTPMD);
+        let mut c = std::process::Command::new(&*common::VTPMD);
         c.arg(sub)
             .arg("--tpmstate")
             .arg(format!("dir={}", t.path().join("state").display()));

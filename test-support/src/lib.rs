@@ -22,8 +22,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The workspace's vtpmd binary.
-pub const VTPMD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/vtpmd");
+/// The vtpmd binary the tests run: `$VTPMD_BIN` if set (to check that a
+/// regression test fails on an older build), else the workspace's release
+/// build.
+pub static VTPMD: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    std::env::var("VTPMD_BIN").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/vtpmd").to_string()
+    })
+});
 
 /// A running backend process, killed when dropped.
 pub struct Daemon {
@@ -37,7 +43,7 @@ impl Daemon {
     /// Starts `vtpmd socket --tpm2` on state dir `dir` with a unix control
     /// socket, plus `extra` arguments.
     pub fn start(dir: &Path, extra: &[&str]) -> Daemon {
-        Self::start_bin(VTPMD, dir, extra)
+        Self::start_bin(&VTPMD, dir, extra)
     }
 
     pub fn start_bin(bin: &str, dir: &Path, extra: &[&str]) -> Daemon {
@@ -66,7 +72,7 @@ impl Daemon {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let _ = std::fs::remove_file(&sock);
-        let mut d = Self::spawn(VTPMD, dir, sock, &args);
+        let mut d = Self::spawn(&VTPMD, dir, sock, &args);
         // Probing with a connection would look like a frontend: wait for
         // the socket file instead (it is listening once it exists).
         d.wait_for_socket(false);

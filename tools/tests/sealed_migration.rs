@@ -263,7 +263,7 @@ fn sealed_migration_end_to_end_with_receipt_and_tombstone() {
     // Restarting on the tombstoned directory fails with a clear message.
     let Node { _t: keep, d, .. } = src;
     drop(d);
-    let out = Command::new(VTPMD)
+    let out = Command::new(&*VTPMD)
         .args([
             "socket",
             "--tpm2",

@@ -239,6 +239,7 @@ pub fn serve(c: &mut Stream, ctx: &Context, slot: &Slot) -> io::Result<()> {
         let (req, extra) = match next {
             Next::Closed => return Ok(()),
             Next::Reply(r) => {
+                fds.clear();
                 c.write_all(&r.encode())?;
                 slot.busy(false);
                 continue;
@@ -246,6 +247,13 @@ pub fn serve(c: &mut Stream, ctx: &Context, slot: &Slot) -> io::Result<()> {
             Next::Request(req, extra) => (req, extra),
         };
         log::debug!("control: {req:?}");
+        if req != Request::SetDataFd && !fds.is_empty() {
+            log::warn!(
+                "control: closing {} descriptor(s) sent with a request that takes none",
+                fds.len()
+            );
+            fds.clear();
+        }
         let resp = match req {
             Request::SetStateBlob { .. } | Request::HashData { .. } => {
                 match streamed(c, ctx, &req, extra)? {
