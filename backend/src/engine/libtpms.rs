@@ -280,10 +280,11 @@ impl Libtpms {
         if rc != TPM_SUCCESS {
             return Some(Err(rc));
         }
-        let tpm = Libtpms {
+        let mut tpm = Libtpms {
             resp: ptr::null_mut(),
             resp_cap: 0,
         };
+        tpm.silence_diagnostics();
         Some(tpm.choose_tpm2().map(|()| tpm))
     }
 
@@ -299,6 +300,27 @@ impl Libtpms {
         unsafe {
             sys::TPMLIB_SetDebugFD(fd);
             sys::TPMLIB_SetDebugLevel(level);
+        }
+    }
+
+    /// libtpms's own diagnostics go to /dev/null: entering failure mode,
+    /// it prints the whole command that caused it as hex (an NV_Write's
+    /// secret, a key's sensitive part) to stderr, which libvirt keeps in
+    /// the domain's log. vtpmd logs the event itself, without content.
+    fn silence_diagnostics(&mut self) {
+        static SINK: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+        let sink = SINK.get_or_init(|| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .ok()
+        });
+        match sink {
+            Some(f) => {
+                use std::os::fd::AsRawFd;
+                self.set_debug(f.as_raw_fd(), 0);
+            }
+            None => log::warn!("cannot open /dev/null: libtpms diagnostics stay on stderr"),
         }
     }
 }

@@ -13,8 +13,13 @@ use vtpm_common::admin::Phase;
 
 #[derive(Debug, Error)]
 pub enum InstanceError {
-    #[error("the existing TPM state in {dir} cannot be loaded (TPM result {rc:#x}); refusing to start a blank TPM in its place")]
-    BadState { dir: String, rc: TpmResult },
+    #[error("the existing TPM state in {dir} cannot be loaded (TPM result {rc:#x}{}); refusing to start a blank TPM in its place", cause.as_deref().map(|c| format!(": {c}")).unwrap_or_default())]
+    BadState {
+        dir: String,
+        rc: TpmResult,
+        /// What the state directory failed at, if it did.
+        cause: Option<String>,
+    },
     #[error("the TPM engine could not start the TPM (result {rc:#x}){}", cause.as_deref().map(|c| format!(": {c}")).unwrap_or_default())]
     PowerOn {
         rc: TpmResult,

@@ -99,6 +99,8 @@ struct TpmState {
     last_was_shutdown: bool,
     /// A permanent blob was imported since the last power-on: persist it after.
     permanent_set: bool,
+    /// Failure mode was logged since the last power-on.
+    failure_reported: bool,
     session: Session,
 }
 
@@ -130,6 +132,7 @@ impl Vtpm {
                 return Err(InstanceError::BadState {
                     dir: store.path().display().to_string(),
                     rc,
+                    cause: store.take_last_failure(),
                 });
             }
         }
@@ -142,6 +145,7 @@ impl Vtpm {
                 buffer_size: 0,
                 last_was_shutdown: false,
                 permanent_set: false,
+                failure_reported: false,
                 session,
             }),
             store,
@@ -236,8 +240,15 @@ impl Vtpm {
             }
         }
         let code = tpm2::command_code(command);
-        st.last_was_shutdown =
-            code == Some(tpm2::CC_SHUTDOWN) && tpm2::response_code(out) == tpm2::RC_SUCCESS;
+        let rc = tpm2::response_code(out);
+        st.last_was_shutdown = code == Some(tpm2::CC_SHUTDOWN) && rc == tpm2::RC_SUCCESS;
+        if rc == tpm2::RC_FAILURE && !st.failure_reported {
+            st.failure_reported = true;
+            log::error!(
+                "the TPM answered command {:#x} with TPM_RC_FAILURE: it is in failure mode (often after its state could not be stored; see earlier errors) and stays there until power-cycled",
+                code.unwrap_or(0)
+            );
+        }
     }
 
     /// Powers the TPM on, or power-cycles a running one (CMD_INIT). A
@@ -300,8 +311,19 @@ impl Vtpm {
                 cause: self.store.take_last_failure(),
             });
         }
+        if let Some(cause) = self.store.take_last_failure() {
+            // The engine came up but could not store its state (libtpms
+            // carries on in memory): a TPM whose state would vanish at the
+            // next restart is not started.
+            st.tpm.terminate();
+            return Err(InstanceError::PowerOn {
+                rc: crate::engine::TPM_FAIL,
+                cause: Some(cause),
+            });
+        }
         st.running = true;
         st.last_was_shutdown = false;
+        st.failure_reported = false;
         self.running.store(true, Ordering::SeqCst);
         let size = st.tpm.set_buffer_size(0).size;
         self.io_size.store(size, Ordering::SeqCst);
