@@ -241,10 +241,7 @@ impl StateDir {
             // A full disk or an I/O error must not leave a partial file.
             let _ = fs::remove_file(&tmp);
         }
-        r.map_err(|e| {
-            self.note_failure(&e);
-            e
-        })
+        r.inspect_err(|e| self.note_failure(e))
     }
 
     fn write_then_rename(&self, tmp: &Path, dst: &Path, bytes: &[u8]) -> Result<(), StorageError> {
