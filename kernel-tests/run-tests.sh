@@ -69,6 +69,8 @@ check_boot() {
     elif [ "$qemu_rc" = 124 ]; then fail "$what: QEMU timed out after $KT_TIMEOUT s"
     else fail "$what: QEMU exited with status $qemu_rc"; fi
     if [ "$backend" = exited ]; then pass "$what: backend exited by itself after QEMU quit"
+    elif [ "$backend" = terminated ]; then pass "$what: vhost-user backend stopped cleanly on SIGTERM after QEMU quit"
+    elif [ "$dev" = vhost-user-tpm ]; then fail "$what: vhost-user backend did not stop cleanly on SIGTERM ($backend)"
     else fail "$what: backend still running 5 s after QEMU quit (killed)"; fi
   fi
 
