@@ -14,7 +14,7 @@ VTPMD = os.environ.get("TPM_BACKEND_BIN", os.path.join(ROOT, "target", "release"
 VTPMCTL = os.environ.get("VTPMCTL_BIN", os.path.join(ROOT, "target", "release", "vtpmctl"))
 QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
 WORK = tempfile.mkdtemp(prefix="vtpm-mig-")
-LOGS = os.path.join(BUILD, "logs")
+LOGS = os.environ.get("KT_LOGS", os.path.join(BUILD, "logs"))
 NV = "0x1500016"
 PERSIST = "0x81000101"
 results = [0, 0]
