@@ -89,7 +89,7 @@ class Vtpmd:
 class Guest:
     """QEMU with the test guest in the interactive mode ('migrate')."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, hotplug=True):
         Guest.n = getattr(Guest, "n", 0) + 1
         self.serial_path = os.path.join(WORK, "serial%d.sock" % Guest.n)
         self.mon_path = os.path.join(WORK, "mon%d.sock" % Guest.n)
@@ -98,12 +98,14 @@ class Guest:
                "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
                "-machine", "q35,memory-backend=mem",
                "-device", "pcie-root-port,id=rp0,chassis=1",
-               "-chardev", "socket,id=vtpm,path=%s,reconnect-ms=500" % sock,
+               "-chardev", "socket,id=vtpm,path=%s%s" % (sock, ",reconnect-ms=500" if hotplug else ""),
                "-kernel", os.path.join(BUILD, "vmlinuz"), "-initrd", os.path.join(BUILD, "initramfs.cpio.gz"),
                "-append", "console=ttyS0 panic=-1 quiet loglevel=3 vtpm.mode=migrate vtpm.virtio_id=%s vtpm.timeout_ms=%d"
                % (VIRTIO_ID, TIMEOUT_MS),
                "-serial", "unix:%s,server=on,wait=off" % self.serial_path,
                "-monitor", "unix:%s,server=on,wait=off" % self.mon_path]
+        if not hotplug:  # as qemu-configs/vhost-user-tpm.args has it
+            cmd += ["-device", "vhost-user-test-device-pci,chardev=vtpm,virtio-id=%s,num_vqs=1" % VIRTIO_ID]
         self.p = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
         procs.append(self.p)
         wait_for(lambda: (os.path.exists(self.serial_path) and os.path.exists(self.mon_path)) or self.p.poll() is not None,
@@ -300,6 +302,37 @@ def main():
             g.send("poweroff")
             wait_for(lambda: g.p.poll() is not None, 30, "QEMU to exit after poweroff")
             check(g.p.returncode == 0, "guest powered off, QEMU exited 0", g.p.returncode)
+        check(v.term() == 0, "vtpmd stopped cleanly on SIGTERM")
+
+        # 6. The device on QEMU's command line, no reconnect-ms (the tested
+        # configuration): vtpmd killed under a running guest.
+        v = Vtpmd(state, sock, 5)
+        g = Guest(sock, hotplug=False)
+        g.hmp("cont")
+        g.read_until("VTPM-READY\n", 180)
+        r = g.run("%s; %s" % (WORKS, COUNT))
+        check(r.get("tpm") == "ok" and r.get("count") and int(r["count"], 16) == int(count1, 16) + 1,
+              "device from the command line: TPM works, NV counter kept", r)
+        v.p.send_signal(signal.SIGSTOP)
+        t0 = time.time()
+        g.send("tpm2_getrandom --hex 8 >/dev/null 2>/tmp/err; echo R:rc=$?")
+        time.sleep(2)
+        v.p.send_signal(signal.SIGKILL)
+        v.p.wait()
+        r = dict(re.findall(r"^R:([\w-]+)=(.*)$", g.read_until("VTPM-CMD-DONE\n", TIMEOUT_MS / 1000 + 60), re.M))
+        took = time.time() - t0
+        check(r.get("rc") not in (None, "0") and took < TIMEOUT_MS / 1000 + 30 and g.p.poll() is None,
+              "device from the command line, vtpmd killed mid-command: the command fails after %.0f s, QEMU keeps running"
+              % took, r)
+        v = Vtpmd(state, sock, 6)
+        time.sleep(3)
+        check(g.p.poll() is None and "frontend connected" not in v.logtext(),
+              "without reconnect-ms QEMU neither reconnects nor aborts when vtpmd is back")
+        r = g.run(WORKS, timeout=TIMEOUT_MS / 1000 + 60)
+        check(r.get("tpm") != "ok", "the guest's TPM commands keep failing (no hang)", r)
+        g.send("poweroff")
+        wait_for(lambda: g.p.poll() is not None, 30, "QEMU to exit after poweroff")
+        check(g.p.returncode == 0, "guest powered off, QEMU exited 0", g.p.returncode)
         check(v.term() == 0, "vtpmd stopped cleanly on SIGTERM at the end")
     except Exception as e:  # a crashed step is a failure, not a pass
         import traceback
