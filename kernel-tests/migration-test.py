@@ -147,7 +147,7 @@ class Guest:
         end = time.time() + timeout
         while time.time() < end:
             info = self.hmp("info migrate")
-            m = re.search(r"Migration status: (\S+)", info)
+            m = re.search(r"(?:Migration s|S)tatus:\s*(\S+)", info)
             if m and m.group(1) in ("completed", "failed", "cancelled"):
                 return m.group(1)
             time.sleep(0.2)
@@ -429,7 +429,7 @@ def killed_destination(ka, kb):
     status = "?"
     end = time.time() + 60
     while time.time() < end:
-        m = re.search(r"Migration status: (\S+)", g.hmp("info migrate"))
+        m = re.search(r"(?:Migration s|S)tatus:\s*(\S+)", g.hmp("info migrate"))
         status = m.group(1) if m else "?"
         if status in ("failed", "completed", "cancelled"):
             break

@@ -221,7 +221,7 @@ def main():
         out = g.hmp('migrate -d "exec:cat >/dev/null"')
         time.sleep(1)
         info = g.hmp("info migrate")
-        status = re.search(r"[Ss]tatus: (\S+)", info)
+        status = re.search(r"(?:Migration s|S)tatus:\s*(\S+)", info)
         blocked = "rror" in out or (status and status.group(1) == "failed")
         check(blocked, "QEMU refuses to migrate the generic vhost-user device", info)
         said = re.findall(r"Error: .*", out) or [info.strip().replace("\n", " | ")]
