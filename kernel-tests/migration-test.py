@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Sealed live migration of a running Linux guest between two QEMU processes,
 each with its own vtpmd, state directory and host key (vtpmctl prepares it),
+a plain one (no host keys, --allow-plaintext-migration),
 plus a save-to-file secrecy check against swtpm, the attack matrix through
 QEMU's own migration stream, and a destination killed mid-migration.
 
@@ -255,6 +256,28 @@ def live_migration(ka, kb):
     gd.stop()
 
 
+def plain_migration():
+    """vtpmd without host keys and with --allow-plaintext-migration: QEMU's
+    ordinary GET/SET_STATEBLOB migration, as with swtpm."""
+    print("== plain live migration (--allow-plaintext-migration, no host keys)", flush=True)
+    plain = ["--allow-plaintext-migration"]
+    src = Backend("plain-src", extra=plain)
+    gs = boot_source("plain-src", src)
+    before = gs.run(SETUP)
+    check(len(before.get("secret", "")) == 128 and len(before.get("pub", "")) == 64, "plain: guest set up PCR, NV secret, key", before)
+    dst = Backend("plain-dst", extra=plain)
+    mig = os.path.join(WORK, "plain.sock")
+    gd = Guest("plain-dst", dst, incoming="unix:" + mig)
+    status = gs.migrate("unix:" + mig)
+    check(status == "completed", "plain live migration completed", status)
+    after = gd.run(AFTER)
+    check(after.get("pcr") == before.get("pcr") and after.get("secret") == before.get("secret")
+          and after.get("verified") == "yes",
+          "plain: destination guest has the same PCR and NV contents and its key still signs", (before, after))
+    gs.stop()
+    gd.stop()
+
+
 def read_file(p):
     with open(p, "rb") as f:
         return f.read()
@@ -452,6 +475,7 @@ def main():
     try:
         ka, kb = keygen("a"), keygen("b")
         live_migration(ka, kb)
+        plain_migration()
         swtpm_file = secrecy_vs_swtpm(ka, kb)
         attack_matrix(ka, kb, swtpm_file)
         killed_destination(ka, kb)
