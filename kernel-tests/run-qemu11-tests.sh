@@ -15,7 +15,7 @@
 #      killed-destination parts run with the system QEMU only).
 #
 # Each part prints PASS/FAIL lines and "N passed, M failed"; this script
-# ends with "qemu11: N of 4 parts failed" and fails if any did.
+# ends with "qemu11: N of M parts failed" and fails if any did.
 # Logs: build/kernel-tests/logs-qemu11/. Env: TPM_BACKEND_BIN (vtpmd),
 # KT_VIRTIO_ID (45), QEMU11_SKIP_MIGRATION=1 skips part 4.
 set -uo pipefail
@@ -30,9 +30,10 @@ export KT_LOGS="$KT_BUILD/logs-qemu11" KT_STATE="$KT_BUILD/state-qemu11"
 mkdir -p "$KT_LOGS"
 echo "qemu11: $(head -n 1 "$KT_BUILD/qemu11/version"), virtio id $KT_VIRTIO_ID, logs in $KT_LOGS"
 
-failed=0
+failed=0 parts=0
 part() { # NAME COMMAND...
   local name=$1; shift
+  parts=$((parts + 1))
   echo "== qemu11: $name"
   if ! "$@"; then failed=$((failed + 1)); echo "qemu11: $name FAILED"; fi
 }
@@ -41,5 +42,5 @@ part "vhost-user reset, failure and reconnect" python3 "$KT_HERE/vhost-user-test
 if [ "${QEMU11_SKIP_MIGRATION:-0}" != 1 ]; then
   part "live migration (sealed and plain)" env KT_MIGRATION_LIVE_ONLY=1 python3 "$KT_HERE/migration-test.py"
 fi
-echo "qemu11: $failed of 4 parts failed"
+echo "qemu11: $failed of $parts parts failed"
 [ "$failed" -eq 0 ]
