@@ -28,10 +28,13 @@ pub struct VhostUserArgs {
     /// VMM needs another: QEMU's generic device only takes ids it can name).
     /// vhost-user does not carry the id; the VMM is configured with the same
     /// one and the guest driver must bind to it.
-    #[arg(long, value_name = "N", default_value_t = crate::vhost_user::device::VIRTIO_ID_TPM,
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_VIRTIO_ID,
           value_parser = clap::value_parser!(u32).range(1..=0xffff))]
     pub virtio_id: u32,
 }
+
+/// crosvm's private virtio device id for a TPM (no VIRTIO spec id exists).
+pub const DEFAULT_VIRTIO_ID: u32 = 62;
 
 /// Where the frontend connects.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -27,8 +27,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-/// crosvm's private virtio device id for a TPM (no VIRTIO spec id exists);
-/// the default of `--virtio-id`.
+/// crosvm's private virtio device id for a TPM (no VIRTIO spec id exists).
 pub const VIRTIO_ID_TPM: u32 = 62;
 /// One request queue.
 pub const NUM_QUEUES: usize = 1;

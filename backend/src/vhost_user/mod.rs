@@ -41,7 +41,6 @@ pub fn run(cfg: &VhostUserConfig) -> Result<Exit, RunError> {
         // the guest driver sends TPM2_Startup.
         host.vtpm.start(None)?;
     }
-    log::info!("vhost-user: virtio-tpm device, virtio id {}", cfg.virtio_id);
     let (vtpm, exits) = (host.vtpm.clone(), host.exits());
     spawn("vhost-user", move || {
         serve(Listener::from(listener), vtpm, exits)
