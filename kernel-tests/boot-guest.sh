@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # boot-guest.sh DEVICE MODE STATEDIR LOGDIR: one guest boot with a vTPM.
 #
-#   DEVICE   tpm-crb or tpm-tis (QEMU arguments from qemu-configs/DEVICE.args)
+#   DEVICE   tpm-crb, tpm-tis (QEMU arguments from qemu-configs/DEVICE.args)
+#            or vhost-user-tpm (`vtpmd vhost-user`, QEMU >= 10.2: set QEMU)
 #   MODE     first, second or demo (the guest's vtpm.mode=)
 #   STATEDIR the backend's --tpmstate directory (created if missing)
 #   LOGDIR   where the logs go:
@@ -17,7 +18,7 @@
 # (prepare_guest in lib.sh).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-[ $# -eq 4 ] || die "usage: $0 tpm-crb|tpm-tis MODE STATEDIR LOGDIR"
+[ $# -eq 4 ] || die "usage: $0 tpm-crb|tpm-tis|vhost-user-tpm MODE STATEDIR LOGDIR"
 dev=$(device_name "$1") || exit 1
 mode=$2 state=$3 logs=$4
 if [ ! -s "$KT_BUILD/vmlinuz" ] || [ ! -s "$KT_BUILD/initramfs.cpio.gz" ]; then
@@ -33,7 +34,7 @@ serial="$logs/guest-$name.log"
 status="$logs/boot-$name.status"
 rm -f "$serial" "$status"
 
-start_backend "$state" "$sock" "$logs/backend-$name.log" "$run/backend.pid"
+start_backend "$state" "$sock" "$logs/backend-$name.log" "$run/backend.pid" "$dev"
 qemu_command "$dev" "$sock" "$mode"
 
 start=$(date +%s.%N)

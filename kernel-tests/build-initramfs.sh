@@ -11,6 +11,11 @@
 #   /etc/ssl/openssl.cnf             OpenSSL's configuration
 #   /lib/modules/*.ko + /etc/vtpm-modules   TPM drivers, only if the kernel
 #                                    has them as modules (see fetch-kernel.sh)
+#   /lib/modules/virtio/*.ko + /etc/vtpm-virtio-modules   virtio_pci and
+#                                    its dependencies if they are modules,
+#                                    then virtio_tpm.ko (virtio-tpm-driver/,
+#                                    if build.sh built it); loaded only by a
+#                                    guest booted with vtpm.virtio_id=N
 #   /init                            kernel-tests/guest-init
 #   /scenario/tpm2-scenario.sh       kernel-tests/scenario/tpm2-scenario.sh
 #
@@ -25,6 +30,7 @@ libdir=/usr/lib/x86_64-linux-gnu
 loader=/lib64/ld-linux-x86-64.so.2
 
 [ -f "$scenario" ] || die "build-initramfs: the scenario $scenario is missing"
+vtpm_ko="$KT_BUILD/virtio-tpm/virtio_tpm.ko"   # kernel-tests/virtio-tpm-driver/build.sh
 [ -f "$KT_BUILD/guest-modules" ] || die "build-initramfs: run fetch-kernel.sh first ($KT_BUILD/guest-modules missing)"
 busybox=/bin/busybox
 file -L "$busybox" | grep -q 'statically linked' || die "build-initramfs: $busybox is not static; install busybox-static"
@@ -46,6 +52,7 @@ mapfile -t libs < <(deps "${roots[@]}")
 fingerprint=$(
   {
     sha256sum "$KT_HERE/build-initramfs.sh" "$KT_HERE/lib.sh" "$KT_HERE/guest-init" "$scenario" "$KT_BUILD/guest-modules" "$KT_BUILD/vmlinuz"
+    sha256sum "$KT_BUILD/guest-virtio-modules" "$vtpm_ko" 2>/dev/null || true
     stat -L -c '%n %s %Y' "$busybox" "$loader" "${roots[@]}" "${libs[@]}" /etc/ssl/openssl.cnf
   } | sha256sum | cut -d' ' -f1
 )
@@ -100,6 +107,24 @@ if [ -s "$KT_BUILD/guest-modules" ]; then
     name=${name%.ko*}.ko
     echo "/lib/modules/$name" >> "$root/etc/vtpm-modules"
   done < "$KT_BUILD/guest-modules"
+fi
+
+# virtio_pci and friends, then the virtio-tpm driver (if it was built).
+: > "$root/etc/vtpm-virtio-modules"
+if [ -f "$vtpm_ko" ]; then
+  mkdir -p "$root/lib/modules/virtio"
+  moddir=$(echo "$KT_BUILD"/kernel/lib/modules/*)
+  while read -r ko; do
+    name=${ko##*/}
+    case "$name" in
+      *.ko) cp "$moddir/$ko" "$root/lib/modules/virtio/$name" ;;
+      *.ko.xz) xz -dc "$moddir/$ko" > "$root/lib/modules/virtio/${name%.xz}" ;;
+      *.ko.zst) zstd -qdc "$moddir/$ko" > "$root/lib/modules/virtio/${name%.zst}" ;;
+      *) die "build-initramfs: unexpected module file $ko" ;;
+    esac
+    echo "/lib/modules/virtio/${name%.ko*}.ko" >> "$root/etc/vtpm-virtio-modules"
+  done < "$KT_BUILD/guest-virtio-modules"
+  cp "$vtpm_ko" "$root/lib/modules/virtio/virtio_tpm.ko"
 fi
 
 cp "$KT_HERE/guest-init" "$root/init"

@@ -10,6 +10,9 @@
 #   build/kernel-tests/guest-modules   TPM drivers that are modules, in load
 #                                      order, as paths under kernel/lib/modules/<ver>/
 #                                      (empty when tpm_crb and tpm_tis are built in)
+#   build/kernel-tests/guest-virtio-modules  the same for virtio_pci and what
+#                                      it needs (the vhost-user guests load
+#                                      them before virtio-tpm-driver's module)
 #
 # Cached: does nothing when a complete earlier download is present. Remove
 # build/kernel-tests/kernel/ (or set KT_REFETCH=1) to fetch again.
@@ -18,7 +21,7 @@ source "$(dirname "$0")/lib.sh"
 
 kdir="$KT_BUILD/kernel"
 stamp="$kdir/.fetched"
-if [ -z "${KT_REFETCH:-}" ] && [ -f "$stamp" ] && [ -s "$KT_BUILD/vmlinuz" ] && [ -f "$KT_BUILD/guest-modules" ]; then
+if [ -z "${KT_REFETCH:-}" ] && [ -f "$stamp" ] && [ -s "$KT_BUILD/vmlinuz" ] && [ -f "$KT_BUILD/guest-modules" ] && [ -f "$KT_BUILD/guest-virtio-modules" ]; then
   echo "fetch-kernel: cached $(cat "$stamp") in $kdir"
   exit 0
 fi
@@ -90,18 +93,28 @@ ko_depends() { # PATH: the modules PATH depends on, space separated
     *.xz) xz -dc "$f" ;; *.zst) zstd -qdc "$f" ;; *.gz) gzip -dc "$f" ;; *) cat "$f" ;;
   esac | tr '\0' '\n' | sed -n 's/^depends=//p' | head -n 1 | tr ',' ' '
 }
-resolve() { # MODULE: appends it and its dependencies to guest-modules.tmp
+resolve() { # MODULE LIST: appends it and its dependencies to LIST
   local ko dep
   ko=$(ko_path "$1")
-  grep -qxF "$ko" "$KT_BUILD/guest-modules.tmp" && return 0
-  for dep in $(ko_depends "$ko"); do resolve "$dep"; done
-  echo "$ko" >> "$KT_BUILD/guest-modules.tmp"
+  grep -qxF "$ko" "$2" && return 0
+  for dep in $(ko_depends "$ko"); do resolve "$dep" "$2"; done
+  echo "$ko" >> "$2"
 }
 : > "$KT_BUILD/guest-modules.tmp"
-for mod in "${modules[@]}"; do resolve "$mod"; done
+for mod in "${modules[@]}"; do resolve "$mod" "$KT_BUILD/guest-modules.tmp"; done
+
+# virtio over PCI, for the virtio-tpm guests (kernel-tests/virtio-tpm-driver).
+: > "$KT_BUILD/guest-virtio-modules.tmp"
+case "$(config_value CONFIG_VIRTIO_PCI)" in
+  y) echo "fetch-kernel: CONFIG_VIRTIO_PCI=y (built in)" ;;
+  m) resolve virtio_pci "$KT_BUILD/guest-virtio-modules.tmp"
+     echo "fetch-kernel: CONFIG_VIRTIO_PCI=m: $(sed 's|.*/||' "$KT_BUILD/guest-virtio-modules.tmp" | tr '\n' ' ')" ;;
+  *) echo "fetch-kernel: CONFIG_VIRTIO_PCI is not set: no virtio-tpm guests with this kernel" ;;
+esac
 
 cp "$vmlinuz" "$KT_BUILD/vmlinuz.tmp" && mv "$KT_BUILD/vmlinuz.tmp" "$KT_BUILD/vmlinuz"
 cp "$config" "$KT_BUILD/kernel-config"
 mv "$KT_BUILD/guest-modules.tmp" "$KT_BUILD/guest-modules"
+mv "$KT_BUILD/guest-virtio-modules.tmp" "$KT_BUILD/guest-virtio-modules"
 echo "$pkg ($kver)" > "$stamp"
 echo "fetch-kernel: $KT_BUILD/vmlinuz from $pkg; modules for the initramfs: $(wc -l < "$KT_BUILD/guest-modules")"

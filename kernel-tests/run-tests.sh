@@ -14,7 +14,8 @@
 # Exit status 0 only if nothing failed.
 #
 # Env: TPM_BACKEND_BIN (default swtpm), KT_DEVICES (default "tpm-crb tpm-tis"),
-#      KT_TIMEOUT (seconds per boot, 300), KT_BACKEND_ARGS (see lib.sh).
+#      KT_TIMEOUT (seconds per boot, 300), KT_BACKEND_ARGS (see lib.sh),
+#      QEMU (binary), KT_LOGS (log directory), KT_STATE (state directories).
 # Logs: build/kernel-tests/logs/{guest,backend,boot}-DEVICE-MODE.*
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -37,7 +38,7 @@ if ! prepare_guest; then
   fail "could not prepare the guest kernel and initramfs (see above)"
   summary; exit 1
 fi
-logs="$KT_BUILD/logs"
+logs=${KT_LOGS:-$KT_BUILD/logs}
 mkdir -p "$logs"
 
 # expected MODE: the VTPM-TEST names a boot in MODE must print, taken from
@@ -69,6 +70,8 @@ check_boot() {
     elif [ "$qemu_rc" = 124 ]; then fail "$what: QEMU timed out after $KT_TIMEOUT s"
     else fail "$what: QEMU exited with status $qemu_rc"; fi
     if [ "$backend" = exited ]; then pass "$what: backend exited by itself after QEMU quit"
+    elif [ "$backend" = terminated ]; then pass "$what: vhost-user backend stopped cleanly on SIGTERM after QEMU quit"
+    elif [ "$dev" = vhost-user-tpm ]; then fail "$what: vhost-user backend did not stop cleanly on SIGTERM ($backend)"
     else fail "$what: backend still running 5 s after QEMU quit (killed)"; fi
   fi
 
@@ -103,7 +106,7 @@ check_boot() {
 
 for d in ${KT_DEVICES:-tpm-crb tpm-tis}; do
   dev=$(device_name "$d") || die "run-tests: bad KT_DEVICES entry '$d'"
-  state="$KT_BUILD/state/$dev"
+  state="${KT_STATE:-$KT_BUILD/state}/$dev"
   rm -rf "$state"
   mkdir -p "$state"
   rm -f "$logs"/*-"$dev"-first* "$logs"/*-"$dev"-second*

@@ -10,6 +10,8 @@ PACKAGES=(
   qemu-system-x86                 # boots the test guests (TCG)
   busybox-static cpio             # guest initramfs
   iproute2 procps                 # ss/pgrep used by test scripts
+  debootstrap                     # kernel-tests/prepare-qemu11.sh: QEMU 11 in a sid root
+  make gcc-12 libelf1             # kernel-tests/virtio-tpm-driver: the guest module (libelf1: objtool)
 )
 
 missing=()

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
         }
         Command::VhostUser(args) => {
             if args.print_capabilities {
-                println!("{}", config::vhost_user::capabilities_json());
+                println!("{}", config::vhost_user::capabilities_json(args.virtio_id));
                 return ExitCode::SUCCESS;
             }
             let cfg = args.validate();

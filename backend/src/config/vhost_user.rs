@@ -24,7 +24,17 @@ pub struct VhostUserArgs {
     /// Print the vhost-user capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+    /// The virtio device id to announce (62, crosvm's virtio-tpm, unless the
+    /// VMM needs another: QEMU's generic device only takes ids it can name).
+    /// vhost-user does not carry the id; the VMM is configured with the same
+    /// one and the guest driver must bind to it.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_VIRTIO_ID,
+          value_parser = clap::value_parser!(u32).range(1..=0xffff))]
+    pub virtio_id: u32,
 }
+
+/// crosvm's private virtio device id for a TPM (no VIRTIO spec id exists).
+pub const DEFAULT_VIRTIO_ID: u32 = 62;
 
 /// Where the frontend connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +48,7 @@ pub enum VhostUserSocket {
 pub struct VhostUserConfig {
     pub instance: InstanceConfig,
     pub socket: VhostUserSocket,
+    pub virtio_id: u32,
 }
 
 impl VhostUserArgs {
@@ -62,15 +73,19 @@ impl VhostUserArgs {
                 ))
             }
         };
-        Ok(VhostUserConfig { instance, socket })
+        Ok(VhostUserConfig {
+            instance,
+            socket,
+            virtio_id: self.virtio_id,
+        })
     }
 }
 
 /// What `--print-capabilities` prints. vhost-user defines no device type
 /// name for a TPM, so the virtio device id is given as well.
-pub fn capabilities_json() -> String {
+pub fn capabilities_json(virtio_id: u32) -> String {
     format!(
-        "{{ \"type\": \"tpm\", \"virtio-device-id\": 62, \"implementation\": \"vtpmd\", \"features\": [ \"device-state\", \"reset-device\" ], \"version\": \"{}\" }}",
+        "{{ \"type\": \"tpm\", \"virtio-device-id\": {virtio_id}, \"implementation\": \"vtpmd\", \"features\": [ \"device-state\", \"reset-device\" ], \"version\": \"{}\" }}",
         env!("CARGO_PKG_VERSION")
     )
 }
@@ -98,6 +113,19 @@ mod tests {
         assert_eq!(c.instance.state_dir, PathBuf::from("/s"));
         let c = args(&["--fd", "3", "--tpmstate", "dir=/s"]).unwrap();
         assert_eq!(c.socket, VhostUserSocket::Fd(3));
+    }
+
+    #[test]
+    fn virtio_id_defaults_to_crosvm_and_is_settable() {
+        let c = args(&["-s", "/x", "--tpmstate", "dir=/s"]).unwrap();
+        assert_eq!(c.virtio_id, 62);
+        let c = args(&["-s", "/x", "--tpmstate", "dir=/s", "--virtio-id", "45"]).unwrap();
+        assert_eq!(c.virtio_id, 45);
+        assert!(capabilities_json(45).contains("\"virtio-device-id\": 45,"));
+        for bad in ["0", "65536", "tpm", "-1"] {
+            let e = args(&["-s", "/x", "--tpmstate", "dir=/s", "--virtio-id", bad]);
+            assert!(e.is_err(), "--virtio-id {bad} accepted");
+        }
     }
 
     #[test]
