@@ -368,7 +368,7 @@ fn sealed_device_state_migration_between_two_processes() {
     // source keeps running.
     let (bytes, ok_) = a.save_state();
     assert!(!ok_ && bytes.is_empty(), "unprepared SAVE must fail");
-    a.start_ring();
+    a.resume_ring();
     assert_eq!(
         pcr16(&mut a),
         value,
@@ -384,7 +384,7 @@ fn sealed_device_state_migration_between_two_processes() {
         "the NV secret travels in clear"
     );
     // The source is locked now: its TPM answers nothing.
-    a.start_ring();
+    a.resume_ring();
     assert_eq!(cmd::rc(&a.tpm(&cmd::pcr_read(16))), RC_FAILURE);
 
     // A flipped byte: CHECK_DEVICE_STATE fails and the destination stays

@@ -170,6 +170,34 @@ impl TestVmm {
         self.fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
     }
 
+    /// Restarts a stopped ring where it stood (SET_VRING_BASE with the
+    /// next index), as QEMU does on `cont` or when a migration fails and
+    /// the source resumes. [`TestVmm::start_ring`] instead lays out a fresh
+    /// ring at 0, which is what a guest reboot looks like.
+    pub fn resume_ring(&mut self) {
+        self.fe.set_vring_num(0, QUEUE_SIZE).expect("SET_VRING_NUM");
+        let cfg = VringConfigData {
+            queue_max_size: QUEUE_SIZE,
+            queue_size: QUEUE_SIZE,
+            flags: 0,
+            desc_table_addr: self.host(DESC_TABLE),
+            used_ring_addr: self.host(USED_RING),
+            avail_ring_addr: self.host(AVAIL_RING),
+            log_addr: None,
+        };
+        self.fe.set_vring_addr(0, &cfg).expect("SET_VRING_ADDR");
+        self.fe
+            .set_vring_base(0, self.next_avail)
+            .expect("SET_VRING_BASE");
+        self.fe
+            .set_vring_call(0, &self.call)
+            .expect("SET_VRING_CALL");
+        self.fe
+            .set_vring_kick(0, &self.kick)
+            .expect("SET_VRING_KICK");
+        self.fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
+    }
+
     /// After RESET_DEVICE the device forgets the acked features and
     /// disables the ring: negotiate again and restart it.
     pub fn start_ring_after_reset(&mut self) {

@@ -76,6 +76,21 @@ pub struct TpmDevice {
     event_idx: AtomicBool,
     exit: (EventConsumer, EventNotifier),
     transfer: Mutex<Option<JoinHandle<Result<(), DeviceError>>>>,
+    /// The ring was stopped (GET_VRING_BASE) since the last request.
+    ring_stopped: AtomicBool,
+    /// The queue's next available index after the last request served.
+    last_avail: Mutex<Option<u16>>,
+}
+
+/// Whether a ring that restarts at `base`, after last standing at `last`,
+/// was reset by the guest rather than paused and resumed. A resume
+/// restarts where the ring stood; a device reset (a guest reboot) restarts
+/// it at 0. QEMU (up to 11.1 at least) sends no RESET_DEVICE for a generic
+/// vhost-user device, so this is how a reboot is seen. A ring that stood
+/// exactly at 0 (unused, or wrapped to 0) cannot be told apart and is
+/// taken as a resume.
+pub fn ring_restart_is_reset(last: Option<u16>, base: u16) -> bool {
+    base == 0 && last.is_some_and(|l| l != 0)
 }
 
 impl std::fmt::Debug for TpmDevice {
@@ -92,6 +107,8 @@ impl TpmDevice {
             event_idx: AtomicBool::new(false),
             exit: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
             transfer: Mutex::new(None),
+            ring_stopped: AtomicBool::new(false),
+            last_avail: Mutex::new(None),
         })
     }
 
@@ -101,6 +118,19 @@ impl TpmDevice {
             return Ok(());
         };
         let guard = mem.memory();
+        let mut last = self.last_avail.lock().unwrap_or_else(|e| e.into_inner());
+        if self.ring_stopped.swap(false, Ordering::SeqCst) {
+            let base = vring.queue_next_avail();
+            if ring_restart_is_reset(*last, base) {
+                log::info!(
+                    "virtio-tpm: the ring restarted at 0 (it stood at {}): the guest reset the device; power-cycling the TPM",
+                    last.unwrap_or(0)
+                );
+                if let Err(e) = self.vtpm.reset() {
+                    log::error!("virtio-tpm: device reset: {e}");
+                }
+            }
+        }
         let mut out = Vec::with_capacity(MAX_MESSAGE);
         let used = request::serve_available(
             &self.vtpm,
@@ -115,6 +145,7 @@ impl TpmDevice {
         for (head, used) in used {
             vring.add_used(head, used).map_err(DeviceError::Queue)?;
         }
+        *last = Some(vring.queue_next_avail());
         let notify = !self.event_idx.load(Ordering::Relaxed)
             || vring.needs_notification().map_err(DeviceError::Queue)?;
         if notify {
@@ -138,6 +169,11 @@ impl TpmDevice {
         }
         let vtpm = self.vtpm.clone();
         let save = direction == VhostTransferStateDirection::SAVE;
+        if !save {
+            // A loaded state replaces the ring's history too: however the
+            // ring restarts after it, that is not a guest reset.
+            *self.last_avail.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
         let name = if save { "state-save" } else { "state-load" };
         let work = move || {
             if save {
@@ -252,6 +288,11 @@ impl VhostUserBackend for TpmDevice {
         Ok(())
     }
 
+    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+        self.ring_stopped.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
     fn reset_device(&self) {
         log::info!("virtio-tpm: device reset: power-cycling the TPM");
         if let Err(e) = self.vtpm.reset() {
@@ -312,5 +353,22 @@ impl VhostUserBackend for TpmDevice {
 
     fn check_device_state(&self) -> io::Result<()> {
         logged("CHECK_DEVICE_STATE", self.finish_transfer())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ring_restart_is_reset;
+
+    #[test]
+    fn reset_is_a_restart_at_zero_of_a_used_ring() {
+        assert!(ring_restart_is_reset(Some(17), 0), "guest reboot");
+        assert!(!ring_restart_is_reset(Some(17), 17), "pause and resume");
+        assert!(!ring_restart_is_reset(None, 0), "first start");
+        assert!(
+            !ring_restart_is_reset(Some(0), 0),
+            "wrapped to 0: taken as a resume"
+        );
+        assert!(!ring_restart_is_reset(Some(65535), 3), "resume elsewhere");
     }
 }
