@@ -80,8 +80,20 @@ impl Daemon {
     }
 
     pub fn spawn(bin: &str, dir: &Path, socket: PathBuf, args: &[String]) -> Daemon {
+        Self::spawn_env(bin, dir, socket, args, &[])
+    }
+
+    /// As [`Daemon::spawn`], with extra environment variables.
+    pub fn spawn_env(
+        bin: &str,
+        dir: &Path,
+        socket: PathBuf,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let log = dir.join("vtpmd.log");
         let child = Command::new(bin)
+            .envs(env.iter().copied())
             .args(&args[..1])
             .arg("--tpmstate")
             .arg(format!("dir={}", dir.join("state").display()))
@@ -100,7 +112,7 @@ impl Daemon {
         }
     }
 
-    fn wait_for_socket(&mut self, probe: bool) {
+    pub fn wait_for_socket(&mut self, probe: bool) {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
             let ready = if probe {

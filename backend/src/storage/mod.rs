@@ -65,6 +65,8 @@ pub enum StorageError {
     Tombstoned { dir: String, content: String },
     #[error("state directory {0} already holds a TPM; an incoming migration needs an empty one")]
     NotEmpty(String),
+    #[error("state directory {0} was removed or replaced while vtpmd ran; refusing to write state into whatever is there now (restore the directory and restart vtpmd)")]
+    Replaced(String),
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StorageError + 'a {
@@ -220,10 +222,28 @@ impl StateDir {
         }
     }
 
+    /// Fails unless `path` still names the directory opened and locked at
+    /// start-up (it may have been removed, or renamed and replaced).
+    fn check_same_dir(&self) -> Result<(), StorageError> {
+        use std::os::unix::fs::MetadataExt;
+        let held = self.dir_handle.metadata().map_err(io("stat", &self.dir))?;
+        let same =
+            fs::metadata(&self.dir).is_ok_and(|m| m.dev() == held.dev() && m.ino() == held.ino());
+        if same {
+            Ok(())
+        } else {
+            Err(StorageError::Replaced(self.dir.display().to_string()))
+        }
+    }
+
     /// Writes blob `name` atomically and durably.
     pub fn write_blob(&self, name: &str, state: &[u8]) -> Result<(), StorageError> {
         if self.is_fenced() {
             return Err(StorageError::Fenced(name.into()));
+        }
+        if let Err(e) = self.check_same_dir() {
+            self.note_failure(&e);
+            return Err(e);
         }
         let bytes = match &self.key {
             Some(key) => key
@@ -272,6 +292,7 @@ impl StateDir {
         if self.is_fenced() {
             return Err(StorageError::Fenced(name.into()));
         }
+        self.check_same_dir()?;
         let path = self.file_of(name);
         match fs::remove_file(&path) {
             // Nothing was there: the directory did not change.
@@ -292,6 +313,7 @@ impl StateDir {
     /// After a completed outgoing migration: writes the tombstone, then
     /// removes the state. Bypasses the fence: this is the fence's purpose.
     pub fn erase_with_tombstone(&self, tombstone: &[u8]) -> Result<(), StorageError> {
+        self.check_same_dir()?;
         let tmp = self.dir.join(format!("{TOMBSTONE}.tmp"));
         let dst = self.dir.join(TOMBSTONE);
         let mut f = files::create_new(&tmp, 0o600).map_err(io("create", &tmp))?;
@@ -427,6 +449,30 @@ mod tests {
             Err(StorageError::Format { .. })
         ));
         assert!(s.load(PERMANENT).is_err());
+    }
+
+    #[test]
+    fn replaced_or_removed_directory_is_not_written() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("state");
+        fs::create_dir(&dir).unwrap();
+        let s = StateDir::open(&dir, 0o600, None).unwrap();
+        s.write_blob(PERMANENT, b"old").unwrap();
+        fs::rename(&dir, parent.path().join("moved")).unwrap();
+        assert!(matches!(
+            s.write_blob(PERMANENT, b"new"),
+            Err(StorageError::Replaced(_))
+        ));
+        fs::create_dir(&dir).unwrap();
+        assert!(matches!(
+            s.write_blob(PERMANENT, b"new"),
+            Err(StorageError::Replaced(_))
+        ));
+        assert!(
+            fs::read_dir(&dir).unwrap().next().is_none(),
+            "nothing written to the newcomer"
+        );
+        assert!(s.take_last_failure().unwrap().contains("replaced"));
     }
 
     #[test]
