@@ -107,6 +107,16 @@ pub struct InstanceArgs {
     /// clonable.
     #[arg(long)]
     pub allow_plaintext_migration: bool,
+    /// Syscall filter installed once serving: action=kill (default: a
+    /// syscall outside vtpmd's allowlist kills the process), log (the
+    /// kernel logs it) or none (no seccomp filter and no Landlock file
+    /// restriction). See README, "Confinement".
+    #[arg(long, value_name = "action=kill|log|none")]
+    pub seccomp: Option<String>,
+    /// Drop to this user's uid and gid after binding the sockets (the
+    /// state directory must be writable by it).
+    #[arg(long, value_name = "USER")]
+    pub runas: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +145,39 @@ pub struct InstanceConfig {
     pub admin: Option<PathBuf>,
     pub incoming: bool,
     pub allow_plaintext_migration: bool,
+    pub seccomp: SeccompMode,
+    pub runas: Option<String>,
+}
+
+/// What a syscall outside vtpmd's allowlist does (`--seccomp action=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeccompMode {
+    /// The process is killed (SIGSYS): the default.
+    #[default]
+    Kill,
+    /// The kernel logs the syscall and lets it run.
+    Log,
+    /// No confinement at all (no seccomp filter, no Landlock rules).
+    None,
+}
+
+fn parse_seccomp(s: &str) -> Result<SeccompMode, ConfigError> {
+    let kv = parse_kv("--seccomp", s, &["action", "profile"])?;
+    if kv.contains_key("profile") {
+        return Err(invalid(
+            "--seccomp",
+            "profile= is not supported (vtpmd has one allowlist)",
+        ));
+    }
+    match kv.get("action").map(String::as_str) {
+        None | Some("kill") => Ok(SeccompMode::Kill),
+        Some("log") => Ok(SeccompMode::Log),
+        Some("none") => Ok(SeccompMode::None),
+        Some(other) => Err(invalid(
+            "--seccomp",
+            format!("action={other}: use kill, log or none"),
+        )),
+    }
 }
 
 impl InstanceArgs {
@@ -150,6 +193,13 @@ impl InstanceArgs {
             host_key: self.host_key.clone(),
             trusted_peers: self.trusted_peers.clone(),
             admin: self.admin.as_deref().map(parse_admin).transpose()?,
+            seccomp: self
+                .seccomp
+                .as_deref()
+                .map(parse_seccomp)
+                .transpose()?
+                .unwrap_or_default(),
+            runas: self.runas.clone(),
             incoming: match self.migration.as_deref() {
                 None => false,
                 Some("incoming") => true,

@@ -52,10 +52,6 @@ pub struct SocketArgs {
     #[arg(long, hide = true)]
     pub locality: Option<String>,
     #[arg(long, hide = true)]
-    pub seccomp: Option<String>,
-    #[arg(long, hide = true)]
-    pub runas: Option<String>,
-    #[arg(long, hide = true)]
     pub chroot: Option<String>,
     #[arg(long, hide = true)]
     pub profile: Option<String>,
@@ -143,11 +139,9 @@ fn parse_endpoint(
 impl SocketArgs {
     /// Validates the arguments into a configuration.
     pub fn validate(&self) -> Result<SocketConfig, ConfigError> {
-        let refused: [(&str, bool); 7] = [
+        let refused: [(&str, bool); 5] = [
             ("--migration-key", self.migration_key.is_some()),
             ("--locality", self.locality.is_some()),
-            ("--seccomp", self.seccomp.is_some()),
-            ("--runas", self.runas.is_some()),
             ("--chroot", self.chroot.is_some()),
             ("--profile", self.profile.is_some()),
             ("--vtpm-proxy", self.vtpm_proxy),
@@ -358,11 +352,19 @@ mod tests {
         let e = args(&["--tpmstate", "dir=/x", "--ctrl", "type=unixio,path=/c"]).unwrap_err();
         assert!(e.contains("--tpm2"), "{e}");
         let mut v = BASE.to_vec();
-        v.extend(["--seccomp", "action=none"]);
+        v.extend(["--chroot", "/x"]);
         assert_eq!(
             args(&v).unwrap_err(),
-            "option --seccomp is not supported by vtpmd"
+            "option --chroot is not supported by vtpmd"
         );
+        let mut v = BASE.to_vec();
+        v.extend(["--seccomp", "action=maybe"]);
+        assert!(args(&v).unwrap_err().contains("kill, log or none"));
+        let mut v = BASE.to_vec();
+        v.extend(["--seccomp", "action=log", "--runas", "tss"]);
+        let c = args(&v).unwrap();
+        assert_eq!(c.instance.seccomp, crate::config::SeccompMode::Log);
+        assert_eq!(c.instance.runas.as_deref(), Some("tss"));
         let e = args(&[
             "--tpm2",
             "--tpmstate",

@@ -6,10 +6,11 @@
 //! This is the top of the house: it may use every layer below; nothing
 //! imports it except `main.rs`.
 
+pub mod confine;
 pub mod swtpm;
 pub mod vhost_user;
 
-use crate::config::InstanceConfig;
+use crate::config::{InstanceConfig, SeccompMode};
 use crate::engine::{Libtpms, TpmResult};
 use crate::exit::{self, Exit, ExitTx};
 use crate::instance::{InstanceError, Options, Vtpm};
@@ -38,6 +39,8 @@ pub enum RunError {
     HostKey(#[from] KeyError),
     #[error("libtpms is already in use in this process")]
     EngineTaken,
+    #[error(transparent)]
+    Confine(#[from] confine::ConfineError),
     #[error("libtpms refused to start (TPM result {0:#x})")]
     Engine(TpmResult),
     #[error("cannot {what} {target}: {source}")]
@@ -93,6 +96,8 @@ pub struct Host {
     pid_file: Option<PathBuf>,
     pid_written: bool,
     state_dir: PathBuf,
+    /// What confinement allows and how it is applied.
+    confinement: (Option<String>, confine::FileAccess, SeccompMode),
 }
 
 impl Host {
@@ -150,6 +155,16 @@ impl Host {
             sockets,
             pid_file: cfg.pid_file.clone(),
             pid_written: false,
+            confinement: (
+                cfg.runas.clone(),
+                confine::FileAccess {
+                    state_dir: confine::absolute(&cfg.state_dir),
+                    log_file: cfg.log.as_ref().map(|l| confine::absolute(&l.file)),
+                    removable: Vec::new(),
+                    readable: cfg.trusted_peers.iter().map(|p| confine::absolute(p)).collect(),
+                },
+                cfg.seccomp,
+            ),
             state_dir: cfg.state_dir.clone(),
         })
     }
@@ -170,6 +185,19 @@ impl Host {
             write_pid_file(p)?;
             self.pid_written = true;
         }
+        let mut signals =
+            signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+                .map_err(io_err("install signal handlers", "SIGTERM"))?;
+        // Confined from here on, before any thread starts, so every thread
+        // inherits it.
+        let (runas, mut access, seccomp) = self.confinement.clone();
+        access.removable = self
+            .sockets
+            .iter()
+            .chain(self.pid_file.iter())
+            .map(|p| confine::absolute(p))
+            .collect();
+        confine::confine(runas.as_deref(), &access, seccomp, seccomp != SeccompMode::None)?;
         if let Some(l) = self.admin.take() {
             let v = self.vtpm.clone();
             spawn("admin-listen", move || {
@@ -177,9 +205,6 @@ impl Host {
             })?;
         }
         let tx = self.exits.clone();
-        let mut signals =
-            signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
-                .map_err(io_err("install signal handlers", "SIGTERM"))?;
         spawn("signals", move || {
             if let Some(sig) = signals.forever().next() {
                 exit::report(&tx, Exit::Signal(sig));
