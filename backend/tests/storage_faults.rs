@@ -47,7 +47,9 @@ struct Rig {
 impl Rig {
     fn new() -> Rig {
         let dir = state_dir();
-        let fault = dir.path().join("fault");
+        // Inside the state directory: under Landlock the shim, running in
+        // vtpmd, can read nothing else.
+        let fault = dir.path().join("state/fault-control");
         std::fs::write(&fault, "").unwrap();
         Rig { dir, fault }
     }

@@ -18,8 +18,8 @@
 
 use crate::config::SeccompMode;
 use landlock::{
-    Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    RulesetStatus, ABI,
+    Access, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
+    ABI,
 };
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -177,9 +177,9 @@ fn seccomp_program(mode: SeccompMode) -> Result<Option<BpfProgram>, ConfineError
         rules,
         mismatch,
         SeccompAction::Allow,
-        std::env::consts::ARCH
-            .try_into()
-            .map_err(|_| seccompiler::BackendError::InvalidTargetArch(std::env::consts::ARCH.into()))?,
+        std::env::consts::ARCH.try_into().map_err(|_| {
+            seccompiler::BackendError::InvalidTargetArch(std::env::consts::ARCH.into())
+        })?,
     )?;
     Ok(Some(filter.try_into()?))
 }
@@ -245,7 +245,10 @@ pub fn restrict_files(access: &FileAccess) -> Result<(), ConfineError> {
 pub fn install_seccomp(mode: SeccompMode) -> Result<(), ConfineError> {
     if let Some(prog) = seccomp_program(mode)? {
         seccompiler::apply_filter_all_threads(&prog)?;
-        log::info!("seccomp filter installed ({} syscalls, action {mode:?})", ALLOWED.len());
+        log::info!(
+            "seccomp filter installed ({} syscalls, action {mode:?})",
+            ALLOWED.len()
+        );
     }
     Ok(())
 }

@@ -161,7 +161,11 @@ impl Host {
                     state_dir: confine::absolute(&cfg.state_dir),
                     log_file: cfg.log.as_ref().map(|l| confine::absolute(&l.file)),
                     removable: Vec::new(),
-                    readable: cfg.trusted_peers.iter().map(|p| confine::absolute(p)).collect(),
+                    readable: cfg
+                        .trusted_peers
+                        .iter()
+                        .map(|p| confine::absolute(p))
+                        .collect(),
                 },
                 cfg.seccomp,
             ),
@@ -197,7 +201,12 @@ impl Host {
             .chain(self.pid_file.iter())
             .map(|p| confine::absolute(p))
             .collect();
-        confine::confine(runas.as_deref(), &access, seccomp, seccomp != SeccompMode::None)?;
+        confine::confine(
+            runas.as_deref(),
+            &access,
+            seccomp,
+            seccomp != SeccompMode::None,
+        )?;
         if let Some(l) = self.admin.take() {
             let v = self.vtpm.clone();
             spawn("admin-listen", move || {
