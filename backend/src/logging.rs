@@ -56,13 +56,18 @@ pub fn logs_to_stderr() -> bool {
     TO_STDERR.load(Ordering::SeqCst)
 }
 
-/// Installs the logger: to `file` at `level` (created 0600, never through
-/// a symlink), or warnings to stderr.
-pub fn init(file: Option<(&std::path::Path, u32, bool)>) -> std::io::Result<()> {
-    let (out, level): (Box<dyn Write + Send>, _) = match file {
-        Some((path, n, truncate)) => {
+/// Installs the logger: to a file at a level (created 0600, never
+/// through a symlink), to stderr at a level (`--log level=N`), or, without
+/// `--log`, warnings to stderr.
+pub fn init(log: Option<(Option<&std::path::Path>, u32, bool)>) -> std::io::Result<()> {
+    let (out, level): (Box<dyn Write + Send>, _) = match log {
+        Some((Some(path), n, truncate)) => {
             let f = crate::storage::files::open_append(path, LOG_FILE_MODE, truncate)?;
             (Box::new(f), level_for(n))
+        }
+        Some((None, n, _)) => {
+            TO_STDERR.store(true, Ordering::SeqCst);
+            (Box::new(std::io::stderr()), level_for(n))
         }
         None => {
             TO_STDERR.store(true, Ordering::SeqCst);

@@ -52,7 +52,7 @@ fn launch<C>(
         instance
             .log
             .as_ref()
-            .map(|l| (l.file.as_path(), l.level, l.truncate)),
+            .map(|l| (l.file.as_deref(), l.level, l.truncate)),
     ) {
         eprintln!("vtpmd: cannot open the log file: {e}");
         return ExitCode::FAILURE;

@@ -10,7 +10,7 @@ use vtpm_common::admin::{
     IncomingInfo, KeysPreloaded, Prepared, Receipt, Request, Status, Tombstone,
 };
 use vtpm_common::hostkey::HostKey;
-use vtpmctl::{call, CtlError};
+use vtpmctl::{call, peer_key_pem, CtlError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,13 +28,15 @@ enum Cmd {
     /// Create this host's RSA-3072 migration key pair in DIR
     /// (host-key.pem, mode 0600, and host-key.pub.pem).
     Keygen {
-        #[arg(long)]
+        /// Directory to write the key pair into (created if missing).
+        #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
     /// Destination: issue a fresh single-use migration id and show this
     /// host's public key (vtpmd must run with --migration incoming).
     IncomingInfo {
-        #[arg(long)]
+        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
+        #[arg(long, value_name = "SOCK")]
         admin: PathBuf,
     },
     /// Destination, optional: unwrap the migration's keys ahead of time, so
@@ -42,43 +44,53 @@ enum Cmd {
     /// `wrapped_key` that `vtpmctl outgoing` printed on the source (not a
     /// secret: only this host's private key opens it).
     IncomingKey {
-        #[arg(long)]
+        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
+        #[arg(long, value_name = "SOCK")]
         admin: PathBuf,
         #[arg(long, value_name = "WRAPPED")]
         wrapped_key: String,
     },
     /// Source: prepare a migration to the destination that issued the id.
     Outgoing {
-        #[arg(long)]
+        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
+        #[arg(long, value_name = "SOCK")]
         admin: PathBuf,
-        /// The destination's public key (PEM file).
+        /// The destination's public key: a PEM file, or the JSON file
+        /// `vtpmctl incoming-info` printed on the destination.
         #[arg(long)]
         peer_key: PathBuf,
-        #[arg(long)]
+        /// The migration id the destination issued (`incoming-info`).
+        #[arg(long, value_name = "HEX")]
         migration_id: String,
     },
     /// Lifecycle state, migration id and digest.
     Status {
-        #[arg(long)]
+        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
+        #[arg(long, value_name = "SOCK")]
         admin: PathBuf,
     },
     /// Destination, after the migration: write the signed receipt.
     Receipt {
-        #[arg(long)]
+        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
+        #[arg(long, value_name = "SOCK")]
         admin: PathBuf,
-        #[arg(long)]
+        /// Where to write the receipt (JSON) for `vtpmctl complete`.
+        #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
     /// Source: check the destination's receipt, then erase the local copy.
     Complete {
-        #[arg(long)]
+        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
+        #[arg(long, value_name = "SOCK")]
         admin: PathBuf,
-        #[arg(long)]
+        /// The receipt file `vtpmctl receipt` wrote on the destination.
+        #[arg(long, value_name = "FILE")]
         receipt: PathBuf,
     },
     /// Source: abandon a prepared or exported migration; the TPM carries on.
     Abort {
-        #[arg(long)]
+        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
+        #[arg(long, value_name = "SOCK")]
         admin: PathBuf,
     },
 }
@@ -117,7 +129,7 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
         } => json(call::<Prepared>(
             &admin,
             &Request::Outgoing {
-                peer_key: read(&peer_key)?,
+                peer_key: peer_key_pem(&read(&peer_key)?)?,
                 migration_id,
             },
         )?),

@@ -71,9 +71,10 @@ pub struct InstanceArgs {
     /// directory must exist; files are created with `mode`.
     #[arg(long, value_name = "dir=DIR[,mode=MODE]")]
     pub tpmstate: Option<String>,
-    /// Log to a file: file=PATH[,level=N][,truncate]. Level 1-4: info,
-    /// 5-19: debug, 20+: trace (command codes and sizes, never contents).
-    /// Without --log, warnings and errors go to stderr.
+    /// Log to a file: file=PATH[,level=N][,truncate], or to stderr at a
+    /// level: level=N. Level 0: errors, 1-4: info, 5-19: debug, 20+: trace
+    /// (command codes and sizes, never contents). Without --log, warnings
+    /// and errors go to stderr.
     #[arg(long, value_name = "file=PATH[,level=N]")]
     pub log: Option<String>,
     /// Write the process id to a file: file=PATH.
@@ -121,7 +122,8 @@ pub struct InstanceArgs {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
-    pub file: PathBuf,
+    /// None: stderr.
+    pub file: Option<PathBuf>,
     pub level: u32,
     pub truncate: bool,
 }
@@ -303,10 +305,11 @@ fn parse_log(s: &str) -> Result<LogConfig, ConfigError> {
             "only file=, level= and truncate are supported",
         ));
     }
-    let file = kv
-        .get("file")
-        .filter(|f| !f.is_empty())
-        .ok_or_else(|| invalid(OPT, "file=PATH is required"))?;
+    // As swtpm: without file= the log goes to stderr, at the level given.
+    let file = kv.get("file").filter(|f| !f.is_empty()).map(PathBuf::from);
+    if file.is_none() && !kv.contains_key("level") {
+        return Err(invalid(OPT, "give file=PATH and/or level=N"));
+    }
     let level = match kv.get("level") {
         Some(l) => l
             .parse()
@@ -314,7 +317,7 @@ fn parse_log(s: &str) -> Result<LogConfig, ConfigError> {
         None => 1,
     };
     Ok(LogConfig {
-        file: PathBuf::from(file),
+        file,
         level,
         truncate: kv.contains_key("truncate"),
     })

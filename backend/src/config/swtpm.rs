@@ -91,7 +91,11 @@ fn parse_endpoint(
     }
     let kv = parse_kv(opt, s, &accepted)?;
     let terminate = kv.contains_key("terminate");
-    let ty = kv.get("type").map(String::as_str).unwrap_or("");
+    // swtpm's default: `--server port=P` (no type) is TCP.
+    let ty = match kv.get("type").map(String::as_str) {
+        None if kv.contains_key("port") && opt == "--server" => "tcp",
+        t => t.unwrap_or(""),
+    };
     let ep = match ty {
         "unixio" => {
             let path = kv
@@ -422,5 +426,26 @@ mod tests {
         assert!(j.starts_with("{ \"type\": \"swtpm\""));
         assert!(j.contains("\"tpm-2.0\""));
         assert!(!j.contains("tpm-1.2"));
+    }
+
+    #[test]
+    fn swtpm_defaults_server_port_alone_and_log_level_alone() {
+        let c = args(&["--tpm2", "--tpmstate", "dir=/x", "--server", "port=2321"]).unwrap();
+        assert_eq!(
+            c.server,
+            Some(Endpoint::Tcp(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                2321
+            )))
+        );
+        let e = args(&["--tpm2", "--tpmstate", "dir=/x", "--ctrl", "port=1"]).unwrap_err();
+        assert!(e.contains("type= is required"), "{e}");
+        let mut v = BASE.to_vec();
+        v.extend(["--log", "level=5"]);
+        let log = args(&v).unwrap().instance.log.unwrap();
+        assert_eq!((log.file, log.level), (None, 5));
+        let mut v = BASE.to_vec();
+        v.extend(["--log", "truncate"]);
+        assert!(args(&v).unwrap_err().contains("file=PATH and/or level=N"));
     }
 }

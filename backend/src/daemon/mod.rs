@@ -159,7 +159,11 @@ impl Host {
                 cfg.runas.clone(),
                 confine::FileAccess {
                     state_dir: confine::absolute(&cfg.state_dir),
-                    log_file: cfg.log.as_ref().map(|l| confine::absolute(&l.file)),
+                    log_file: cfg
+                        .log
+                        .as_ref()
+                        .and_then(|l| l.file.as_deref())
+                        .map(confine::absolute),
                     removable: Vec::new(),
                     readable: cfg
                         .trusted_peers
