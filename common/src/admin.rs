@@ -236,6 +236,16 @@ impl Client {
     pub fn call<T: DeserializeOwned>(&mut self, req: &Request) -> Result<T, ClientError> {
         let line = serde_json::to_string(req).map_err(|e| ClientError::Refused(e.to_string()))?;
         self.writer.write_all(format!("{line}\n").as_bytes())?;
+        // An admin reply starts with '{'. Anything else (vtpmd's control
+        // socket answers a 4-byte result and waits) is not worth waiting
+        // for a newline that never comes.
+        let first = self.reader.fill_buf()?.first().copied();
+        if first != Some(b'{') {
+            return Err(ClientError::NotAdmin {
+                path: self.path.display().to_string(),
+                reply: format!("{:02x?}", self.reader.buffer()),
+            });
+        }
         let mut reply = String::new();
         (&mut self.reader)
             .take(MAX_REPLY as u64)
@@ -298,6 +308,35 @@ mod tests {
             let e = Request::parse(bad).unwrap_err();
             assert!(e.contains("expected {\"op\""), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_socket_that_is_not_the_admin_socket_is_named_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctrl.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closed2 = closed.clone();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut b = [0u8; 4];
+            std::io::Read::read_exact(&mut s, &mut b).unwrap();
+            s.write_all(&[0, 0, 0, 0x0a]).unwrap();
+            // Keeps the connection open, as vtpmd's control socket does,
+            // until the client has given up (or 30 s have passed).
+            let _ = wait.recv_timeout(std::time::Duration::from_secs(30));
+            closed2.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let e = call::<Status>(&path, &Request::Status).unwrap_err();
+        assert!(
+            !closed.load(std::sync::atomic::Ordering::SeqCst),
+            "the client waited for the server to hang up"
+        );
+        assert!(matches!(e, ClientError::NotAdmin { .. }), "{e}");
+        assert!(e.to_string().contains("control socket"), "{e}");
+        done.send(()).unwrap();
+        server.join().unwrap();
     }
 
     #[test]
