@@ -42,6 +42,21 @@ fn wait_for(p: &Path) {
     panic!("{} did not appear", p.display());
 }
 
+/// `vtpmd socket --tpm2 --tpmstate dir=STATE --ctrl type=unixio,path=CTRL`
+/// and `extra`.
+fn socket_args(state: &Path, ctrl: &Path, extra: &[String]) -> Vec<String> {
+    let mut v = vec![
+        "socket".to_string(),
+        "--tpm2".into(),
+        "--tpmstate".into(),
+        format!("dir={}", state.display()),
+        "--ctrl".into(),
+        format!("type=unixio,path={}", ctrl.display()),
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
 /// Runs vtpmd to completion (killed after 10 s: these runs must fail fast).
 fn run(args: &[String]) -> Output {
     let child = Command::new(&*VTPMD)
@@ -86,16 +101,11 @@ fn log_file_symlink_is_refused_not_appended_to() {
     std::fs::write(&victim, b"precious").unwrap();
     let link = t.path().join("vtpmd.log");
     symlink(&victim, &link).unwrap();
-    let out = run(&[
-        "socket".into(),
-        "--tpm2".into(),
-        "--tpmstate".into(),
-        format!("dir={}", t.path().join("state").display()),
-        "--ctrl".into(),
-        format!("type=unixio,path={}", t.path().join("c.sock").display()),
-        "--log".into(),
-        format!("file={},level=20", link.display()),
-    ]);
+    let out = run(&socket_args(
+        &t.path().join("state"),
+        &t.path().join("c.sock"),
+        &["--log".into(), format!("file={},level=20", link.display())],
+    ));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("symbolic link"), "{err}");
@@ -112,20 +122,18 @@ fn modes_are_explicit_whatever_the_umask() {
     );
     let mut child = spawn_with_umask(
         "000",
-        &[
-            "socket".into(),
-            "--tpm2".into(),
-            "--tpmstate".into(),
-            format!("dir={}", t.path().join("state").display()),
-            "--ctrl".into(),
-            format!("type=unixio,path={}", ctrl.display()),
-            "--log".into(),
-            format!("file={},level=20", log.display()),
-            "--pid".into(),
-            format!("file={}", pid.display()),
-            "--flags".into(),
-            "not-need-init,startup-clear".into(),
-        ],
+        &socket_args(
+            &t.path().join("state"),
+            &ctrl,
+            &[
+                "--log".into(),
+                format!("file={},level=20", log.display()),
+                "--pid".into(),
+                format!("file={}", pid.display()),
+                "--flags".into(),
+                "not-need-init,startup-clear".into(),
+            ],
+        ),
     );
     wait_for(&pid);
     assert_eq!(mode_of(&ctrl), 0o660, "control socket");
@@ -140,16 +148,14 @@ fn unloadable_state_says_why_on_stderr() {
     let t = state_dir();
     // The permanent state's name is taken by a directory.
     std::fs::create_dir(t.path().join("state/tpm2-00.permall")).unwrap();
-    let out = run(&[
-        "socket".into(),
-        "--tpm2".into(),
-        "--tpmstate".into(),
-        format!("dir={}", t.path().join("state").display()),
-        "--ctrl".into(),
-        format!("type=unixio,path={}", t.path().join("c.sock").display()),
-        "--log".into(),
-        format!("file={},level=20", t.path().join("vtpmd.log").display()),
-    ]);
+    let out = run(&socket_args(
+        &t.path().join("state"),
+        &t.path().join("c.sock"),
+        &[
+            "--log".into(),
+            format!("file={},level=20", t.path().join("vtpmd.log").display()),
+        ],
+    ));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -170,20 +176,18 @@ fn failed_start_says_why_on_stderr_and_leaves_nothing_behind() {
     let _unmount = Unmount(&state);
     fill(&state);
     let (ctrl, pid) = (t.path().join("c.sock"), t.path().join("vtpmd.pid"));
-    let out = run(&[
-        "socket".into(),
-        "--tpm2".into(),
-        "--tpmstate".into(),
-        format!("dir={}", state.display()),
-        "--ctrl".into(),
-        format!("type=unixio,path={}", ctrl.display()),
-        "--pid".into(),
-        format!("file={}", pid.display()),
-        "--log".into(),
-        format!("file={},level=20", t.path().join("vtpmd.log").display()),
-        "--flags".into(),
-        "not-need-init".into(),
-    ]);
+    let out = run(&socket_args(
+        &state,
+        &ctrl,
+        &[
+            "--pid".into(),
+            format!("file={}", pid.display()),
+            "--log".into(),
+            format!("file={},level=20", t.path().join("vtpmd.log").display()),
+            "--flags".into(),
+            "not-need-init".into(),
+        ],
+    ));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -149,25 +149,7 @@ impl TestVmm {
             .unwrap();
         self.next_avail = 0;
         self.next_used = 0;
-        self.fe.set_vring_num(0, QUEUE_SIZE).expect("SET_VRING_NUM");
-        let cfg = VringConfigData {
-            queue_max_size: QUEUE_SIZE,
-            queue_size: QUEUE_SIZE,
-            flags: 0,
-            desc_table_addr: self.host(DESC_TABLE),
-            used_ring_addr: self.host(USED_RING),
-            avail_ring_addr: self.host(AVAIL_RING),
-            log_addr: None,
-        };
-        self.fe.set_vring_addr(0, &cfg).expect("SET_VRING_ADDR");
-        self.fe.set_vring_base(0, 0).expect("SET_VRING_BASE");
-        self.fe
-            .set_vring_call(0, &self.call)
-            .expect("SET_VRING_CALL");
-        self.fe
-            .set_vring_kick(0, &self.kick)
-            .expect("SET_VRING_KICK");
-        self.fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
+        self.program_ring(0);
     }
 
     /// Restarts a stopped ring where it stood (SET_VRING_BASE with the
@@ -175,6 +157,11 @@ impl TestVmm {
     /// the source resumes. [`TestVmm::start_ring`] instead lays out a fresh
     /// ring at 0, which is what a guest reboot looks like.
     pub fn resume_ring(&mut self) {
+        self.program_ring(self.next_avail);
+    }
+
+    /// Hands the ring in guest memory to the device, starting at `base`.
+    fn program_ring(&mut self, base: u16) {
         self.fe.set_vring_num(0, QUEUE_SIZE).expect("SET_VRING_NUM");
         let cfg = VringConfigData {
             queue_max_size: QUEUE_SIZE,
@@ -186,9 +173,7 @@ impl TestVmm {
             log_addr: None,
         };
         self.fe.set_vring_addr(0, &cfg).expect("SET_VRING_ADDR");
-        self.fe
-            .set_vring_base(0, self.next_avail)
-            .expect("SET_VRING_BASE");
+        self.fe.set_vring_base(0, base).expect("SET_VRING_BASE");
         self.fe
             .set_vring_call(0, &self.call)
             .expect("SET_VRING_CALL");
