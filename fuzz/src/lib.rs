@@ -29,6 +29,10 @@ pub const TARGETS: &[Target] = &[
         run: targets::tpm_frame,
     },
     Target {
+        name: "data_channel",
+        run: targets::data_channel,
+    },
+    Target {
         name: "state_file",
         run: targets::state_file,
     },

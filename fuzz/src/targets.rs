@@ -229,6 +229,54 @@ pub fn tpm_frame(data: &[u8]) {
     assert!(tpm2::command_frame_ok(&er, tpm2::HEADER_LEN));
 }
 
+/// What the data channel answers to `input` sent in one go followed by
+/// end-of-file: swtpm's framing, on the echo engine.
+pub fn data_channel_model(input: &[u8]) -> Vec<u8> {
+    let max = engine::IO_SIZE as usize;
+    let mut out = Vec::new();
+    let mut rest = input;
+    while rest.len() >= tpm2::HEADER_LEN {
+        let size = tpm2::Header::parse(rest).map_or(0, |h| h.size as usize);
+        if !tpm2::command_size_ok(size, max) {
+            rest = &rest[tpm2::HEADER_LEN..];
+            if size > max {
+                let skip = size - tpm2::HEADER_LEN;
+                rest = &rest[skip.min(rest.len())..];
+            }
+            out.extend_from_slice(&tpm2::error_response(tpm2::RC_COMMAND_SIZE));
+            continue;
+        }
+        if rest.len() < size {
+            break;
+        }
+        let resp = EchoEngine::response_for(&rest[..size]);
+        if resp.len() < tpm2::HEADER_LEN || resp.len() > max {
+            out.extend_from_slice(&tpm2::error_response(tpm2::RC_FAILURE));
+        } else {
+            out.extend_from_slice(&resp);
+        }
+        rest = &rest[size..];
+    }
+    out
+}
+
+/// The data channel's read loop (`frontend::swtpm::data::serve`) over a
+/// real socket pair: the whole input, then end-of-file. What comes back
+/// must be exactly what swtpm's framing gives (see [`data_channel_model`]).
+pub fn data_channel(data: &[u8]) {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let (mut peer, ours) = UnixStream::pair().expect("socketpair");
+    peer.write_all(data).expect("send");
+    peer.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut s = vtpmd::transport::Stream::Unix(ours);
+    vtpmd::frontend::swtpm::data::serve(&mut s, engine::vtpm()).expect("serve");
+    drop(s);
+    let mut got = Vec::new();
+    peer.read_to_end(&mut got).expect("receive");
+    assert_eq!(got, data_channel_model(data));
+}
+
 /// The fixed at-rest key the state-file target opens files with.
 pub const STATE_KEY: [u8; 32] = [0x5a; 32];
 /// The blob names a state directory holds.

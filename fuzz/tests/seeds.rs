@@ -79,6 +79,19 @@ fn write_seeds() {
     write("tpm_frame", "getrandom", &tpm_cmd(0x17b, &[0, 16]));
     write("tpm_frame", "short", &tpm_cmd(0x17b, &[0, 16])[..9]);
 
+    let mut two = tpm2::startup_command(0);
+    two.extend_from_slice(&tpm_cmd(0x17b, &[0, 16]));
+    write("data_channel", "two", &two);
+    let mut bad = tpm_cmd(0x17b, &[0; 20]);
+    bad[2..6].copy_from_slice(&5000u32.to_be_bytes());
+    bad.extend_from_slice(&tpm2::startup_command(1));
+    write("data_channel", "oversized-then-startup", &bad);
+    write(
+        "data_channel",
+        "big-response",
+        &tpm_cmd(0x8000_1000, &[1, 2, 3]),
+    );
+
     let key = sealing::StateKey::from_master(&targets::STATE_KEY);
     for (i, name) in targets::STATE_NAMES.iter().enumerate() {
         let state: Vec<u8> = (0..200u16).map(|x| (x as u8) ^ (i as u8)).collect();
