@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs every fuzz target (or those named) with libFuzzer for FUZZ_SECONDS
 # each, one after another (one fuzzer process at a time). New inputs go to
-# build/fuzz/work/<target>; at the end of each run the ones that add
-# coverage are merged into the kept corpus fuzz/corpus/<target>. A crash or
-# a hang (-timeout) stops the script non-zero and leaves the input in
-# build/fuzz/artifacts/<target>/: fix it, then copy the input into
-# fuzz/regressions/<target>/ so `make test` replays it.
+# build/fuzz/work/<target>; after each run the kept corpus
+# fuzz/corpus/<target> is replaced by a minimised one (libFuzzer -merge=1
+# over the old corpus and the new inputs; the hand-written seed-* files
+# stay). A crash or a hang (-timeout) stops the script non-zero and leaves
+# the input in build/fuzz/artifacts/<target>/: fix it, then copy the input
+# into fuzz/regressions/<target>/ so `make test` replays it.
 #
 # Uses cargo-fuzz on the stable toolchain with RUSTC_BOOTSTRAP=1 (the
 # sanitizer flags are nightly-only); see docs/FUZZING.md.
@@ -47,6 +48,11 @@ for t in "${targets[@]}"; do
     echo "fuzz: $t FAILED; inputs in $art/" >&2
     exit 1
   fi
-  # Keep only what adds coverage.
-  "$bin/$t" -merge=1 "fuzz/corpus/$t" "$work" >"build/fuzz/$t.merge.log" 2>&1
+  # Keep a minimised corpus: the smallest set with the same coverage.
+  fresh=build/fuzz/min/$t
+  rm -rf "$fresh" && mkdir -p "$fresh"
+  "$bin/$t" -merge=1 "$fresh" "fuzz/corpus/$t" "$work" >"build/fuzz/$t.merge.log" 2>&1
+  find "fuzz/corpus/$t" -type f ! -name 'seed-*' -delete
+  cp "$fresh"/* "fuzz/corpus/$t/"
+  echo "fuzz: $t corpus now $(find "fuzz/corpus/$t" -type f | wc -l) inputs"
 done
