@@ -269,11 +269,17 @@ pub fn data_channel(data: &[u8]) {
     let (mut peer, ours) = UnixStream::pair().expect("socketpair");
     peer.write_all(data).expect("send");
     peer.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    // Read the replies while serve writes them: a few short commands can
+    // ask for megabytes of responses, more than a socket buffer holds.
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).expect("receive");
+        got
+    });
     let mut s = vtpmd::transport::Stream::Unix(ours);
     vtpmd::frontend::swtpm::data::serve(&mut s, engine::vtpm()).expect("serve");
     drop(s);
-    let mut got = Vec::new();
-    peer.read_to_end(&mut got).expect("receive");
+    let got = reader.join().expect("reader");
     assert_eq!(got, data_channel_model(data));
 }
 
