@@ -4,7 +4,7 @@
 CARGO ?= cargo
 VTPMD := $(CURDIR)/target/release/vtpmd
 
-.PHONY: all deps build demo test lint unit-and-integration kernel-tests bench bench-smoke clean
+.PHONY: all deps build demo test lint unit-and-integration kernel-tests bench bench-smoke clean fuzz fuzz-deps fuzz-replay
 
 all: build
 
@@ -47,7 +47,23 @@ bench: build
 bench-smoke: build
 	./target/release/vtpm-bench --smoke
 
-test: deps lint unit-and-integration bench-smoke kernel-tests
+# Every kept fuzz input (fuzz/corpus, fuzz/regressions) through the fuzz
+# targets' bodies, on stable Rust: no fuzzer needed (docs/FUZZING.md).
+fuzz-replay: deps
+	$(CARGO) test --release -p vtpm-fuzz --test replay
+
+# Coverage-guided fuzzing with libFuzzer (cargo-fuzz on the stable toolchain
+# with RUSTC_BOOTSTRAP=1): every target for FUZZ_SECONDS, one at a time.
+# Not part of `make test`. FUZZ_TARGETS="a b" runs only those.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?=
+fuzz-deps: deps
+	command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked --version 0.13.2
+
+fuzz: fuzz-deps
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash fuzz/run.sh $(FUZZ_TARGETS)
+
+test: deps lint unit-and-integration fuzz-replay bench-smoke kernel-tests
 
 clean:
 	$(CARGO) clean
