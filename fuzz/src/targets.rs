@@ -277,7 +277,7 @@ pub fn data_channel(data: &[u8]) {
         got
     });
     let mut s = vtpmd::transport::Stream::Unix(ours);
-    vtpmd::frontend::swtpm::data::serve(&mut s, engine::vtpm()).expect("serve");
+    vtpmd::frontend::swtpm::data::serve(&mut s, engine::vtpm(), None).expect("serve");
     drop(s);
     let got = reader.join().expect("reader");
     assert_eq!(got, data_channel_model(data));
