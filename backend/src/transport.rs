@@ -12,7 +12,8 @@
 //! [`IDLE_TIMEOUT`] for its next request unless it is pinned (the VMM's
 //! control connection that handed over the data channel, and that data
 //! channel); a started request must arrive within its channel's request
-//! timeout; and a full house never locks a new client out while some
+//! timeout; a reply waits at most [`WRITE_TIMEOUT`] for an unpinned client
+//! to read it; and a full house never locks a new client out while some
 //! connection is merely idle.
 
 use crate::fdpass;
@@ -28,6 +29,10 @@ use std::time::{Duration, Instant};
 
 /// How long an unpinned connection may sit between requests.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a reply may wait for an unpinned client to read it: a client
+/// that sends requests but never reads cannot hold its slot (and a thread)
+/// for ever.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether a read failed only because its timeout ran out.
 pub fn is_timeout(e: &io::Error) -> bool {
@@ -56,6 +61,14 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_read_timeout(t),
             Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// `None` waits for ever.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
         }
     }
 
@@ -208,6 +221,7 @@ impl Slots {
     /// closed to make room; if every one is busy or pinned, `s` is refused.
     pub fn admit(self: &Arc<Self>, s: &Stream) -> Option<Slot> {
         let closer = s.try_clone().ok()?;
+        s.set_write_timeout(Some(WRITE_TIMEOUT)).ok()?;
         let mut t = self.table();
         if t.live.len() >= self.max {
             let victim = t
@@ -274,6 +288,8 @@ impl Slot {
     pub fn pin(&self) {
         for e in self.slots.table().live.iter_mut() {
             e.pinned = e.id == self.id;
+            let t = if e.pinned { None } else { Some(WRITE_TIMEOUT) };
+            let _ = e.closer.set_write_timeout(t);
         }
     }
 

@@ -186,3 +186,45 @@ fn idle_or_dripping_admin_clients_cannot_keep_vtpmctl_out() {
     dripper.join().unwrap();
     drop(d);
 }
+
+#[test]
+fn clients_that_never_read_their_replies_cannot_lock_the_channel() {
+    let t = state_dir();
+    let d = Daemon::start(t.path(), &[]);
+    let mut vmm = Ctrl::connect(&d.ctrl);
+    let _data = vmm.qemu_start(4096);
+    // Eight clients pipeline GET_INFO requests (replies of up to 3 KiB)
+    // and never read: vtpmd's writes fill their socket buffers and block.
+    let mut get_info = 0x12u32.to_be_bytes().to_vec();
+    get_info.extend_from_slice(&0xfu64.to_be_bytes());
+    get_info.extend_from_slice(&0u32.to_be_bytes());
+    get_info.extend_from_slice(&0u32.to_be_bytes());
+    let flood: Vec<UnixStream> = (0..8)
+        .map(|_| {
+            let mut s = UnixStream::connect(&d.ctrl).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+            for _ in 0..50_000 {
+                if s.write_all(&get_info).is_err() {
+                    break;
+                }
+            }
+            s
+        })
+        .collect();
+    // Once vtpmd gives up on those writes, a new client is served.
+    let start = Instant::now();
+    let mut served = false;
+    while start.elapsed() < Duration::from_secs(40) {
+        if answers(&d.ctrl, Duration::from_secs(2)) {
+            served = true;
+            break;
+        }
+    }
+    assert!(served, "clients that never read locked the control channel");
+    assert_eq!(
+        vmm.cmd(1, &[], 8)[..4],
+        [0, 0, 0, 0],
+        "the VMM's connection"
+    );
+    drop(flood);
+}
