@@ -77,11 +77,10 @@ fn corrupt_state_is_refused_not_replaced() {
     let d = Daemon::start(t.path(), &[]);
     write_nv(&d, b"original", true);
     drop(d);
-    let permall = t.path().join("state/tpm2-00.permall");
+    let permall = t.path().join("state/vtpmd-00.permall");
     let good = std::fs::read(&permall).unwrap();
     let mut bad = good.clone();
-    let mid = bad.len() / 2;
-    bad[mid] ^= 0xff;
+    bad[0] ^= 0xff;
     bad.truncate(bad.len() - 100);
     std::fs::write(&permall, &bad).unwrap();
     let err = start_fails(t.path(), &[]);
@@ -116,8 +115,13 @@ fn encrypted_state_at_rest() {
     let secret = b"0123456789abcdef-very-secret-nv-contents";
     write_nv(&d, secret, true);
     drop(d);
-    let permall = std::fs::read(t.path().join("state/tpm2-00.permall")).unwrap();
-    assert!(permall.starts_with(b"VTPMSEAL"));
+    let file = t.path().join("state/vtpmd-00.permall");
+    let permall = std::fs::read(&file).unwrap();
+    assert!(permall.starts_with(b"VTPMSLOT"));
+    assert!(
+        permall.windows(8).any(|w| w == b"VTPMSEAL"),
+        "sealed records"
+    );
     assert!(
         !permall.windows(16).any(|w| w == &secret[..16]),
         "plaintext NV on disk"
@@ -127,12 +131,17 @@ fn encrypted_state_at_rest() {
     assert!(err.contains("wrong --key"), "{err}");
     let err = start_fails(t.path(), &[]);
     assert!(err.contains("no --key was given"), "{err}");
+    // Both slots tampered with: refused, never replaced by a blank TPM.
+    let slot = u32::from_le_bytes(permall[12..16].try_into().unwrap()) as usize;
     let mut tampered = permall.clone();
-    tampered[40] ^= 1;
-    std::fs::write(t.path().join("state/tpm2-00.permall"), &tampered).unwrap();
+    for at in [4096 + 200, 4096 + slot + 200] {
+        tampered[at] ^= 1;
+    }
+    std::fs::write(&file, &tampered).unwrap();
     let err = start_fails(t.path(), &["--key", &keyarg]);
-    assert!(err.contains("authentication failed"), "{err}");
-    std::fs::write(t.path().join("state/tpm2-00.permall"), &permall).unwrap();
+    assert!(err.contains("neither slot holds a valid record"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), tampered);
+    std::fs::write(&file, &permall).unwrap();
 
     let d = Daemon::start(t.path(), &["--key", &keyarg]);
     assert_eq!(read_nv(&d, secret.len() as u16), secret);
@@ -194,7 +203,7 @@ fn kill_9_during_nv_writes_never_loses_the_state() {
         last_acked = writer.join().unwrap();
         assert_ne!(
             t.path()
-                .join("state/tpm2-00.permall")
+                .join("state/vtpmd-00.permall")
                 .metadata()
                 .unwrap()
                 .len(),

@@ -8,6 +8,7 @@
 //! | [`aead`] | the one authenticated-encryption primitive (AES-256-CBC + HMAC-SHA256, encrypt-then-MAC) |
 //! | [`hostkey`] | RSA-3072 host keys: wrap, unwrap, sign, verify, trusted peers |
 //! | [`admin`] | the admin protocol (typed requests and replies) and its client |
+//! | [`statedir`] | a state directory's names, lock, migration marker and erase |
 //!
 //! Nothing here imports from vtpmd; `hex` and `reader` import nothing at all.
 
@@ -18,3 +19,4 @@ pub mod aead;
 pub mod hex;
 pub mod hostkey;
 pub mod reader;
+pub mod statedir;

@@ -127,7 +127,7 @@ impl Vtpm {
         opts: Options,
         session: Session,
     ) -> Result<Vtpm> {
-        if store.file_of(PERMANENT).exists() {
+        if store.has_blob(PERMANENT) {
             if let Err(rc) = tpm.validate_state(StateType::Permanent) {
                 return Err(InstanceError::BadState {
                     dir: store.path().display().to_string(),

@@ -6,7 +6,8 @@
 use super::*;
 use crate::engine::fake::{FakeEngine, Probe, CC_NV_WRITE, MAGIC};
 use crate::migration::piece::test_keys::keys;
-use crate::storage::{blob, TOMBSTONE};
+use crate::storage::slots::{self, SlotFile};
+use crate::storage::{blob, STUB_MAGIC, TOMBSTONE};
 use std::path::Path;
 use vtpm_common::admin::{Reply, Request};
 use vtpm_common::hostkey::HostKey;
@@ -23,8 +24,22 @@ impl Fixture {
     }
 
     fn on_disk(&self) -> Option<Vec<u8>> {
-        let raw = std::fs::read(self.path().join("tpm2-00.permall")).ok()?;
-        Some(blob::decode_plain(&raw).unwrap())
+        self.blob_on_disk("permall")
+    }
+
+    /// A blob as a fresh process would find it in the directory.
+    fn blob_on_disk(&self, name: &str) -> Option<Vec<u8>> {
+        let path = self.path().join(format!("vtpmd-00.{name}"));
+        let (_, rec) = SlotFile::open(&path, false).unwrap()?;
+        (rec.flags & slots::FLAG_DELETED == 0).then(|| rec.payload.to_vec())
+    }
+
+    /// Only the tombstone and stubs are left.
+    fn erased(&self) -> bool {
+        let stub = std::fs::read(self.path().join("tpm2-00.permall")).unwrap_or_default();
+        !self.path().join("vtpmd-00.permall").exists()
+            && !self.path().join("vtpmd-00.volatilestate").exists()
+            && stub.starts_with(STUB_MAGIC)
     }
 }
 
@@ -159,12 +174,13 @@ fn nv_writes_reach_the_state_directory() {
     );
     assert!(f.on_disk().unwrap().ends_with(b"hello"));
     f.vtpm.store_volatile().unwrap();
-    assert!(f.path().join("tpm2-00.volatilestate").exists());
+    assert!(f.blob_on_disk("volatilestate").is_some());
     f.vtpm
         .power_on(InitFlags {
             delete_volatile: true,
         })
         .unwrap();
+    assert!(f.blob_on_disk("volatilestate").is_none());
     assert!(!f.path().join("tpm2-00.volatilestate").exists());
 }
 
@@ -363,7 +379,7 @@ fn sealed_migration_locks_source_unlocks_destination_and_erases_on_receipt() {
     };
     assert_eq!(t.confirmed_by, "receipt");
     assert!(src.path().join(TOMBSTONE).exists());
-    assert!(!src.path().join("tpm2-00.permall").exists());
+    assert!(src.erased());
     let Reply::Status(s) = admin(&src.vtpm, Request::Status).unwrap() else {
         panic!()
     };
@@ -432,7 +448,7 @@ fn shutdown_after_export_erases_and_leaves_tombstone() {
     assert!(!src.vtpm.is_running());
     let t = std::fs::read_to_string(src.path().join(TOMBSTONE)).unwrap();
     assert!(t.contains("shutdown-after-export"), "{t}");
-    assert!(!src.path().join("tpm2-00.permall").exists());
+    assert!(src.erased());
     // A tombstoned directory refuses to open again.
     assert!(StateDir::open(src.path(), 0o600, None).is_err());
 }
