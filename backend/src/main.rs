@@ -32,6 +32,31 @@ fn main() -> ExitCode {
                 (&c.instance, vtpmd::daemon::vhost_user::run as fn(&_) -> _)
             })
         }
+        Command::SwtpmExport(args) => swtpm_export(&args),
+    }
+}
+
+/// `vtpmd swtpm-export`: vtpmd's state files → swtpm's.
+fn swtpm_export(args: &config::SwtpmExportArgs) -> ExitCode {
+    let dir = match args.tpmstate.strip_prefix("dir=") {
+        Some(d) if !d.is_empty() && !d.contains(',') => std::path::PathBuf::from(d),
+        _ => {
+            eprintln!("vtpmd: --tpmstate: expected dir=DIR");
+            return ExitCode::from(2);
+        }
+    };
+    let done = StateDir::open(&dir, 0o640, None).and_then(|s| s.convert_to_swtpm());
+    match done {
+        Ok(files) => {
+            for f in files {
+                println!("{f}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vtpmd: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

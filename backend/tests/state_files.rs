@@ -224,3 +224,54 @@ fn kill_9_during_nv_writes_never_loses_the_state() {
         "{rounds} kill -9 rounds, {last_acked} acknowledged NV writes, state loaded every time"
     );
 }
+
+#[test]
+fn swtpm_state_moves_to_vtpmd_and_back_and_swtpm_refuses_vtpmd_files() {
+    let t = state_dir();
+    let s = Daemon::start_bin("swtpm", t.path(), &[]);
+    write_nv(&s, b"swtpm-01", true);
+    drop(s);
+    let d = Daemon::start(t.path(), &[]);
+    assert_eq!(read_nv(&d, 8), b"swtpm-01", "vtpmd reads swtpm's files");
+    write_nv(&d, b"vtpmd-02", false);
+    drop(d);
+    let stub = std::fs::read(t.path().join("state/tpm2-00.permall")).unwrap();
+    assert!(
+        stub.starts_with(b"VTPMD-STUB"),
+        "swtpm's name holds the stub"
+    );
+    // swtpm on vtpmd's files fails INIT instead of making a blank TPM.
+    let s = Daemon::start_bin("swtpm", t.path(), &[]);
+    let mut c = Ctrl::connect(&s.ctrl);
+    assert_ne!(c.result(0x02, &[0, 0, 0, 0]), 0, "swtpm started a TPM");
+    drop(c);
+    drop(s);
+    assert_eq!(
+        std::fs::read(t.path().join("state/tpm2-00.permall")).unwrap(),
+        stub,
+        "swtpm left the stub alone"
+    );
+    // The explicit way back.
+    let out = Command::new(&*VTPMD)
+        .args(["swtpm-export", "--tpmstate"])
+        .arg(format!("dir={}", t.path().join("state").display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!t.path().join("state/vtpmd-00.permall").exists());
+    let s = Daemon::start_bin("swtpm", t.path(), &[]);
+    assert_eq!(
+        read_nv(&s, 8),
+        b"vtpmd-02",
+        "swtpm reads the exported state"
+    );
+    drop(s);
+    // Nothing to export now is a clear error, not an empty success.
+    let out = Command::new(&*VTPMD)
+        .args(["swtpm-export", "--tpmstate"])
+        .arg(format!("dir={}", t.path().join("nowhere").display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}

@@ -8,6 +8,10 @@
  * with EROFS, as on a file system the kernel remounted read-only under a
  * running process (errors=remount-ro), which a plain
  * `mount -o remount,ro` cannot do while files are open for writing.
+ * Crashes at chosen points of a state write (the process kills itself
+ * with SIGKILL): "tear" writes a random prefix of the record and dies,
+ * "crash-before-sync" dies after the write and before fdatasync,
+ * "crash-after-sync" dies after fdatasync, before vtpmd can answer.
  * Everything else passes through to libc.
  */
 #define _GNU_SOURCE
@@ -18,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <unistd.h>
 
 static int fault_armed(const char *what)
@@ -53,6 +58,13 @@ static int is_state_temp(int fd)
     return strstr(path, "/TMP2-") != NULL || strstr(path, "/vtpmd-00.") != NULL;
 }
 
+static void die_now(void)
+{
+    kill(getpid(), SIGKILL);
+    for (;;)
+        pause();
+}
+
 ssize_t pwrite64(int fd, const void *buf, size_t count, off_t off)
 {
     static ssize_t (*real)(int, const void *, size_t, off_t);
@@ -60,6 +72,11 @@ ssize_t pwrite64(int fd, const void *buf, size_t count, off_t off)
     if (!real)
         real = dlsym(RTLD_NEXT, "pwrite64");
     if (is_state_temp(fd)) {
+        if (count > 1 && fault_armed("tear")) {
+            srand((unsigned)getpid() ^ (unsigned)off ^ (unsigned)count);
+            real(fd, buf, 1 + (size_t)rand() % (count - 1), off);
+            die_now();
+        }
         if (fault_armed("write")) {
             errno = EIO;
             return -1;
@@ -106,6 +123,7 @@ int fsync(int fd)
 int fdatasync(int fd)
 {
     static int (*real)(int);
+    int r;
 
     if (!real)
         real = dlsym(RTLD_NEXT, "fdatasync");
@@ -113,7 +131,12 @@ int fdatasync(int fd)
         errno = EIO;
         return -1;
     }
-    return real(fd);
+    if (is_state_temp(fd) && fault_armed("crash-before-sync"))
+        die_now();
+    r = real(fd);
+    if (is_state_temp(fd) && fault_armed("crash-after-sync"))
+        die_now();
+    return r;
 }
 
 static int refuse_create(const char *path, int flags)

@@ -3,13 +3,18 @@
 
 #![deny(unsafe_code)]
 
+pub mod offline;
+
 use thiserror::Error;
 pub use vtpm_common::admin::{call, ClientError};
+use vtpm_common::statedir::StateDirError;
 
 #[derive(Debug, Error)]
 pub enum CtlError {
     #[error(transparent)]
     Admin(#[from] ClientError),
+    #[error(transparent)]
+    StateDir(#[from] StateDirError),
     #[error("{0}")]
     Input(String),
 }

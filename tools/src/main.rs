@@ -10,7 +10,7 @@ use vtpm_common::admin::{
     IncomingInfo, KeysPreloaded, Prepared, Receipt, Request, Status, Tombstone,
 };
 use vtpm_common::hostkey::HostKey;
-use vtpmctl::{call, peer_key_pem, CtlError};
+use vtpmctl::{call, offline, peer_key_pem, CtlError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -65,9 +65,8 @@ enum Cmd {
     },
     /// Lifecycle state, migration id and digest.
     Status {
-        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
-        #[arg(long, value_name = "SOCK")]
-        admin: PathBuf,
+        #[command(flatten)]
+        at: Target,
     },
     /// Destination, after the migration: write the signed receipt.
     Receipt {
@@ -80,19 +79,33 @@ enum Cmd {
     },
     /// Source: check the destination's receipt, then erase the local copy.
     Complete {
-        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
-        #[arg(long, value_name = "SOCK")]
-        admin: PathBuf,
+        #[command(flatten)]
+        at: Target,
         /// The receipt file `vtpmctl receipt` wrote on the destination.
         #[arg(long, value_name = "FILE")]
         receipt: PathBuf,
     },
-    /// Source: abandon a prepared or exported migration; the TPM carries on.
+    /// Source: abandon a prepared or exported migration; the TPM carries on
+    /// here. Only right if the VM does not run on the destination.
     Abort {
-        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
-        #[arg(long, value_name = "SOCK")]
-        admin: PathBuf,
+        #[command(flatten)]
+        at: Target,
     },
+}
+
+/// A running vtpmd (its admin socket) or, when none runs, its state
+/// directory.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
+    #[arg(long, value_name = "SOCK")]
+    admin: Option<PathBuf>,
+    /// The state directory, while no vtpmd runs on it (after QEMU quit on
+    /// a migration source, vtpmd has exited and holds the state until the
+    /// receipt).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 fn read(path: &PathBuf) -> Result<String, CtlError> {
@@ -133,23 +146,35 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
                 migration_id,
             },
         )?),
-        Cmd::Status { admin } => json(call::<Status>(&admin, &Request::Status)?),
+        Cmd::Status { at } => match (at.admin, at.state_dir) {
+            (Some(admin), _) => json(call::<Status>(&admin, &Request::Status)?),
+            (None, Some(dir)) => offline::status(&dir),
+            (None, None) => unreachable!("clap requires one"),
+        },
         Cmd::Receipt { admin, out } => {
             let r = json(call::<Receipt>(&admin, &Request::Receipt)?)?;
             std::fs::write(&out, format!("{r:#}\n"))
                 .map_err(|e| CtlError::Input(format!("cannot write {}: {e}", out.display())))?;
             Ok(r)
         }
-        Cmd::Complete { admin, receipt } => {
+        Cmd::Complete { at, receipt } => {
             let r: Receipt = serde_json::from_str(&read(&receipt)?).map_err(|e| {
                 CtlError::Input(format!("{} is not a receipt: {e}", receipt.display()))
             })?;
-            json(call::<Tombstone>(
-                &admin,
-                &Request::Complete { receipt: r },
-            )?)
+            match (at.admin, at.state_dir) {
+                (Some(admin), _) => json(call::<Tombstone>(
+                    &admin,
+                    &Request::Complete { receipt: r },
+                )?),
+                (None, Some(dir)) => json(offline::complete(&dir, &r)?),
+                (None, None) => unreachable!("clap requires one"),
+            }
         }
-        Cmd::Abort { admin } => json(call::<Status>(&admin, &Request::Abort)?),
+        Cmd::Abort { at } => match (at.admin, at.state_dir) {
+            (Some(admin), _) => json(call::<Status>(&admin, &Request::Abort)?),
+            (None, Some(dir)) => offline::abort(&dir),
+            (None, None) => unreachable!("clap requires one"),
+        },
     }
 }
 

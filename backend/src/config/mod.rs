@@ -61,6 +61,18 @@ pub enum Command {
     /// as crosvm defines it) to crosvm, cloud-hypervisor's generic
     /// vhost-user device or any vhost-user frontend.
     VhostUser(VhostUserArgs),
+    /// Write the state back in swtpm's file format (tpm2-00.permall,
+    /// tpm2-00.volatilestate) for a user returning to swtpm; vtpmd's own
+    /// files are removed. Run while no vtpmd serves the directory.
+    SwtpmExport(SwtpmExportArgs),
+}
+
+/// `vtpmd swtpm-export`.
+#[derive(Debug, Args)]
+pub struct SwtpmExportArgs {
+    /// State directory: dir=DIR (as for `vtpmd socket`).
+    #[arg(long, value_name = "dir=DIR")]
+    pub tpmstate: String,
 }
 
 /// Options every frontend shares: where the TPM state lives and how it is

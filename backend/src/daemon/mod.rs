@@ -122,12 +122,15 @@ impl Host {
             .map(HostKey::load)
             .transpose()?
             .map(Arc::new);
-        let session = Session::new(
+        let mut session = Session::new(
             host_key,
             cfg.trusted_peers.clone(),
             cfg.allow_plaintext_migration,
             cfg.incoming,
         );
+        if let Some(marker) = store.read_marker()? {
+            session.restore(&marker).map_err(InstanceError::Migration)?;
+        }
         if cfg.allow_plaintext_migration {
             log::warn!("--allow-plaintext-migration: the TPM state may be handed out unencrypted");
         }

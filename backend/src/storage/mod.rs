@@ -113,6 +113,7 @@ pub struct StateDir {
     /// Slot files opened for writing, by blob name.
     slots: Mutex<HashMap<String, SlotFile>>,
     deferred: Mutex<Option<Deferred>>,
+    writer: Mutex<()>,
 }
 
 impl StateDir {
@@ -149,6 +150,7 @@ impl StateDir {
             last_failure: Mutex::new(None),
             slots: Mutex::new(HashMap::new()),
             deferred: Mutex::new(None),
+            writer: Mutex::new(()),
         };
         sd.lock()?;
         Ok(sd)
@@ -307,6 +309,11 @@ impl StateDir {
     /// Writes blob `name` durably: one write and one device flush
     /// ([`slots`]), or held in memory while writes are deferred.
     pub fn write_blob(&self, name: &str, state: &[u8]) -> Result<(), StorageError> {
+        let _serial = self.writer_lock();
+        self.write_blob_locked(name, state)
+    }
+
+    fn write_blob_locked(&self, name: &str, state: &[u8]) -> Result<(), StorageError> {
         self.check_writable(name)?;
         if let Some(m) = self.deferred_lock().as_mut() {
             m.insert(name.to_string(), Some(Zeroizing::new(state.to_vec())));
@@ -401,6 +408,11 @@ impl StateDir {
     /// Removes blob `name`; a missing blob is not an error. In a slot file
     /// this is a commit of a "deleted" record (one flush, no rename).
     pub fn remove_blob(&self, name: &str) -> Result<(), StorageError> {
+        let _serial = self.writer_lock();
+        self.remove_blob_locked(name)
+    }
+
+    fn remove_blob_locked(&self, name: &str) -> Result<(), StorageError> {
         self.check_writable(name)?;
         if let Some(m) = self.deferred_lock().as_mut() {
             m.insert(name.to_string(), None);
@@ -432,13 +444,14 @@ impl StateDir {
     /// Writes everything held since [`StateDir::defer_writes`] durably and
     /// ends the deferral. On failure the writes stay held.
     pub fn commit_deferred(&self) -> Result<(), StorageError> {
+        let _serial = self.writer_lock();
         let Some(held) = self.deferred_lock().take() else {
             return Ok(());
         };
         for (name, blob) in &held {
             let r = match blob {
-                Some(b) => self.write_blob(name, b),
-                None => self.remove_blob(name),
+                Some(b) => self.write_blob_locked(name, b),
+                None => self.remove_blob_locked(name),
             };
             if let Err(e) = r {
                 *self.deferred_lock() = Some(held);
@@ -446,6 +459,13 @@ impl StateDir {
             }
         }
         Ok(())
+    }
+
+    /// Drops writes held since [`StateDir::defer_writes`] (the state they
+    /// belonged to was refused) and ends the deferral.
+    pub fn discard_deferred(&self) {
+        let _serial = self.writer_lock();
+        self.deferred_lock().take();
     }
 
     /// Fails if the directory already holds TPM state.
@@ -548,6 +568,12 @@ impl StateDir {
 
     fn slots_lock(&self) -> MutexGuard<'_, HashMap<String, SlotFile>> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serialises writers, so that committing deferred writes and a new
+    /// write cannot reorder on disk.
+    fn writer_lock(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn deferred_lock(&self) -> MutexGuard<'_, Option<Deferred>> {

@@ -45,6 +45,7 @@ pub fn result_code(e: &InstanceError) -> u32 {
         | InstanceError::Storage(_)
         | InstanceError::LockBusy(_)
         | InstanceError::Persist(_)
+        | InstanceError::Handover(_)
         | InstanceError::Migration(_)
         | InstanceError::ExportNotPrepared
         | InstanceError::ExportEncrypted
