@@ -51,6 +51,12 @@ def qemu_binary():
     return cmd
 
 
+def qemu_version():
+    """The first line of `QEMU --version` and the -L directories, for the log."""
+    p = subprocess.run([QEMU, "--version"], capture_output=True, text=True)
+    return (p.stdout + p.stderr).strip().split("\n")[0] + (" (-L %s)" % " ".join(QEMU_L) if QEMU_L else "")
+
+
 class Guest:
     """QEMU running the test guest in the interactive mode ('migrate').
 

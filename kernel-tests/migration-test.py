@@ -13,7 +13,7 @@ Prints "PASS: ..." / "FAIL: ..." per check and "N passed, M failed" last.
 """
 import json, os, shutil, subprocess, sys, tempfile, time
 
-from ktguest import LOGS, ROOT, VTPMD, Guest, check, cleanup, procs, summary, tpm_args, wait_for
+from ktguest import LOGS, ROOT, VTPMD, Guest, check, cleanup, procs, qemu_version, summary, tpm_args, wait_for
 
 VTPMCTL = os.environ.get("VTPMCTL_BIN", os.path.join(ROOT, "target", "release", "vtpmctl"))
 # KT_MIGRATION_LIVE_ONLY=1: only the sealed and the plain live migration
@@ -367,6 +367,7 @@ def killed_destination(ka, kb):
 
 def main():
     os.makedirs(LOGS, exist_ok=True)
+    print("migration-test: " + qemu_version(), flush=True)
     try:
         ka, kb = keygen("a"), keygen("b")
         live_migration(ka, kb)

@@ -18,7 +18,7 @@ Prints "PASS: ..." / "FAIL: ..." per check and "N passed, M failed" last.
 """
 import os, re, shutil, signal, subprocess, sys, tempfile, time
 
-from ktguest import LOGS, VTPMD, Guest, check, cleanup, procs, summary, wait_for
+from ktguest import LOGS, VTPMD, Guest, check, cleanup, procs, qemu_version, summary, wait_for
 
 VIRTIO_ID = os.environ.get("KT_VIRTIO_ID", "45")
 TIMEOUT_MS = 10000          # the guest driver's timeout in this test
@@ -109,6 +109,7 @@ ZERO = "0x" + "0" * 64
 
 def main():
     os.makedirs(LOGS, exist_ok=True)
+    print("vhost-user-test: " + qemu_version(), flush=True)
     state = os.path.join(WORK, "state")
     os.makedirs(state)
     sock = os.path.join(WORK, "vu.sock")
