@@ -16,16 +16,21 @@
 //!   to swtpm.
 //! * An exclusive lock (an open-file-description lock on `.lock`, which also
 //!   conflicts with swtpm's fcntl lock) keeps a second daemon out.
-//! * With `--key`, files are sealed ([`sealing`]); a plaintext file found
-//!   while a key is configured is refused rather than trusted.
+//! * With `--key`, files are encrypted ([`at_rest`]: vtpmd's [`sealing`]
+//!   or swtpm's own format, [`swtpm_crypt`]); a plaintext file found while a
+//!   key is configured is refused rather than trusted.
 
+pub mod at_rest;
 pub mod blob;
 pub mod files;
 pub mod sealing;
 pub mod slots;
+pub mod swtpm_crypt;
+pub mod swtpm_key;
 
 use crate::engine::{NvError, NvStore};
-use sealing::{SealError, StateKey};
+use at_rest::AtRestKey;
+use sealing::SealError;
 use slots::{SlotError, SlotFile};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -84,8 +89,6 @@ pub enum StorageError {
     Slot { path: String, source: SlotError },
     #[error("{path} is vtpmd's stub, but vtpmd's state file {slot} is missing (restore it from a backup; vtpmd will not start a blank TPM here)")]
     StubOnly { path: String, slot: String },
-    #[error("swtpm-export writes plain swtpm files only; this state is encrypted with --key (start vtpmd without --key on a decrypted copy, or keep using vtpmd)")]
-    ExportNeedsPlain,
     #[error("state directory {0} holds no TPM state to export")]
     NothingToExport(String),
     #[error(transparent)]
@@ -106,7 +109,7 @@ pub struct StateDir {
     dir: PathBuf,
     dir_handle: File,
     file_mode: u32,
-    key: Option<StateKey>,
+    key: Option<AtRestKey>,
     lock: Mutex<Option<File>>,
     fenced: AtomicBool,
     last_failure: Mutex<Option<String>>,
@@ -121,7 +124,19 @@ impl StateDir {
     pub fn open(
         dir: &Path,
         file_mode: u32,
-        key: Option<StateKey>,
+        key: Option<AtRestKey>,
+    ) -> Result<StateDir, StorageError> {
+        let sd = StateDir::open_unlocked(dir, file_mode, key)?;
+        sd.lock()?;
+        Ok(sd)
+    }
+
+    /// Opens `dir` without taking its lock yet (`--migration incoming` on
+    /// shared storage: the source holds it until it hands the state over).
+    pub fn open_unlocked(
+        dir: &Path,
+        file_mode: u32,
+        key: Option<AtRestKey>,
     ) -> Result<StateDir, StorageError> {
         let shown = dir.display().to_string();
         match fs::metadata(dir) {
@@ -152,7 +167,6 @@ impl StateDir {
             deferred: Mutex::new(None),
             writer: Mutex::new(()),
         };
-        sd.lock()?;
         Ok(sd)
     }
 
@@ -190,6 +204,12 @@ impl StateDir {
             }),
             Err(e) => Err(StorageError::Layout(e)),
         }
+    }
+
+    /// Gives the lock up (`--migration release-lock-outgoing`: the
+    /// destination on shared storage takes it).
+    pub fn unlock(&self) {
+        *self.lock.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Whether this process holds the lock.
@@ -259,7 +279,7 @@ impl StateDir {
                 slot: self.slot_file_of(name).display().to_string(),
             });
         }
-        match (&self.key, sealing::is_sealed(&bytes)) {
+        match (&self.key, at_rest::is_encrypted(&bytes)) {
             (Some(key), true) => {
                 key.open(name, &bytes)
                     .map(Some)
@@ -504,11 +524,9 @@ impl StateDir {
     }
 
     /// Writes the state back in swtpm's format (`vtpmd swtpm-export`): the
-    /// swtpm files first, durably, then the slot files go. Plain state only.
+    /// swtpm files first, durably, then the slot files go. With a key
+    /// (forced to swtpm's format) the files are in swtpm's `--key` format.
     pub fn convert_to_swtpm(&self) -> Result<Vec<String>, StorageError> {
-        if self.key.is_some() {
-            return Err(StorageError::ExportNeedsPlain);
-        }
         let mut written = Vec::new();
         let mut found = Vec::new();
         for name in [PERMANENT, VOLATILE] {
@@ -526,8 +544,18 @@ impl StateDir {
             let dst = self.file_of(name);
             let tmp = self.dir.join(format!("TMP2-00.{name}"));
             let mut f = files::create_new(&tmp, self.file_mode).map_err(io("create", &tmp))?;
+            let bytes = match &self.key {
+                // The key writes swtpm's encrypted format (AtRestKey::forced).
+                Some(key) => key
+                    .seal(name, state)
+                    .map_err(|source| StorageError::Sealed {
+                        path: dst.display().to_string(),
+                        source,
+                    })?,
+                None => blob::encode_file(state),
+            };
             let r = f
-                .write_all(&blob::encode_file(state))
+                .write_all(&bytes)
                 .and_then(|()| f.sync_all())
                 .and_then(|()| fs::rename(&tmp, &dst));
             if r.is_err() {
@@ -609,6 +637,10 @@ impl NvStore for StateDir {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    fn test_key(b: u8) -> AtRestKey {
+        AtRestKey::new(swtpm_key::SwtpmKey::from_raw(&[b; 32]).unwrap())
+    }
 
     #[test]
     fn missing_directory_is_a_clear_error() {
@@ -742,13 +774,13 @@ mod tests {
     #[test]
     fn sealed_files_need_the_right_key() {
         let d = tempfile::tempdir().unwrap();
-        let s = StateDir::open(d.path(), 0o600, Some(StateKey::from_master(&[1; 32]))).unwrap();
+        let s = StateDir::open(d.path(), 0o600, Some(test_key(1))).unwrap();
         s.write_blob(PERMANENT, b"secret").unwrap();
         assert_eq!(&s.read_blob(PERMANENT).unwrap().unwrap()[..], b"secret");
         let raw = fs::read(d.path().join("vtpmd-00.permall")).unwrap();
         assert!(!raw.windows(6).any(|w| w == b"secret"));
         drop(s);
-        let wrong = StateDir::open(d.path(), 0o600, Some(StateKey::from_master(&[2; 32]))).unwrap();
+        let wrong = StateDir::open(d.path(), 0o600, Some(test_key(2))).unwrap();
         assert!(matches!(
             wrong.read_blob(PERMANENT),
             Err(StorageError::Sealed { .. })
@@ -769,7 +801,7 @@ mod tests {
         )
         .unwrap();
         drop(none);
-        let keyed = StateDir::open(d.path(), 0o600, Some(StateKey::from_master(&[1; 32]))).unwrap();
+        let keyed = StateDir::open(d.path(), 0o600, Some(test_key(1))).unwrap();
         assert!(matches!(
             keyed.read_blob(PERMANENT),
             Err(StorageError::UnexpectedPlaintext { .. })
