@@ -17,9 +17,7 @@ use super::wire::{
 use crate::instance::{BlobKind, InitFlags, InstanceError, Vtpm};
 use crate::migration::session::SessionError;
 use crate::storage::blob::BlobError;
-
-/// GET_INFO hands out JSON in chunks of at most this size.
-const INFO_CHUNK: usize = 3072;
+use vtpm_common::ctrl::INFO_CHUNK;
 
 /// The swtpm result code for an instance error (swtpm's own code for the
 /// same fault where it has one).
