@@ -1,0 +1,506 @@
+#!/usr/bin/env python3
+"""vtpmd under a real libvirt daemon: Debian's libvirtd 9.0 started here,
+without systemd, in a private mount namespace (its own /etc/libvirt, /run,
+/var/lib, /var/log, /var/cache, /usr/local and /etc/systemd/system, all
+tmpfs: the host's libvirt, if any, and the host's files are not touched),
+running TCG domains with direct kernel boot of the kernel-tests guest.
+
+1. External backend, following README "libvirt: external backend" word for
+   word: `make install`, the by-hand commands (checked against the installed
+   vtpmd@.service), qemu-configs/libvirt-external.xml. The guest sees the
+   TPM through QEMU running as libvirt-qemu; NV and a persistent key survive
+   `virsh destroy` / `start`; a socket only root can open is refused.
+2. Emulator backend, following README "libvirt: emulator backend": `make
+   install`, `vtpm-libvirt enable`, libvirtd restarted with the drop-in's
+   PATH. libvirt provisions with vtpm-setup, runs vtpmd, stops it with
+   vtpmctl as swtpm_ioctl. The EK and platform certificates read in the
+   guest verify against the local CA (openssl); a guest reboot and `virsh
+   destroy` / `start` keep NV and the persistent key; an <active_pcr_banks>
+   change is applied at the next start; an <encryption secret=...> domain
+   works across restarts and its state files hold no plaintext of the NV
+   secret the guest wrote (the plain domain's do: the search works).
+
+Guests boot one at a time; each boot serves several checks. Prints
+"PASS: ..." / "FAIL: ..." per check and "N passed, M failed" last.
+Logs (libvirtd, QEMU, backends, consoles) are copied to
+KT_LOGS/libvirt-* at the end.
+"""
+import base64, glob, os, re, shlex, shutil, socket, subprocess, sys, tempfile, time
+import xml.etree.ElementTree as ET
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.environ.get("KT_BUILD", os.path.join(ROOT, "build", "kernel-tests"))
+LOGS = os.environ.get("KT_LOGS", os.path.join(BUILD, "logs"))
+README = os.path.join(ROOT, "README.md")
+NS_MARK = "VTPM_LIBVIRT_TEST_NS"
+URI = "qemu:///system"
+# A root shell's PATH: the README's commands run with it.
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+IMAGES = "/var/lib/libvirt/images"
+CONSOLES = "/run/vtpm-test"
+# NV index, persistent key handle, TPM-side locations of the provisioned EK.
+NV = "0x1500016"
+PERSIST = "0x81000101"
+EK_RSA, EK_CERT_NV, PLATFORM_CERT_NV = "0x81010001", "0x1c00002", "0x1c08000"
+CA_DIR = "/var/lib/swtpm-localca"
+results = [0, 0]
+
+
+def check(ok, what, detail=""):
+    results[0 if ok else 1] += 1
+    print(("PASS: " if ok else "FAIL: ") + what + ("" if ok or not detail else " -- " + str(detail)[:600]), flush=True)
+    return ok
+
+
+def wait_for(pred, timeout, what):
+    end = time.time() + timeout
+    while time.time() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise RuntimeError("timed out waiting for " + what)
+
+
+def sh(cmd, **kw):
+    """Runs a command (list or shell string) and returns CompletedProcess."""
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    return subprocess.run(cmd, shell=isinstance(cmd, str), **kw)
+
+
+# ---------------------------------------------------------------- namespace
+
+def enter_namespace():
+    """Re-runs this script in a private mount namespace (first call), then
+    gives libvirt and the README's paths fresh tmpfs directories."""
+    if os.environ.get(NS_MARK) != "1":
+        # The guest kernel and initramfs (cached), outside the namespace.
+        for script in ("fetch-kernel.sh", "build-initramfs.sh"):
+            subprocess.run(["bash", os.path.join(ROOT, "kernel-tests", script)], check=True, stdout=subprocess.DEVNULL)
+        os.environ[NS_MARK] = "1"
+        os.execvp("unshare", ["unshare", "--mount", "--propagation", "private",
+                              sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
+    keep = {f: open(f).read() for f in glob.glob("/etc/libvirt/*.conf")}
+    for d in ("/run", "/var/lib", "/var/log", "/var/cache", "/usr/local", "/etc/systemd/system", "/etc/libvirt"):
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", d], check=True)
+    for f, text in keep.items():  # the client configuration libvirt-clients ships
+        open(f, "w").write(text)
+    # QEMU's output goes to files (no virtlogd); TPM and command logging.
+    open("/etc/libvirt/qemu.conf", "w").write('stdio_handler = "file"\n')
+    open("/etc/libvirt/libvirtd.conf", "w").write(
+        'log_outputs = "1:file:/var/log/libvirt/libvirtd.log"\n'
+        'log_filters = "1:qemu.qemu_tpm 1:util.tpm 1:util.command 1:qemu.qemu_extdevice 3:*"\n')
+    # As swtpm-tools' package creates it: the local CA's directory, for tss.
+    os.makedirs(CA_DIR, mode=0o750)
+    shutil.chown(CA_DIR, "tss", "root")
+    os.makedirs(IMAGES)
+    os.makedirs(CONSOLES)
+    os.makedirs("/var/log/libvirt/qemu")
+    os.makedirs("/run/libvirt")
+    for src, dst in (("vmlinuz", "vtpm-guest-vmlinuz"), ("initramfs.cpio.gz", "vtpm-guest-initramfs.cpio.gz")):
+        shutil.copy(os.path.join(BUILD, src), os.path.join(IMAGES, dst))
+
+
+# ---------------------------------------------------------------- libvirtd
+
+class Libvirtd:
+    PIDFILE = "/run/libvirt/libvirtd.pid"
+
+    def __init__(self):
+        self.pid = None
+
+    def start(self, path):
+        env = dict(os.environ, PATH=path)
+        r = sh(["libvirtd", "--daemon", "--pid-file", self.PIDFILE], env=env)
+        if r.returncode != 0:
+            raise RuntimeError("libvirtd did not start: " + r.stderr)
+        self.pid = int(wait_for(lambda: os.path.exists(self.PIDFILE) and open(self.PIDFILE).read().strip(), 30,
+                                "libvirtd's pid file"))
+        wait_for(lambda: virsh("version").returncode == 0, 60, "libvirtd to answer")
+        self.path = path
+
+    def stop(self):
+        if self.pid is None:
+            return
+        try:
+            os.kill(self.pid, 15)
+            wait_for(lambda: not os.path.exists("/proc/%d" % self.pid) or
+                     open("/proc/%d/stat" % self.pid).read().split()[2] == "Z", 30, "libvirtd to stop")
+        except (ProcessLookupError, RuntimeError):
+            pass
+        self.pid = None
+
+    def environ_path(self):
+        """PATH as the running daemon has it (/proc/PID/environ)."""
+        env = open("/proc/%d/environ" % self.pid, "rb").read().split(b"\0")
+        return next((e[5:].decode() for e in env if e.startswith(b"PATH=")), "")
+
+
+def virsh(*args, **kw):
+    return sh(["virsh", "-c", URI, *args], **kw)
+
+
+# ---------------------------------------------------------------- guests
+
+class Console:
+    """The guest's serial console, a unix socket libvirt binds; the guest
+    runs in vtpm.mode=shell (guest-init): it prints VTPM-READY, then runs
+    each line typed and prints VTPM-CMD-DONE."""
+
+    def __init__(self, name):
+        self.name = name
+        self.path = os.path.join(CONSOLES, name + ".sock")
+        self.log = "/var/log/libvirt/qemu/%s-console.log" % name
+        self.sock = None
+        self.buf = ""
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        wait_for(lambda: self.sock.connect_ex(self.path) == 0, 20, self.name + " console socket")
+        self.sock.settimeout(1)
+        self.buf = ""
+
+    def read_until(self, marker, timeout):
+        end = time.time() + timeout
+        while marker not in self.buf:
+            if time.time() > end:
+                raise RuntimeError("%s: no '%s' on the console; got: %s" % (self.name, marker.strip(), self.buf[-800:]))
+            try:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise RuntimeError(self.name + ": console closed")
+                self.buf += chunk.decode(errors="replace").replace("\r", "")
+            except socket.timeout:
+                pass
+        i = self.buf.index(marker)
+        out, self.buf = self.buf[:i], self.buf[i + len(marker):]
+        return out
+
+    def wait_ready(self, timeout=180):
+        # Output before the test connected is only in the log file.
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                self.read_until("VTPM-READY\n", 2)
+                return
+            except RuntimeError as e:
+                if "console closed" in str(e):
+                    raise
+            if self.boots() > self.seen_boots:
+                self.buf = ""
+                return
+        raise RuntimeError(self.name + ": guest never became ready")
+
+    def boots(self):
+        try:
+            return open(self.log, errors="replace").read().count("VTPM-READY")
+        except OSError:
+            return 0
+
+    def start(self):
+        """virsh start, then the console up to the guest's shell."""
+        self.seen_boots = self.boots()
+        r = virsh("start", self.name)
+        if r.returncode != 0:
+            raise RuntimeError("virsh start %s: %s" % (self.name, r.stderr.strip()))
+        self.connect()
+        self.wait_ready()
+
+    def device_checks(self):
+        """The guest's own VTPM-TEST lines of its latest boot (from the log)."""
+        text = open(self.log, errors="replace").read().replace("\r", "")
+        last = text.rsplit("VTPM-BOOT", 1)[-1]
+        return dict(re.findall(r"^VTPM-TEST (\S+) (PASS|FAIL.*)$", last, re.M))
+
+    def run(self, script, timeout=120):
+        self.sock.sendall((script + "\n").encode())
+        out = self.read_until("VTPM-CMD-DONE\n", timeout)
+        return dict(re.findall(r"^R:([\w-]+)=(.*)$", out, re.M))
+
+    def reboot(self):
+        self.seen_boots = self.boots()
+        self.sock.sendall(b"reboot -f\n")
+        self.buf = ""
+        self.wait_ready()
+
+
+def domain_xml(template, shell_console=True, banks=None, secret=None, name=None):
+    """The domain in qemu-configs/TEMPLATE with the test's changes: the
+    guest in shell mode on a unix-socket console (logged), and optionally
+    PCR banks and an encryption secret for an emulator backend."""
+    tree = ET.parse(os.path.join(ROOT, "qemu-configs", template))
+    dom = tree.getroot()
+    if name:
+        dom.find("name").text = name
+    name = dom.find("name").text
+    cmdline = dom.find("os/cmdline")
+    cmdline.text = re.sub(r"vtpm\.mode=\S+", "vtpm.mode=shell", cmdline.text) + " quiet loglevel=3"
+    devices = dom.find("devices")
+    if shell_console:
+        for tag in ("serial", "console"):
+            for e in devices.findall(tag):
+                devices.remove(e)
+        serial = ET.SubElement(devices, "serial", type="unix")
+        ET.SubElement(serial, "source", mode="bind", path=os.path.join(CONSOLES, name + ".sock"))
+        ET.SubElement(serial, "log", file="/var/log/libvirt/qemu/%s-console.log" % name, append="on")
+    backend = devices.find("tpm/backend")
+    if banks:
+        b = ET.SubElement(backend, "active_pcr_banks")
+        for bank in banks:
+            ET.SubElement(b, bank)
+    if secret:
+        ET.SubElement(backend, "encryption", secret=secret)
+    path = "/run/vtpm-test/%s.xml" % name
+    tree.write(path)
+    return path
+
+
+def define(path):
+    r = virsh("define", path)
+    if r.returncode != 0:
+        raise RuntimeError("virsh define: " + r.stderr.strip())
+
+
+def destroy(name):
+    return virsh("destroy", name)
+
+
+def cmdlines(this_namespace=True):
+    """pid -> (argv, uid, exe) of every process in this mount namespace
+    (the host's other processes are none of this test's business), or of
+    all (libvirt starts QEMU in a mount namespace of its own)."""
+    out = {}
+    mine = os.readlink("/proc/self/ns/mnt")
+    for d in glob.glob("/proc/[0-9]*"):
+        try:
+            if this_namespace and os.readlink(d + "/ns/mnt") != mine:
+                continue
+            argv = open(d + "/cmdline", "rb").read().split(b"\0")
+            uid = int(re.search(r"^Uid:\s+(\d+)", open(d + "/status").read(), re.M).group(1))
+            exe = os.readlink(d + "/exe")
+        except (OSError, AttributeError):
+            continue
+        out[int(d[6:])] = ([a.decode(errors="replace") for a in argv if a], uid, exe)
+    return out
+
+
+def processes_with(fragment):
+    return {pid: v for pid, v in cmdlines().items() if any(fragment in a for a in v[0])}
+
+
+def qemu_user(name):
+    import pwd
+    for pid, (argv, uid, exe) in cmdlines(this_namespace=False).items():
+        if "qemu-system" in exe and "guest=%s,debug-threads=on" % name in argv:
+            return pwd.getpwuid(uid).pw_name
+    return None
+
+
+# ---------------------------------------------------------------- guest scripts
+
+WRITE = ("tpm2_getrandom -o /tmp/s 32 >/dev/null && tpm2_nvdefine {nv} -C o -s 32 -a 'ownerread|ownerwrite' >/dev/null && "
+         "tpm2_nvwrite {nv} -C o -i /tmp/s && echo R:secret=$(od -An -tx1 -v /tmp/s | tr -d ' \\n'); "
+         "tpm2_createprimary -Q -C o -G ecc256 -c /tmp/p.ctx && "
+         "tpm2_create -Q -C /tmp/p.ctx -G ecc256 -a 'fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign' "
+         "-u /tmp/k.pub -r /tmp/k.priv && tpm2_load -Q -C /tmp/p.ctx -u /tmp/k.pub -r /tmp/k.priv -c /tmp/k.ctx && "
+         "tpm2_evictcontrol -Q -C o -c /tmp/k.ctx {key} && "
+         "echo R:keyname=$(tpm2_readpublic -c {key} | awk '/^name:/ {{print $2}}'); "
+         "tpm2_pcrextend 16:sha256=$(printf extended | sha256sum | cut -d' ' -f1) && "
+         "echo R:pcr16=$(tpm2_pcrread sha256:16 | tail -n 1 | awk '{{print $2}}')").format(nv=NV, key=PERSIST)
+
+READ = ("tpm2_nvread {nv} -C o -s 32 -o /tmp/n 2>/dev/null && echo R:secret=$(od -An -tx1 -v /tmp/n | tr -d ' \\n'); "
+        "echo R:keyname=$(tpm2_readpublic -c {key} 2>/dev/null | awk '/^name:/ {{print $2}}'); "
+        "printf signed > /tmp/m && tpm2_sign -c {key} -g sha256 -o /tmp/sig /tmp/m && "
+        "tpm2_verifysignature -c {key} -g sha256 -m /tmp/m -s /tmp/sig && echo R:signs=yes; "
+        "echo R:pcr16=$(tpm2_pcrread sha256:16 | tail -n 1 | awk '{{print $2}}'); "
+        "echo R:banks=$(tpm2_getcap pcrs | awk '/- [a-z0-9]+: \\[ [0-9]/ {{sub(\":\", \"\", $2); printf \"%s,\", $2}}')"
+        ).format(nv=NV, key=PERSIST)
+
+CERTS = ("hex() {{ od -An -tx1 -v \"$1\" | tr -d ' \\n'; }}; "
+         "tpm2_nvread {ek} -C o -o /tmp/ek.der 2>/dev/null && echo R:ekcert=$(hex /tmp/ek.der); "
+         "tpm2_nvread {pc} -C o -o /tmp/pc.der 2>/dev/null && echo R:platcert=$(hex /tmp/pc.der); "
+         "tpm2_getekcertificate -o /tmp/ek2.der >/dev/null 2>&1 && echo R:getek=$(hex /tmp/ek2.der); "
+         "echo R:ekmod=$(tpm2_readpublic -c {rsa} 2>/dev/null | awk '/^rsa:/ {{print $2}}'); "
+         "echo R:eklocked=$(tpm2_nvreadpublic {ek} | grep -c writelocked)"
+         ).format(ek=EK_CERT_NV, pc=PLATFORM_CERT_NV, rsa=EK_RSA)
+
+ZERO_PCR = "0x" + "0" * 64
+
+
+def write_state(con, who):
+    w = con.run(WRITE)
+    check(len(w.get("secret", "")) == 64 and w.get("keyname") and len(w.get("pcr16", "")) == 66,
+          "%s: guest wrote an NV secret, made a persistent key, extended PCR 16" % who, w)
+    return w
+
+
+def same_state(con, who, before, when, banks=None):
+    r = con.run(READ)
+    check(r.get("secret") == before.get("secret") and r.get("secret"), "%s: NV secret intact after %s" % (who, when),
+          (before.get("secret"), r.get("secret")))
+    check(r.get("keyname") == before.get("keyname") and r.get("signs") == "yes",
+          "%s: persistent key intact after %s (same name, signs)" % (who, when), r)
+    check(r.get("pcr16") == ZERO_PCR, "%s: PCR 16 reset by the %s (the TPM was reset, not kept running)" % (who, when),
+          r.get("pcr16"))
+    return r
+
+
+def guest_sees_tpm(con, who):
+    dev = con.device_checks()
+    check(dev and all(v == "PASS" for v in dev.values()) and len(dev) == 3,
+          "%s: guest sees the TPM (/dev/tpm0, /dev/tpmrm0, TPM 2.0)" % who, dev)
+
+
+# ---------------------------------------------------------------- README
+
+def readme_block(marker):
+    """The fenced block after `<!-- libvirt-test: MARKER -->` in README.md,
+    continuation lines joined: one command per entry."""
+    text = open(README).read()
+    m = re.search(r"<!-- libvirt-test: %s -->\s*```\w*\n(.*?)```" % re.escape(marker), text, re.S)
+    if not m:
+        raise RuntimeError("README.md has no block marked libvirt-test: " + marker)
+    return [l.strip() for l in m.group(1).replace("\\\n", " ").splitlines() if l.strip() and not l.strip().startswith("#")]
+
+
+def run_readme(commands, what):
+    """Runs README commands as a root shell would, `make` in the source
+    tree. Left out: systemctl (no systemd here: the caller does what it
+    would) and `make build` (make kernel-tests built the tree already, and
+    its dependency check needs the host's /var/lib/dpkg)."""
+    for c in commands:
+        c = re.sub(r"\s+#.*$", "", c)
+        if c.startswith(("systemctl", "make build")):
+            continue
+        log = open(os.path.join(LOGS, "libvirt-readme.log"), "a")
+        log.write("$ %s\n" % c)
+        log.flush()
+        r = subprocess.run(c, shell=True, cwd=ROOT, env=dict(os.environ, PATH=SYSTEM_PATH), stdout=log, stderr=log)
+        if r.returncode != 0:
+            raise RuntimeError("%s: README command failed (%d): %s (see %s)" % (what, r.returncode, c, log.name))
+
+
+def unit_file():
+    return "/usr/local/lib/systemd/system/vtpmd@.service"
+
+
+def unit_value(key):
+    return [l.split("=", 1)[1] for l in open(unit_file()).read().splitlines() if l.startswith(key + "=")]
+
+
+# ---------------------------------------------------------------- 1. external
+
+def external_part():
+    print("== external backend (README word for word, vtpmd as the unit runs it)", flush=True)
+    by_hand = readme_block("external-by-hand")
+    # The README's by-hand commands are the unit's, instance vm1.
+    exec_start = unit_value("ExecStart")[0].replace("%i", "vm1")
+    readme_vtpmd = next((c.rstrip(" &") for c in by_hand if c.startswith("vtpmd ")), "")
+    check(shlex.split(exec_start)[1:] == shlex.split(readme_vtpmd)[1:] and exec_start.startswith("/usr/local/bin/vtpmd "),
+          "README's vtpmd command is the installed vtpmd@.service's ExecStart (%i=vm1)", (exec_start, readme_vtpmd))
+    run_readme(by_hand, "external")
+    sock = "/run/vtpm/vm1/ctrl.sock"
+    try:
+        wait_for(lambda: os.path.exists(sock), 10, "vtpmd's socket")
+    except RuntimeError as e:
+        check(False, "vtpmd started from the README's command", e)
+        return
+    # What RuntimeDirectory/StateDirectory/LogsDirectory would give.
+    expect = {"/run/vtpm/vm1": (unit_value("RuntimeDirectoryMode")[0], "kvm"),
+              "/var/lib/vtpm/vm1": (unit_value("StateDirectoryMode")[0], None),
+              "/var/log/vtpm": (unit_value("LogsDirectoryMode")[0], None)}
+    got = {d: ("%04o" % (os.stat(d).st_mode & 0o7777), os.stat(d).st_gid) for d in expect}
+    import grp
+    kvm = grp.getgrnam("kvm").gr_gid
+    check(all(got[d][0] == m and (g is None or got[d][1] == kvm) for d, (m, g) in expect.items()),
+          "README's directories have the unit's modes (run dir group kvm)", got)
+    st = os.stat(sock)
+    check(st.st_mode & 0o777 == 0o660 and st.st_gid == kvm, "control socket is root:kvm 0660",
+          "%o gid %d" % (st.st_mode & 0o777, st.st_gid))
+
+    define(domain_xml("libvirt-external.xml"))
+    con = Console("vm1")
+    try:
+        con.start()
+    except RuntimeError as e:
+        check(False, "external: virsh start vm1", e)
+        return
+    check(qemu_user("vm1") == "libvirt-qemu", "external: QEMU runs as libvirt-qemu (and reached the socket)", qemu_user("vm1"))
+    guest_sees_tpm(con, "external")
+    before = write_state(con, "external")
+    destroy("vm1")
+    check(gone(sock), "external: vtpmd exited by itself after virsh destroy (QEMU's SHUTDOWN)")
+    # As Restart=always would: the README's commands again.
+    run_readme(by_hand, "external restart")
+    wait_for(lambda: os.path.exists(sock), 10, "vtpmd's socket again")
+    con.start()
+    guest_sees_tpm(con, "external, after destroy/start")
+    same_state(con, "external", before, "virsh destroy / start")
+    destroy("vm1")
+    gone(sock)
+
+    # The friction this fixes: a socket only root can open.
+    old = shlex.split(readme_vtpmd.replace("mode=0660", "mode=0600"))
+    p = subprocess.Popen(old, env=dict(os.environ, PATH=SYSTEM_PATH), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: os.path.exists(sock), 10, "vtpmd's 0600 socket")
+    r = virsh("start", "vm1")
+    check(r.returncode != 0 and "Permission denied" in r.stderr,
+          "external: a 0600 root socket is refused to QEMU (\"Permission denied\"), as the old README's was",
+          r.stderr.strip()[-300:])
+    p.terminate()
+    p.wait()
+    virsh("undefine", "vm1")
+
+
+def gone(fragment, timeout=10):
+    """True once no process has FRAGMENT in its arguments (within TIMEOUT)."""
+    try:
+        wait_for(lambda: not processes_with(fragment), timeout, "processes with " + fragment)
+        return True
+    except RuntimeError:
+        return False
+
+
+# ---------------------------------------------------------------- main
+
+def collect_logs():
+    for pattern, prefix in (("/var/log/libvirt/libvirtd.log", "libvirt-"), ("/var/log/libvirt/qemu/*", "libvirt-qemu-"),
+                            ("/var/log/swtpm/libvirt/qemu/*", "libvirt-swtpm-"), ("/var/log/vtpm/*", "libvirt-vtpm-")):
+        for f in glob.glob(pattern):
+            try:
+                shutil.copy(f, os.path.join(LOGS, prefix + os.path.basename(f)))
+            except OSError:
+                pass
+
+
+def main():
+    os.makedirs(LOGS, exist_ok=True)
+    enter_namespace()
+    for f in glob.glob(os.path.join(LOGS, "libvirt-*")):
+        os.remove(f)
+    daemon = Libvirtd()
+    try:
+        run_readme(readme_block("install"), "install")
+        daemon.start(SYSTEM_PATH)
+        check(True, "libvirtd 9.0 started without systemd in a private namespace (%s)" %
+              virsh("version").stdout.split("\n")[2].strip())
+        external_part()
+    except Exception as e:  # a crashed step is a failure, not a pass
+        import traceback
+        traceback.print_exc()
+        check(False, "libvirt test aborted", e)
+    finally:
+        for line in virsh("list", "--name").stdout.split():
+            destroy(line)
+        daemon.stop()
+        for pid, (argv, uid, exe) in cmdlines().items():
+            if exe.endswith(("/vtpmd", "/swtpm", "qemu-system-x86_64")):
+                os.kill(pid, 9)
+        collect_logs()
+    print("%d passed, %d failed" % tuple(results))
+    return 0 if results[1] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
