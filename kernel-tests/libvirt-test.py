@@ -234,6 +234,9 @@ def domain_xml(template, shell_console=True, banks=None, secret=None, name=None)
     if name:
         dom.find("name").text = name
     name = dom.find("name").text
+    known = virsh("domuuid", name)
+    if known.returncode == 0:  # redefining keeps the domain (and its TPM state)
+        ET.SubElement(dom, "uuid").text = known.stdout.strip()
     cmdline = dom.find("os/cmdline")
     cmdline.text = re.sub(r"vtpm\.mode=\S+", "vtpm.mode=shell", cmdline.text) + " quiet loglevel=3"
     devices = dom.find("devices")
@@ -462,6 +465,193 @@ def gone(fragment, timeout=10):
         return False
 
 
+# ---------------------------------------------------------------- 2. emulator
+
+DROPIN = "/etc/systemd/system/libvirtd.service.d/50-vtpmd.conf"
+LINKS = "/usr/local/lib/vtpmd/swtpm"
+
+
+def dropin_path():
+    """PATH from the drop-in vtpm-libvirt wrote, as systemd would set it."""
+    for line in open(DROPIN).read().splitlines():
+        if line.startswith("Environment="):
+            for assignment in shlex.split(line[len("Environment="):]):
+                if assignment.startswith("PATH="):
+                    return assignment[5:]
+    raise RuntimeError(DROPIN + " sets no PATH")
+
+
+def tpm_process(name):
+    """(argv, user, exe) of the TPM process libvirt runs for domain NAME."""
+    import pwd
+    for pid, (argv, uid, exe) in cmdlines().items():
+        if any(a.endswith("-%s-swtpm.sock,mode=0600" % name) for a in argv):
+            return argv, pwd.getpwuid(uid).pw_name, exe
+    return None
+
+
+def tpm_socket(name):
+    proc = tpm_process(name)
+    ctrl = next((a for a in proc[0] if a.startswith("type=unixio,path=")), "") if proc else ""
+    return ctrl[len("type=unixio,path="):].split(",")[0]
+
+
+def libvirtd_ran(tool, *words):
+    """Lines of libvirtd's log where it ran TOOL with all of WORDS."""
+    lines = [l for l in open("/var/log/libvirt/libvirtd.log", errors="replace").read().splitlines()
+             if "%s/%s " % (LINKS, tool) in l and all(w in l for w in words)]
+    return lines
+
+
+def der_to_pem(hexstr, path):
+    der = os.path.join("/run/vtpm-test", os.path.basename(path) + ".der")
+    open(der, "wb").write(bytes.fromhex(hexstr))
+    r = sh(["openssl", "x509", "-inform", "DER", "-in", der, "-out", path])
+    return r.returncode == 0
+
+
+def verify_certs(certs, who):
+    root = os.path.join(CA_DIR, "swtpm-localca-rootca-cert.pem")
+    issuer = os.path.join(CA_DIR, "issuercert.pem")
+    ek, plat = "/run/vtpm-test/%s-ek.pem" % who, "/run/vtpm-test/%s-platform.pem" % who
+    ok_ek = bool(certs.get("ekcert")) and der_to_pem(certs["ekcert"], ek)
+    ok_plat = bool(certs.get("platcert")) and der_to_pem(certs["platcert"], plat)
+    check(ok_ek and ok_plat, "%s: guest read the EK certificate (NV %s) and the platform certificate (NV %s)"
+          % (who, EK_CERT_NV, PLATFORM_CERT_NV), {k: v[:40] for k, v in certs.items()})
+    check(certs.get("getek") == certs.get("ekcert"), "%s: tpm2_getekcertificate in the guest returns the same EK certificate" % who)
+    if not (ok_ek and ok_plat):
+        return
+    r = sh(["openssl", "verify", "-CAfile", root, "-untrusted", issuer, ek, plat])
+    check(r.returncode == 0 and r.stdout.count(": OK") == 2,
+          "%s: both certificates verify against the local CA (openssl verify, root %s)" % (who, root), r.stdout + r.stderr)
+    mod = sh(["openssl", "x509", "-in", ek, "-noout", "-modulus"]).stdout.strip().split("=")[-1]
+    check(mod and mod.lower() == certs.get("ekmod", "").lower(),
+          "%s: the EK certificate certifies the TPM's RSA EK at %s (same modulus)" % (who, EK_RSA),
+          (mod[:32], certs.get("ekmod", "")[:32]))
+    check(certs.get("eklocked") == "1", "%s: EK certificate NV index is write-locked (--lock-nvram)" % who, certs.get("eklocked"))
+
+
+def state_files(name):
+    uuid = virsh("domuuid", name).stdout.strip()
+    d = "/var/lib/libvirt/swtpm/%s/tpm2" % uuid
+    return {f: open(os.path.join(d, f), "rb").read() for f in os.listdir(d) if os.path.isfile(os.path.join(d, f))}
+
+
+def holds(files, hexstr):
+    needle = bytes.fromhex(hexstr)
+    return sorted(f for f, data in files.items() if needle in data)
+
+
+def stop_guest(con, name):
+    """The guest powers off (QEMU quits, libvirt stops the TPM)."""
+    con.sock.sendall(b"poweroff\n")
+    wait_for(lambda: "shut off" in virsh("domstate", name).stdout, 120, name + " to shut off")
+
+
+def emulator_part(daemon):
+    print("== emulator backend (README: vtpm-libvirt enable; libvirt runs vtpm-setup, vtpmd, vtpmctl)", flush=True)
+    run_readme(readme_block("emulator-enable"), "emulator")
+    # What `systemctl try-restart libvirtd` does with the drop-in.
+    daemon.stop()
+    daemon.start(dropin_path())
+    check(daemon.environ_path().startswith(LINKS + ":"), "libvirtd restarted with the drop-in's PATH (%s first)" % LINKS,
+          daemon.environ_path())
+    st = sh(["vtpm-libvirt", "status"], env=dict(os.environ, PATH=SYSTEM_PATH)).stdout
+    check("backend: enabled" in st and "(/usr/local/bin/vtpmd)" in st and "(/usr/local/bin/vtpm-setup)" in st
+          and "(/usr/local/bin/vtpmctl)" in st, "vtpm-libvirt status: swtpm, swtpm_setup, swtpm_ioctl are vtpmd's", st)
+
+    define(domain_xml("libvirt-emulator.xml"))
+    con = Console("vm2")
+    try:
+        con.start()
+    except RuntimeError as e:
+        check(False, "emulator: virsh start vm2 (libvirt provisions with vtpm-setup and starts vtpmd)", e)
+        return
+    check(libvirtd_ran("swtpm_setup", "--create-ek-cert", "--create-platform-cert", "--lock-nvram", "--not-overwrite"),
+          "emulator: libvirt provisioned the state with swtpm_setup = vtpm-setup (EK, certificates, --lock-nvram)")
+    proc = tpm_process("vm2")
+    check(proc and proc[2] == "/usr/local/bin/vtpmd" and proc[1] == "tss",
+          "emulator: the TPM process libvirt started is vtpmd, running as tss", proc)
+    guest_sees_tpm(con, "emulator")
+    verify_certs(con.run(CERTS), "emulator")
+    before = write_state(con, "emulator")
+    check(before.get("keyname") and con.run(READ).get("banks") == "sha256,",
+          "emulator: PCR banks as provisioned: sha256 only (swtpm_setup.conf's default)")
+    con.reboot()
+    guest_sees_tpm(con, "emulator, after the guest rebooted")
+    same_state(con, "emulator", before, "guest reboot")
+    # libvirt runs swtpm_ioctl only for a TPM process that outlived QEMU
+    # (QEMU's SHUTDOWN normally ends it first); the link is exercised here.
+    sock = tpm_socket("vm2")
+    r = sh([LINKS + "/swtpm_ioctl", "--unix", sock, "-c"])
+    check(r.returncode == 0 and r.stdout.startswith("ptm capability is 0x"),
+          "emulator: %s/swtpm_ioctl --unix SOCK -c answers from libvirt's vtpmd" % LINKS, r.stdout + r.stderr)
+    destroy("vm2")
+    check(gone("-vm2-swtpm.sock"), "emulator: vtpmd stopped after virsh destroy")
+
+    # <active_pcr_banks>: applied at the next start (swtpm_setup --reconfigure).
+    define(domain_xml("libvirt-emulator.xml", banks=["sha256", "sha384"]))
+    con.start()
+    check(libvirtd_ran("swtpm_setup", "--pcr-banks", "sha256,sha384", "--reconfigure"),
+          "emulator: libvirt ran swtpm_setup --pcr-banks sha256,sha384 --reconfigure (vtpm-setup)")
+    r = same_state(con, "emulator", before, "virsh destroy, PCR bank change, start")
+    check(r.get("banks") == "sha256,sha384,", "emulator: <active_pcr_banks> sha256+sha384 applied: the guest's TPM has those banks",
+          r.get("banks"))
+    stop_guest(con, "vm2")
+    check(gone("-vm2-swtpm.sock"), "emulator: vtpmd exited when the guest powered off")
+    plain = state_files("vm2")
+    check(holds(plain, before["secret"]) != [],
+          "emulator: the unencrypted state holds the guest's NV secret in clear (so the search below can find it)",
+          sorted(plain))
+    virsh("undefine", "vm2", "--tpm")
+    return before
+
+
+def encrypted_part():
+    print("== emulator backend with <encryption secret=...>", flush=True)
+    uuid = "5e3a9c1e-7d7e-4a8b-9c71-0b6f5a2d4e11"
+    secret_xml = "/run/vtpm-test/secret.xml"
+    open(secret_xml, "w").write("<secret ephemeral='no' private='yes'><uuid>%s</uuid>"
+                                "<usage type='vtpm'><name>vtpm-test</name></usage></secret>" % uuid)
+    r = virsh("secret-define", secret_xml)
+    r2 = virsh("secret-set-value", "--secret", uuid, "--base64",
+               base64.b64encode(b"correct horse battery staple").decode())
+    if not check(r.returncode == 0 and r2.returncode == 0, "encrypted: libvirt secret (usage vtpm) defined",
+                 r.stderr + r2.stderr):
+        return
+    define(domain_xml("libvirt-emulator.xml", secret=uuid, name="vm3"))
+    con = Console("vm3")
+    try:
+        con.start()
+    except RuntimeError as e:
+        check(False, "encrypted: virsh start vm3", e)
+        return
+    check(libvirtd_ran("swtpm_setup", "--pwdfile-fd", "--cipher", "aes-256-cbc"),
+          "encrypted: libvirt provisioned with swtpm_setup --pwdfile-fd N --cipher aes-256-cbc (vtpm-setup)")
+    proc = tpm_process("vm3")
+    check(proc and proc[2] == "/usr/local/bin/vtpmd" and any(a.startswith("pwdfd=") for a in proc[0]),
+          "encrypted: vtpmd runs with --key pwdfd=N (and --migration-key)", proc and proc[0])
+    guest_sees_tpm(con, "encrypted")
+    certs = con.run(CERTS)
+    before = write_state(con, "encrypted")
+    destroy("vm3")
+    gone("-vm3-swtpm.sock")
+    con.start()
+    same_state(con, "encrypted", before, "virsh destroy / start")
+    # libvirt's way to stop a TPM process that outlived QEMU.
+    r = sh([LINKS + "/swtpm_ioctl", "--unix", tpm_socket("vm3"), "-s"])
+    check(r.returncode == 0 and gone("-vm3-swtpm.sock"),
+          "encrypted: swtpm_ioctl --unix SOCK -s (libvirt's stop command) ends libvirt's vtpmd", r.stderr)
+    destroy("vm3")
+    files = state_files("vm3")
+    check(files and not holds(files, before["secret"]),
+          "encrypted: no state file holds the guest's NV secret (searched %s)" % ", ".join(sorted(files)), holds(files, before["secret"]))
+    check(certs.get("ekcert") and not holds(files, certs["ekcert"]),
+          "encrypted: no state file holds the EK certificate in clear either")
+    virsh("undefine", "vm3", "--tpm")
+    virsh("secret-undefine", uuid)
+
+
 # ---------------------------------------------------------------- main
 
 def collect_logs():
@@ -486,6 +676,8 @@ def main():
         check(True, "libvirtd 9.0 started without systemd in a private namespace (%s)" %
               virsh("version").stdout.split("\n")[2].strip())
         external_part()
+        emulator_part(daemon)
+        encrypted_part()
     except Exception as e:  # a crashed step is a failure, not a pass
         import traceback
         traceback.print_exc()
