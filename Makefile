@@ -32,11 +32,15 @@ unit-and-integration: build
 # Real guests: Debian kernel + busybox/tpm2-tools initramfs under QEMU TCG,
 # tpm-crb and tpm-tis, two boots each on one state directory; then sealed
 # live migration, save-to-file secrecy against swtpm, and the attack matrix.
+# Then libvirt 9.0 (libvirtd started by the test in a private namespace):
+# the external backend as the README has it, and libvirt's emulator backend
+# running vtpm-setup, vtpmd and vtpmctl (plain, PCR banks, encrypted).
 # Then QEMU 11.1 (from a Debian sid root under build/): the virtio-tpm guest
 # on `vtpmd vhost-user` with our guest driver, crb/tis, and migration again.
 kernel-tests: build
 	TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-tests.sh
 	TPM_BACKEND_BIN=$(VTPMD) python3 kernel-tests/migration-test.py
+	python3 kernel-tests/libvirt-test.py
 	TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-qemu11-tests.sh
 
 # vtpmd vs swtpm vs in-process libtpms, side by side (not a timed test).
@@ -74,10 +78,10 @@ MANDIR ?= $(PREFIX)/share/man
 SYSTEMD_UNIT_DIR ?= $(LIBDIR)/systemd/system
 SWTPM_LINKDIR ?= $(LIBDIR)/vtpmd/swtpm
 RELEASE := target/release
-INSTALL_BINS := vtpmd vtpmctl $(if $(wildcard $(RELEASE)/vtpm-setup),vtpm-setup)
-MAN8 := vtpmd vtpmctl vtpm-libvirt $(if $(wildcard docs/man/vtpm-setup.8),vtpm-setup)
+INSTALL_BINS := vtpmd vtpmctl vtpm-setup
+MAN8 := vtpmd vtpmctl vtpm-setup vtpm-libvirt
 # name in the link directory -> the binary it leads to
-SWTPM_LINKS := swtpm:vtpmd swtpm_ioctl:vtpmctl $(if $(filter vtpm-setup,$(INSTALL_BINS)),swtpm_setup:vtpm-setup)
+SWTPM_LINKS := swtpm:vtpmd swtpm_setup:vtpm-setup swtpm_ioctl:vtpmctl
 
 install:
 	@for b in $(INSTALL_BINS); do [ -x $(RELEASE)/$$b ] || { echo "install: $(RELEASE)/$$b is missing: run 'make build' first" >&2; exit 1; }; done
