@@ -260,7 +260,7 @@ def domain_xml(template, shell_console=True, banks=None, secret=None, name=None)
 
 
 def define(path):
-    r = virsh("define", path)
+    r = virsh("define", "--validate", path)  # against libvirt's schema
     if r.returncode != 0:
         raise RuntimeError("virsh define: " + r.stderr.strip())
 
