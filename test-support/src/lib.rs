@@ -171,6 +171,25 @@ impl Drop for Daemon {
     }
 }
 
+/// Runs `vtpmd socket --tpm2` on `<dir>/state` with `extra`, expecting it
+/// to refuse to start; returns its stderr.
+pub fn vtpmd_fails(dir: &Path, extra: &[&str]) -> String {
+    let out = Command::new(&*VTPMD)
+        .args(["socket", "--tpm2", "--tpmstate"])
+        .arg(format!("dir={}", dir.join("state").display()))
+        .arg("--ctrl")
+        .arg(format!(
+            "type=unixio,path={}",
+            dir.join("other.sock").display()
+        ))
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "vtpmd started but should not have");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Makes `<tmp>/state` and returns the temp dir.
 pub fn state_dir() -> tempfile::TempDir {
     let t = tempfile::tempdir().unwrap();
@@ -238,6 +257,24 @@ impl Ctrl {
         assert_eq!(self.result(0x02, &[0; 4]), 0, "INIT");
         data
     }
+}
+
+/// A pipe holding `content`, whose read end (returned) a child process
+/// inherits under the same number, as libvirt passes `--key pwdfd=N`. The
+/// write end never leaks into a child (it is close-on-exec and closed
+/// here), so the reader sees the end of the data.
+pub fn inheritable_pipe(content: &[u8]) -> std::os::fd::OwnedFd {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+    std::fs::File::from(w).write_all(content).unwrap();
+    fcntl(r.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+    r
+}
+
+/// Makes `fd` inheritable by children (clears close-on-exec).
+pub fn inheritable<F: std::os::fd::AsRawFd>(fd: &F) {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
 }
 
 pub fn be32(b: &[u8], at: usize) -> u32 {

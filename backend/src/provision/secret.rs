@@ -10,7 +10,7 @@
 //! derivation.
 
 use super::args::SecretSource;
-use crate::storage::sealing::StateKey;
+use crate::storage::at_rest::AtRestKey;
 use thiserror::Error;
 
 /// Whether encrypted provisioning works in this build (announced by
@@ -24,7 +24,7 @@ pub enum SecretError {
 }
 
 /// The key the state is encrypted with.
-pub fn state_key(src: &SecretSource, _cipher: &str) -> Result<StateKey, SecretError> {
+pub fn state_key(src: &SecretSource, _cipher: &str) -> Result<AtRestKey, SecretError> {
     Err(SecretError::Pending(match src {
         SecretSource::KeyFile(_) => "--keyfile",
         SecretSource::KeyFd(_) => "--keyfile-fd",
