@@ -823,3 +823,63 @@ fn side_by_side_with_swtpm_setup_0_7_1() {
         "TPM specification"
     );
 }
+
+#[test]
+fn rsa_3072_signing_ek_storage_key_and_cert_files() {
+    let f = Fixture::new();
+    let files = f.t.path().join("certs");
+    std::fs::create_dir(&files).unwrap();
+    ok(
+        &setup(&f.args(&[
+            "--rsa-keysize",
+            "3072",
+            "--allow-signing",
+            "--decryption",
+            "--create-spk",
+            "--ecc",
+            "--create-ek-cert",
+            "--lock-nvram",
+            "--write-ek-cert-files",
+            files.to_str().unwrap(),
+            "--pcr-banks",
+            "-",
+        ])),
+        "vtpm-setup",
+    );
+    let (_v, port) = f.serve();
+    let work = f.t.path();
+    let handles = tpm2_ok(port, &["tpm2_getcap", "handles-persistent"]);
+    for h in ["0x81000001", "0x8101001C", "0x81010002"] {
+        assert!(
+            handles.to_uppercase().contains(&h.to_uppercase()),
+            "{h} in {handles}"
+        );
+    }
+    let spk = tpm2_ok(port, &["tpm2_readpublic", "-c", "0x81000001"]);
+    assert!(
+        spk.contains("value: ecc") && spk.contains("NIST p384"),
+        "{spk}"
+    );
+    let ek = tpm2_ok(port, &["tpm2_readpublic", "-c", "0x8101001c"]);
+    assert!(
+        ek.contains("bits: 3072") && ek.contains("sign") && !ek.contains("restricted"),
+        "{ek}"
+    );
+    // A non-standard EK publishes its template next to its certificate.
+    let nv = tpm2_ok(port, &["tpm2_getcap", "handles-nv-index"]).to_uppercase();
+    for i in ["0x1C0001C", "0x1C0001D", "0x1C0000A", "0x1C0000C"] {
+        assert!(nv.contains(&i.to_uppercase()), "{i} in {nv}");
+    }
+    let cert = nv_read(port, "0x1c0001c", &work.join("rsa3072.der"));
+    assert!(verify(&cert, &f.ca_dir(), work).contains(": OK"));
+    assert_eq!(
+        cert_pubkey(&cert, work),
+        tpm_pubkey(port, "0x8101001c", work)
+    );
+    // digitalSignature | keyEncipherment
+    assert_eq!(ext_value(&cert, "2.5.29.15"), [3, 2, 5, 0xa0]);
+    assert_eq!(std::fs::read(files.join("ek-rsa3072.crt")).unwrap(), cert);
+    assert!(files.join("ek-secp256r1.crt").exists());
+    // '-' left every bank libtpms allocates by default.
+    assert_eq!(active(&pcr_banks(port)).len(), 4);
+}
