@@ -7,6 +7,7 @@ PACKAGES=(
   pkg-config libtpms-dev          # the TPM engine vtpmd links against
   swtpm swtpm-tools               # reference implementation for differential tests
   tpm2-tools                      # host and guest TPM clients
+  openssl                         # vtpm-setup tests: certificate chains checked with openssl verify
   qemu-system-x86                 # boots the test guests (TCG)
   busybox-static cpio             # guest initramfs
   iproute2 procps                 # ss/pgrep used by test scripts
