@@ -27,6 +27,7 @@ KT_LOGS/libvirt-* at the end.
 """
 import base64, glob, os, re, shlex, shutil, socket, subprocess, sys, tempfile, time
 import xml.etree.ElementTree as ET
+from ktlib import GuestShell, check, summary, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.environ.get("KT_BUILD", os.path.join(ROOT, "build", "kernel-tests"))
@@ -43,23 +44,6 @@ NV = "0x1500016"
 PERSIST = "0x81000101"
 EK_RSA, EK_CERT_NV, PLATFORM_CERT_NV = "0x81010001", "0x1c00002", "0x1c08000"
 CA_DIR = "/var/lib/swtpm-localca"
-results = [0, 0]
-
-
-def check(ok, what, detail=""):
-    results[0 if ok else 1] += 1
-    print(("PASS: " if ok else "FAIL: ") + what + ("" if ok or not detail else " -- " + str(detail)[:600]), flush=True)
-    return ok
-
-
-def wait_for(pred, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise RuntimeError("timed out waiting for " + what)
 
 
 def sh(cmd, **kw):
@@ -143,39 +127,21 @@ def virsh(*args, **kw):
 
 # ---------------------------------------------------------------- guests
 
-class Console:
-    """The guest's serial console, a unix socket libvirt binds; the guest
-    runs in vtpm.mode=shell (guest-init): it prints VTPM-READY, then runs
-    each line typed and prints VTPM-CMD-DONE."""
+class Console(GuestShell):
+    """A domain and its guest's serial console, a unix socket libvirt binds
+    (and logs); the guest runs in vtpm.mode=shell (guest-init)."""
 
     def __init__(self, name):
         self.name = name
         self.path = os.path.join(CONSOLES, name + ".sock")
         self.log = "/var/log/libvirt/qemu/%s-console.log" % name
-        self.sock = None
+        self.ser = None
         self.buf = ""
 
     def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX)
-        wait_for(lambda: self.sock.connect_ex(self.path) == 0, 20, self.name + " console socket")
-        self.sock.settimeout(1)
+        self.ser = socket.socket(socket.AF_UNIX)
+        wait_for(lambda: self.ser.connect_ex(self.path) == 0, 20, self.name + " console socket")
         self.buf = ""
-
-    def read_until(self, marker, timeout):
-        end = time.time() + timeout
-        while marker not in self.buf:
-            if time.time() > end:
-                raise RuntimeError("%s: no '%s' on the console; got: %s" % (self.name, marker.strip(), self.buf[-800:]))
-            try:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise RuntimeError(self.name + ": console closed")
-                self.buf += chunk.decode(errors="replace").replace("\r", "")
-            except socket.timeout:
-                pass
-        i = self.buf.index(marker)
-        out, self.buf = self.buf[:i], self.buf[i + len(marker):]
-        return out
 
     def wait_ready(self, timeout=180):
         # Output before the test connected is only in the log file.
@@ -213,14 +179,9 @@ class Console:
         last = text.rsplit("VTPM-BOOT", 1)[-1]
         return dict(re.findall(r"^VTPM-TEST (\S+) (PASS|FAIL.*)$", last, re.M))
 
-    def run(self, script, timeout=120):
-        self.sock.sendall((script + "\n").encode())
-        out = self.read_until("VTPM-CMD-DONE\n", timeout)
-        return dict(re.findall(r"^R:([\w-]+)=(.*)$", out, re.M))
-
     def reboot(self):
         self.seen_boots = self.boots()
-        self.sock.sendall(b"reboot -f\n")
+        self.send("reboot -f")
         self.buf = ""
         self.wait_ready()
 
@@ -263,6 +224,19 @@ def define(path):
     r = virsh("define", "--validate", path)  # against libvirt's schema
     if r.returncode != 0:
         raise RuntimeError("virsh define: " + r.stderr.strip())
+
+
+def boot(xml, name, who):
+    """Defines the domain and starts it up to the guest's shell; None (and
+    a failure) if libvirt or the guest does not get there."""
+    con = Console(name)
+    try:
+        define(xml)
+        con.start()
+        return con
+    except RuntimeError as e:
+        check(False, "%s: virsh define and start %s" % (who, name), e)
+        return None
 
 
 def destroy(name):
@@ -422,12 +396,8 @@ def external_part():
     check(st.st_mode & 0o777 == 0o660 and st.st_gid == kvm, "control socket is root:kvm 0660",
           "%o gid %d" % (st.st_mode & 0o777, st.st_gid))
 
-    define(domain_xml("libvirt-external.xml"))
-    con = Console("vm1")
-    try:
-        con.start()
-    except RuntimeError as e:
-        check(False, "external: virsh start vm1", e)
+    con = boot(domain_xml("libvirt-external.xml"), "vm1", "external")
+    if not con:
         return
     check(qemu_user("vm1") == "libvirt-qemu", "external: QEMU runs as libvirt-qemu (and reached the socket)", qemu_user("vm1"))
     guest_sees_tpm(con, "external")
@@ -544,7 +514,7 @@ def holds(files, hexstr):
 
 def stop_guest(con, name):
     """The guest powers off (QEMU quits, libvirt stops the TPM)."""
-    con.sock.sendall(b"poweroff\n")
+    con.send("poweroff")
     wait_for(lambda: "shut off" in virsh("domstate", name).stdout, 120, name + " to shut off")
 
 
@@ -560,12 +530,8 @@ def emulator_part(daemon):
     check("backend: enabled" in st and "(/usr/local/bin/vtpmd)" in st and "(/usr/local/bin/vtpm-setup)" in st
           and "(/usr/local/bin/vtpmctl)" in st, "vtpm-libvirt status: swtpm, swtpm_setup, swtpm_ioctl are vtpmd's", st)
 
-    define(domain_xml("libvirt-emulator.xml"))
-    con = Console("vm2")
-    try:
-        con.start()
-    except RuntimeError as e:
-        check(False, "emulator: virsh start vm2 (libvirt provisions with vtpm-setup and starts vtpmd)", e)
+    con = boot(domain_xml("libvirt-emulator.xml"), "vm2", "emulator")
+    if not con:
         return
     check(libvirtd_ran("swtpm_setup", "--create-ek-cert", "--create-platform-cert", "--lock-nvram", "--not-overwrite"),
           "emulator: libvirt provisioned the state with swtpm_setup = vtpm-setup (EK, certificates, --lock-nvram)")
@@ -619,12 +585,8 @@ def encrypted_part():
     if not check(r.returncode == 0 and r2.returncode == 0, "encrypted: libvirt secret (usage vtpm) defined",
                  r.stderr + r2.stderr):
         return
-    define(domain_xml("libvirt-emulator.xml", secret=uuid, name="vm3"))
-    con = Console("vm3")
-    try:
-        con.start()
-    except RuntimeError as e:
-        check(False, "encrypted: virsh start vm3", e)
+    con = boot(domain_xml("libvirt-emulator.xml", secret=uuid, name="vm3"), "vm3", "encrypted")
+    if not con:
         return
     check(libvirtd_ran("swtpm_setup", "--pwdfile-fd", "--cipher", "aes-256-cbc"),
           "encrypted: libvirt provisioned with swtpm_setup --pwdfile-fd N --cipher aes-256-cbc (vtpm-setup)")
@@ -690,8 +652,7 @@ def main():
             if exe.endswith(("/vtpmd", "/swtpm", "qemu-system-x86_64")):
                 os.kill(pid, 9)
         collect_logs()
-    print("%d passed, %d failed" % tuple(results))
-    return 0 if results[1] == 0 else 1
+    return summary()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ QEMU's own migration stream, and a destination killed mid-migration.
 Prints "PASS: ..." / "FAIL: ..." per check and "N passed, M failed" last.
 """
 import json, os, re, shutil, signal, socket, subprocess, sys, tempfile, time
+from ktlib import GuestShell, check, summary, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.environ.get("KT_BUILD", os.path.join(ROOT, "build", "kernel-tests"))
@@ -21,24 +22,7 @@ WORK = tempfile.mkdtemp(prefix="vtpm-mig-")
 LOGS = os.environ.get("KT_LOGS", os.path.join(BUILD, "logs"))
 NV = "0x1500016"
 PERSIST = "0x81000101"
-results = [0, 0]
 procs = []
-
-
-def check(ok, what, detail=""):
-    results[0 if ok else 1] += 1
-    print(("PASS: " if ok else "FAIL: ") + what + ("" if ok or not detail else " -- " + str(detail)[:400]), flush=True)
-    return ok
-
-
-def wait_for(pred, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise RuntimeError("timed out waiting for " + what)
 
 
 def tpm_args(sock):
@@ -78,7 +62,7 @@ class Backend:
         return ctl("status", "--admin", self.admin)[1].get("state")
 
 
-class Guest:
+class Guest(GuestShell):
     """A QEMU process with the test guest in mode 'migrate'."""
 
     def __init__(self, name, backend, incoming=None):
@@ -122,29 +106,6 @@ class Guest:
     def hmp(self, line):
         self.mon.sendall((line + "\n").encode())
         return self._mon_read()
-
-    def read_until(self, marker, timeout):
-        self.ser.settimeout(1)
-        end = time.time() + timeout
-        while marker not in self.buf:
-            if time.time() > end:
-                raise RuntimeError("%s: no '%s' on the serial console; got: %s" % (self.name, marker, self.buf[-800:]))
-            try:
-                chunk = self.ser.recv(65536)
-                if not chunk:
-                    raise RuntimeError(self.name + ": serial console closed")
-                self.buf += chunk.decode(errors="replace").replace("\r", "")
-            except socket.timeout:
-                pass
-        i = self.buf.index(marker)
-        out, self.buf = self.buf[:i], self.buf[i + len(marker):]
-        return out
-
-    def run(self, script, timeout=120):
-        """Runs a shell line in the guest; returns its R:key=value results."""
-        self.ser.sendall((script + "\n").encode())
-        out = self.read_until("VTPM-CMD-DONE\n", timeout)
-        return dict(re.findall(r"^R:([\w-]+)=(.*)$", out, re.M))
 
     def migrate(self, uri, timeout=120):
         self.hmp('migrate -d "%s"' % uri)
@@ -493,8 +454,7 @@ def main():
                 p.kill()
                 p.wait()
         shutil.rmtree(WORK, ignore_errors=True)
-    print("%d passed, %d failed" % tuple(results))
-    return 0 if results[1] == 0 else 1
+    return summary()
 
 
 if __name__ == "__main__":

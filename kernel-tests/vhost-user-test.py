@@ -17,6 +17,7 @@ from the command line ("Failed to set msg fds", vhost_backend_init fails).
 Prints "PASS: ..." / "FAIL: ..." per check and "N passed, M failed" last.
 """
 import os, re, shutil, signal, socket, subprocess, sys, tempfile, time
+from ktlib import GuestShell, check, known, summary, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.environ.get("KT_BUILD", os.path.join(ROOT, "build", "kernel-tests"))
@@ -27,33 +28,7 @@ TIMEOUT_MS = 10000          # the guest driver's timeout in this test
 WORK = tempfile.mkdtemp(prefix="vtpm-vu-")
 LOGS = os.environ.get("KT_LOGS", os.path.join(BUILD, "logs"))
 NV = "0x1500017"
-results = [0, 0]
 procs = []
-
-
-def check(ok, what, detail=""):
-    results[0 if ok else 1] += 1
-    print(("PASS: " if ok else "FAIL: ") + what + ("" if ok or not detail else " -- " + str(detail)[:600]), flush=True)
-    return ok
-
-
-def known(ok, what, detail=""):
-    """A check QEMU 11.1 is known to fail (not vtpmd's or the driver's
-    doing): PASS if it holds, else a KNOWN line that does not fail the run."""
-    if ok:
-        return check(True, what)
-    print("KNOWN: " + what + " -- does not hold with this QEMU" + ("" if not detail else ": " + str(detail)[:600]), flush=True)
-    return False
-
-
-def wait_for(pred, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise RuntimeError("timed out waiting for " + what)
 
 
 class Vtpmd:
@@ -86,7 +61,7 @@ class Vtpmd:
             return "killed"
 
 
-class Guest:
+class Guest(GuestShell):
     """QEMU with the test guest in the interactive mode ('migrate')."""
 
     def __init__(self, sock, hotplug=True):
@@ -150,32 +125,6 @@ class Guest:
             errors.append(" | ".join(re.findall(r"(?:Error|Failed)[^\n]*", out)))
             time.sleep(1)
         raise RuntimeError("device_add failed 10 times: %s" % errors[-1])
-
-    def read_until(self, marker, timeout):
-        self.ser.settimeout(1)
-        end = time.time() + timeout
-        while marker not in self.buf:
-            if time.time() > end:
-                raise RuntimeError("no '%s' on the serial console; got: %s" % (marker, self.buf[-800:]))
-            try:
-                chunk = self.ser.recv(65536)
-                if not chunk:
-                    raise RuntimeError("serial console closed")
-                self.buf += chunk.decode(errors="replace").replace("\r", "")
-            except socket.timeout:
-                pass
-        i = self.buf.index(marker)
-        out, self.buf = self.buf[:i], self.buf[i + len(marker):]
-        return out
-
-    def send(self, line):
-        self.ser.sendall((line + "\n").encode())
-
-    def run(self, line, timeout=120):
-        """Runs a shell line in the guest; returns its R:key=value results."""
-        self.send(line)
-        out = self.read_until("VTPM-CMD-DONE\n", timeout)
-        return dict(re.findall(r"^R:([\w-]+)=(.*)$", out, re.M))
 
     def quit(self):
         if self.p.poll() is None:
@@ -388,8 +337,7 @@ def main():
                 p.kill()
                 p.wait()
         shutil.rmtree(WORK, ignore_errors=True)
-    print("%d passed, %d failed" % tuple(results))
-    return 0 if results[1] == 0 else 1
+    return summary()
 
 
 if __name__ == "__main__":
