@@ -573,18 +573,23 @@ def emulator_part(daemon):
     return before
 
 
+SECRET_UUID = "5e3a9c1e-7d7e-4a8b-9c71-0b6f5a2d4e11"
+
+
+def define_secret():
+    """The libvirt secret (usage vtpm) the encrypted domains name."""
+    path = "/run/vtpm-test/secret.xml"
+    open(path, "w").write("<secret ephemeral='no' private='yes'><uuid>%s</uuid>"
+                          "<usage type='vtpm'><name>vtpm-test</name></usage></secret>" % SECRET_UUID)
+    r = virsh("secret-define", path)
+    r2 = virsh("secret-set-value", "--secret", SECRET_UUID, "--base64",
+               base64.b64encode(b"correct horse battery staple").decode())
+    return check(r.returncode == 0 and r2.returncode == 0, "libvirt secret (usage vtpm) defined", r.stderr + r2.stderr)
+
+
 def encrypted_part():
     print("== emulator backend with <encryption secret=...>", flush=True)
-    uuid = "5e3a9c1e-7d7e-4a8b-9c71-0b6f5a2d4e11"
-    secret_xml = "/run/vtpm-test/secret.xml"
-    open(secret_xml, "w").write("<secret ephemeral='no' private='yes'><uuid>%s</uuid>"
-                                "<usage type='vtpm'><name>vtpm-test</name></usage></secret>" % uuid)
-    r = virsh("secret-define", secret_xml)
-    r2 = virsh("secret-set-value", "--secret", uuid, "--base64",
-               base64.b64encode(b"correct horse battery staple").decode())
-    if not check(r.returncode == 0 and r2.returncode == 0, "encrypted: libvirt secret (usage vtpm) defined",
-                 r.stderr + r2.stderr):
-        return
+    uuid = SECRET_UUID
     con = boot(domain_xml("libvirt-emulator.xml", secret=uuid, name="vm3"), "vm3", "encrypted")
     if not con:
         return
@@ -611,7 +616,63 @@ def encrypted_part():
     check(certs.get("ekcert") and not holds(files, certs["ekcert"]),
           "encrypted: no state file holds the EK certificate in clear either")
     virsh("undefine", "vm3", "--tpm")
-    virsh("secret-undefine", uuid)
+
+
+# ---------------------------------------------------------------- 3. switching
+
+REWRITE = ("tpm2_getrandom -o /tmp/s2 32 >/dev/null && tpm2_nvwrite {nv} -C o -i /tmp/s2 && "
+           "echo R:secret=$(od -An -tx1 -v /tmp/s2 | tr -d ' \\n')").format(nv=NV)
+
+
+def swtpm_made_domain():
+    """Before `vtpm-libvirt enable`: an encrypted domain that libvirt
+    provisions with swtpm_setup and runs on swtpm, as existing hosts have
+    them. Returns what its guest wrote."""
+    print("== an encrypted domain made by swtpm (before vtpm-libvirt enable)", flush=True)
+    con = boot(domain_xml("libvirt-emulator.xml", secret=SECRET_UUID, name="vm4"), "vm4", "switch")
+    if not con:
+        return None
+    proc = tpm_process("vm4")
+    check(proc and proc[2] == "/usr/bin/swtpm", "switch: before opting in, libvirt runs swtpm", proc and proc[2])
+    before = write_state(con, "switch, on swtpm")
+    stop_guest(con, "vm4")
+    gone("-vm4-swtpm.sock")
+    return before
+
+
+def switch_part(daemon, before):
+    """vtpmd takes over the swtpm-made encrypted state, then `vtpm-libvirt
+    disable` hands it back to swtpm."""
+    print("== the swtpm-made domain under vtpmd, then back to swtpm (vtpm-libvirt disable)", flush=True)
+    con = boot(domain_xml("libvirt-emulator.xml", secret=SECRET_UUID, name="vm4"), "vm4", "switch")
+    if not con:
+        return
+    proc = tpm_process("vm4")
+    check(proc and proc[2] == "/usr/local/bin/vtpmd" and any(a.startswith("pwdfd=") for a in proc[0]),
+          "switch: libvirt now runs vtpmd (--key pwdfd=N) on the state swtpm made", proc)
+    same_state(con, "switch, swtpm -> vtpmd", before, "the move to vtpmd")
+    again = con.run(REWRITE)
+    check(len(again.get("secret", "")) == 64, "switch: the guest wrote a new NV secret through vtpmd", again)
+    stop_guest(con, "vm4")
+    gone("-vm4-swtpm.sock")
+    files = state_files("vm4")
+    check(files and not holds(files, again.get("secret", "00")) and not holds(files, before["secret"]),
+          "switch: vtpmd kept the state encrypted (neither NV secret in clear)", sorted(files))
+
+    run_readme(readme_block("emulator-disable"), "disable")
+    check(not os.path.exists(DROPIN), "vtpm-libvirt disable removed the drop-in")
+    daemon.stop()
+    daemon.start(SYSTEM_PATH)  # systemd's PATH without the drop-in
+    con = boot(domain_xml("libvirt-emulator.xml", secret=SECRET_UUID, name="vm4"), "vm4", "switch back")
+    if not con:
+        return
+    proc = tpm_process("vm4")
+    check(proc and proc[2] == "/usr/bin/swtpm", "switch back: after disable, libvirt runs swtpm again", proc and proc[2])
+    r = con.run(READ)
+    check(r.get("secret") == again.get("secret") and r.get("keyname") == before.get("keyname") and r.get("signs") == "yes",
+          "switch back: swtpm reads what vtpmd wrote (new NV secret, same persistent key that signs)", r)
+    stop_guest(con, "vm4")
+    virsh("undefine", "vm4", "--tpm")
 
 
 # ---------------------------------------------------------------- main
@@ -638,8 +699,12 @@ def main():
         check(True, "libvirtd 9.0 started without systemd in a private namespace (%s)" %
               virsh("version").stdout.split("\n")[2].strip())
         external_part()
+        made = swtpm_made_domain() if define_secret() else None
         emulator_part(daemon)
         encrypted_part()
+        if made:
+            switch_part(daemon, made)
+        virsh("secret-undefine", SECRET_UUID)
     except Exception as e:  # a crashed step is a failure, not a pass
         import traceback
         traceback.print_exc()
