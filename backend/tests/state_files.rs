@@ -3,28 +3,10 @@
 //! kill -9.
 
 use common::*;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 use vtpm_test_support as common;
 
 const NV: u32 = 0x0150_0030;
-
-fn start_fails(dir: &std::path::Path, extra: &[&str]) -> String {
-    let out = Command::new(&*VTPMD)
-        .args(["socket", "--tpm2", "--tpmstate"])
-        .arg(format!("dir={}", dir.join("state").display()))
-        .arg("--ctrl")
-        .arg(format!(
-            "type=unixio,path={}",
-            dir.join("other.sock").display()
-        ))
-        .args(extra)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "vtpmd started but should not have");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn write_nv(d: &Daemon, data: &[u8], define: bool) {
     let mut c = Ctrl::connect(&d.ctrl);
@@ -49,7 +31,7 @@ fn read_nv(d: &Daemon, len: u16) -> Vec<u8> {
 fn second_daemon_on_the_same_directory_is_refused() {
     let t = state_dir();
     let _d = Daemon::start(t.path(), &[]);
-    let err = start_fails(t.path(), &[]);
+    let err = vtpmd_fails(t.path(), &[]);
     assert!(err.contains("in use by another"), "{err}");
 }
 
@@ -60,14 +42,14 @@ fn swtpm_and_vtpmd_exclude_each_other() {
     // swtpm takes its lock at INIT: start it.
     let mut c = Ctrl::connect(&t.path().join("ctrl.sock"));
     let _data = c.qemu_start(4096);
-    let err = start_fails(t.path(), &[]);
+    let err = vtpmd_fails(t.path(), &[]);
     assert!(err.contains("in use by another"), "{err}");
 }
 
 #[test]
 fn missing_state_directory_is_a_clear_error() {
     let t = tempfile::tempdir().unwrap();
-    let err = start_fails(t.path(), &[]);
+    let err = vtpmd_fails(t.path(), &[]);
     assert!(err.contains("does not exist"), "{err}");
 }
 
@@ -84,7 +66,7 @@ fn corrupt_state_is_refused_not_replaced() {
     bad[mid] ^= 0xff;
     bad.truncate(bad.len() - 100);
     std::fs::write(&permall, &bad).unwrap();
-    let err = start_fails(t.path(), &[]);
+    let err = vtpmd_fails(t.path(), &[]);
     assert!(
         err.contains("cannot be loaded") || err.contains("state file"),
         "{err}"
@@ -123,14 +105,14 @@ fn encrypted_state_at_rest() {
         "plaintext NV on disk"
     );
 
-    let err = start_fails(t.path(), &["--key", &format!("file={}", wrong.display())]);
+    let err = vtpmd_fails(t.path(), &["--key", &format!("file={}", wrong.display())]);
     assert!(err.contains("wrong --key"), "{err}");
-    let err = start_fails(t.path(), &[]);
+    let err = vtpmd_fails(t.path(), &[]);
     assert!(err.contains("no --key was given"), "{err}");
     let mut tampered = permall.clone();
     tampered[40] ^= 1;
     std::fs::write(t.path().join("state/tpm2-00.permall"), &tampered).unwrap();
-    let err = start_fails(t.path(), &["--key", &keyarg]);
+    let err = vtpmd_fails(t.path(), &["--key", &keyarg]);
     assert!(err.contains("authentication failed"), "{err}");
     std::fs::write(t.path().join("state/tpm2-00.permall"), &permall).unwrap();
 

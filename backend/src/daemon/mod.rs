@@ -7,19 +7,22 @@
 //! imports it except `main.rs`.
 
 pub mod confine;
+pub mod detach;
+pub mod keys;
 pub mod swtpm;
 pub mod vhost_user;
 
-use crate::config::{InstanceConfig, SeccompMode};
+use crate::config::{InstanceConfig, PidTarget, SeccompMode};
 use crate::engine::{Libtpms, TpmResult};
 use crate::exit::{self, Exit, ExitTx};
 use crate::instance::{InstanceError, Options, Vtpm};
 use crate::migration::session::Session;
-use crate::storage::sealing::{SealError, StateKey};
+use crate::storage::at_rest::AtRestKey;
 use crate::storage::{StateDir, StorageError};
 use crate::transport::Listener;
 use std::fs;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
@@ -30,7 +33,7 @@ use vtpm_common::hostkey::{HostKey, KeyError};
 #[derive(Debug, Error)]
 pub enum RunError {
     #[error(transparent)]
-    Key(#[from] SealError),
+    Key(#[from] keys::KeyLoadError),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -43,6 +46,14 @@ pub enum RunError {
     Confine(#[from] confine::ConfineError),
     #[error("libtpms refused to start (TPM result {0:#x})")]
     Engine(TpmResult),
+    #[error("{opt} fd={fd}: {why}")]
+    InheritedFd {
+        opt: &'static str,
+        fd: i32,
+        why: String,
+    },
+    #[error("--pid fd={0}: {1}")]
+    PidFd(i32, String),
     #[error("cannot {what} {target}: {source}")]
     Io {
         what: &'static str,
@@ -93,26 +104,41 @@ pub struct Host {
     admin: Option<UnixListener>,
     /// Sockets to remove when the process stops.
     sockets: Vec<PathBuf>,
-    pid_file: Option<PathBuf>,
-    pid_written: bool,
+    pid: Option<PidTarget>,
+    /// The pid file written, removed at exit.
+    pid_written: Option<PathBuf>,
     state_dir: PathBuf,
     /// What confinement allows and how it is applied.
     confinement: (Option<String>, confine::FileAccess, SeccompMode),
 }
 
 impl Host {
-    /// Opens (and locks) the state directory, loads the keys, claims
-    /// libtpms and binds the admin socket. Starts no thread, so the caller
-    /// may still detach (fork) afterwards.
-    pub fn open(cfg: &InstanceConfig, opts: Options) -> Result<Host, RunError> {
+    /// Opens (and locks, unless `--migration incoming` defers it) the state
+    /// directory, loads the keys, claims libtpms and binds the admin socket.
+    /// Starts no thread.
+    pub fn open(cfg: &InstanceConfig, mut opts: Options) -> Result<Host, RunError> {
         // Whatever vtpmd creates is private until given an explicit mode.
         nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
         let key = cfg
             .key
             .as_ref()
-            .map(|k| StateKey::from_file(&k.file, k.format))
-            .transpose()?;
-        let store = Arc::new(StateDir::open(&cfg.state_dir, cfg.state_mode, key)?);
+            .map(|k| keys::load("--key", k))
+            .transpose()?
+            .map(AtRestKey::new);
+        opts.migration_key = cfg
+            .migration_key
+            .as_ref()
+            .map(|k| keys::load("--migration-key", k))
+            .transpose()?
+            .map(Arc::new);
+        opts.release_lock_outgoing = cfg.migration.release_lock_outgoing;
+        let store = if cfg.migration.defer_lock {
+            log::info!("--migration incoming: the state directory lock is taken when the state arrives or the TPM is first used");
+            StateDir::open_unlocked(&cfg.state_dir, cfg.state_mode, key)?
+        } else {
+            StateDir::open(&cfg.state_dir, cfg.state_mode, key)?
+        };
+        let store = Arc::new(store);
         if cfg.incoming {
             store.require_empty()?;
         }
@@ -153,8 +179,8 @@ impl Host {
             stop,
             admin,
             sockets,
-            pid_file: cfg.pid_file.clone(),
-            pid_written: false,
+            pid: cfg.pid.clone(),
+            pid_written: None,
             confinement: (
                 cfg.runas.clone(),
                 confine::FileAccess {
@@ -162,7 +188,7 @@ impl Host {
                     log_file: cfg
                         .log
                         .as_ref()
-                        .and_then(|l| l.file.as_deref())
+                        .and_then(|l| l.file())
                         .map(confine::absolute),
                     removable: Vec::new(),
                     readable: cfg
@@ -189,10 +215,15 @@ impl Host {
 
     /// Writes the pid file and starts the admin and signal threads.
     pub fn start_services(&mut self) -> Result<(), RunError> {
-        if let Some(p) = &self.pid_file {
-            write_pid_file(p)?;
-            self.pid_written = true;
+        match &self.pid {
+            Some(PidTarget::File(p)) => {
+                write_pid_file(p)?;
+                self.pid_written = Some(p.clone());
+            }
+            Some(PidTarget::Fd(fd)) => self.pid_written = write_pid_fd(*fd)?,
+            None => {}
         }
+        detach::prepare()?;
         let mut signals =
             signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
                 .map_err(io_err("install signal handlers", "SIGTERM"))?;
@@ -202,7 +233,7 @@ impl Host {
         access.removable = self
             .sockets
             .iter()
-            .chain(self.pid_file.iter())
+            .chain(self.pid_written.iter())
             .map(|p| confine::absolute(p))
             .collect();
         confine::confine(
@@ -249,12 +280,34 @@ impl Drop for Host {
         for p in &self.sockets {
             let _ = fs::remove_file(p);
         }
-        if self.pid_written {
-            if let Some(p) = &self.pid_file {
-                let _ = fs::remove_file(p);
-            }
+        if let Some(p) = &self.pid_written {
+            let _ = fs::remove_file(p);
         }
     }
+}
+
+/// `--pid fd=N`: writes the pid into the inherited descriptor of a regular
+/// file and closes it. Returns the file's name, to remove it at exit as
+/// swtpm does (if the descriptor still names one).
+fn write_pid_fd(fd: i32) -> Result<Option<PathBuf>, RunError> {
+    let owned = crate::fdpass::inherited_fd(fd).map_err(|e| RunError::PidFd(fd, e.to_string()))?;
+    let mut f = fs::File::from(owned);
+    let meta = f
+        .metadata()
+        .map_err(|e| RunError::PidFd(fd, e.to_string()))?;
+    if !meta.is_file() {
+        return Err(RunError::PidFd(
+            fd,
+            "not a regular file (give an open file, e.g. 3>pidfile)".into(),
+        ));
+    }
+    let path = fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .ok()
+        .filter(|p| p.is_absolute() && p.exists());
+    writeln!(f, "{}", std::process::id())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| RunError::PidFd(fd, e.to_string()))?;
+    Ok(path)
 }
 
 /// Writes the pid file atomically: a new temporary file (never through a

@@ -7,6 +7,7 @@ use super::BlobKind;
 use crate::engine::TpmResult;
 use crate::migration::session::SessionError;
 use crate::storage::blob::BlobError;
+use crate::storage::swtpm_crypt::CryptError;
 use crate::storage::StorageError;
 use thiserror::Error;
 use vtpm_common::admin::Phase;
@@ -58,6 +59,8 @@ pub enum InstanceError {
     ForeignEncrypted,
     #[error("bad state blob: {0}")]
     Blob(#[from] BlobError),
+    #[error("state blob under swtpm's migration key: {0}")]
+    MigrationKey(#[source] CryptError),
     #[error("there is no {0:?} state to hand out")]
     NoBlob(BlobKind),
     #[error("the TPM engine has no information for flags {0:#x}")]

@@ -31,6 +31,7 @@ pub use error::InstanceError;
 use crate::engine::tpm2::{self, StartupType};
 use crate::engine::{BufferSizes, EngineControls, StateType, TpmEngine};
 use crate::migration::session::Session;
+use crate::storage::swtpm_key::SwtpmKey;
 use crate::storage::{StateDir, PERMANENT, VOLATILE};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,10 +44,20 @@ pub const MAX_STATE_BLOB: u32 = 512 * 1024;
 pub const DEFAULT_BUFFER_SIZE: u32 = 4096;
 
 /// Behaviour switches from the command line.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     pub disable_auto_shutdown: bool,
+    /// swtpm's `--migration-key`: plain-path state blobs go out encrypted
+    /// with it, and blobs encrypted with it are taken in.
+    pub migration_key: Option<Arc<SwtpmKey>>,
+    /// `--migration release-lock-outgoing`: give the state directory lock
+    /// up once the last blob was handed out.
+    pub release_lock_outgoing: bool,
 }
+
+/// How often, 10 ms apart, a released or deferred state directory lock is
+/// tried again before a TPM command or power-on (swtpm's 1 s).
+const RELOCK_RETRIES: u32 = 100;
 
 /// How a power-on treats the saved volatile state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -216,6 +227,15 @@ impl Vtpm {
             out.extend_from_slice(&tpm2::error_response(tpm2::RC_FAILURE));
             return;
         }
+        if !self.store.is_locked() {
+            // The lock was given up for a migration on shared storage, or
+            // deferred for one coming in: take it before the TPM writes.
+            if let Err(e) = self.relock() {
+                log::error!("TPM command refused: {e}");
+                out.extend_from_slice(&tpm2::error_response(tpm2::RC_FAILURE));
+                return;
+            }
+        }
         if self.store.is_fenced() {
             // A TPM command after an outgoing state hand-off: the VM kept
             // running here, so this copy is the live one again.
@@ -256,6 +276,10 @@ impl Vtpm {
     /// received verified.
     pub fn power_on(&self, flags: InitFlags) -> Result<()> {
         let mut st = self.lock();
+        if !self.store.is_locked() {
+            self.relock()?;
+            self.store.set_fenced(false);
+        }
         if !st.session.unlocked() {
             if st.session.phase() != Phase::DestinationLocked {
                 return Err(InstanceError::Locked(st.session.phase()));
@@ -509,6 +533,33 @@ impl Vtpm {
             .tpm
             .info(flags)
             .ok_or(InstanceError::NoInfo(flags))
+    }
+
+    /// Takes the state directory lock, trying for [`RELOCK_RETRIES`] × 10 ms.
+    fn relock(&self) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            match self.store.lock() {
+                Ok(()) => {
+                    log::info!("state directory lock taken");
+                    return Ok(());
+                }
+                Err(err) if attempt >= RELOCK_RETRIES => return Err(InstanceError::LockBusy(err)),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+            attempt += 1;
+        }
+    }
+
+    /// `--migration release-lock-outgoing`: the last blob went out, so the
+    /// destination on shared storage may take the directory. Nothing is
+    /// written here until the lock is taken back.
+    fn release_after_export(&self) {
+        if self.opts.release_lock_outgoing {
+            self.store.set_fenced(true);
+            self.store.unlock();
+            log::info!("state handed out: state directory lock released (--migration release-lock-outgoing)");
+        }
     }
 
     /// Takes the state directory lock again (QEMU on the source after a

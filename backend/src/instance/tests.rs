@@ -137,6 +137,7 @@ fn auto_shutdown_unless_disabled_or_guest_already_shut_down() {
         false,
         Options {
             disable_auto_shutdown: true,
+            ..Options::default()
         },
     );
     started(&f);

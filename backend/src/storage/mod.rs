@@ -7,15 +7,20 @@
 //!   directory. A crash at any instant leaves the old or the new file.
 //! * An exclusive lock (an open-file-description lock on `.lock`, which also
 //!   conflicts with swtpm's fcntl lock) keeps a second daemon out.
-//! * With `--key`, files are sealed ([`sealing`]); a plaintext file found
-//!   while a key is configured is refused rather than trusted.
+//! * With `--key`, files are encrypted ([`at_rest`]: vtpmd's [`sealing`]
+//!   or swtpm's own format, [`swtpm_crypt`]); a plaintext file found while a
+//!   key is configured is refused rather than trusted.
 
+pub mod at_rest;
 pub mod blob;
 pub mod files;
 pub mod sealing;
+pub mod swtpm_crypt;
+pub mod swtpm_key;
 
 use crate::engine::{NvError, NvStore};
-use sealing::{SealError, StateKey};
+use at_rest::AtRestKey;
+use sealing::SealError;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
 use std::os::fd::AsRawFd;
@@ -82,7 +87,7 @@ pub struct StateDir {
     dir: PathBuf,
     dir_handle: File,
     file_mode: u32,
-    key: Option<StateKey>,
+    key: Option<AtRestKey>,
     lock: Mutex<Option<File>>,
     fenced: AtomicBool,
     last_failure: Mutex<Option<String>>,
@@ -93,7 +98,19 @@ impl StateDir {
     pub fn open(
         dir: &Path,
         file_mode: u32,
-        key: Option<StateKey>,
+        key: Option<AtRestKey>,
+    ) -> Result<StateDir, StorageError> {
+        let sd = StateDir::open_unlocked(dir, file_mode, key)?;
+        sd.lock()?;
+        Ok(sd)
+    }
+
+    /// Opens `dir` without taking its lock yet (`--migration incoming` on
+    /// shared storage: the source holds it until it hands the state over).
+    pub fn open_unlocked(
+        dir: &Path,
+        file_mode: u32,
+        key: Option<AtRestKey>,
     ) -> Result<StateDir, StorageError> {
         let shown = dir.display().to_string();
         match fs::metadata(dir) {
@@ -121,7 +138,6 @@ impl StateDir {
             fenced: AtomicBool::new(false),
             last_failure: Mutex::new(None),
         };
-        sd.lock()?;
         Ok(sd)
     }
 
@@ -167,6 +183,12 @@ impl StateDir {
         }
     }
 
+    /// Gives the lock up (`--migration release-lock-outgoing`: the
+    /// destination on shared storage takes it).
+    pub fn unlock(&self) {
+        *self.lock.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Whether this process holds the lock.
     pub fn is_locked(&self) -> bool {
         self.lock
@@ -193,7 +215,7 @@ impl StateDir {
             Ok(b) => Zeroizing::new(b),
         };
         let shown = || path.display().to_string();
-        match (&self.key, sealing::is_sealed(&bytes)) {
+        match (&self.key, at_rest::is_encrypted(&bytes)) {
             (Some(key), true) => {
                 key.open(name, &bytes)
                     .map(Some)
@@ -362,6 +384,10 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    fn test_key(b: u8) -> AtRestKey {
+        AtRestKey::new(swtpm_key::SwtpmKey::from_raw(&[b; 32]).unwrap())
+    }
+
     #[test]
     fn missing_directory_is_a_clear_error() {
         let e = StateDir::open(Path::new("/nonexistent/vtpm"), 0o600, None).unwrap_err();
@@ -401,11 +427,11 @@ mod tests {
     #[test]
     fn sealed_files_need_the_right_key() {
         let d = tempfile::tempdir().unwrap();
-        let s = StateDir::open(d.path(), 0o600, Some(StateKey::from_master(&[1; 32]))).unwrap();
+        let s = StateDir::open(d.path(), 0o600, Some(test_key(1))).unwrap();
         s.write_blob(PERMANENT, b"secret").unwrap();
         assert_eq!(&s.read_blob(PERMANENT).unwrap().unwrap()[..], b"secret");
         drop(s);
-        let wrong = StateDir::open(d.path(), 0o600, Some(StateKey::from_master(&[2; 32]))).unwrap();
+        let wrong = StateDir::open(d.path(), 0o600, Some(test_key(2))).unwrap();
         assert!(matches!(
             wrong.read_blob(PERMANENT),
             Err(StorageError::Sealed { .. })
@@ -423,7 +449,7 @@ mod tests {
         )
         .unwrap();
         drop(none);
-        let keyed = StateDir::open(d.path(), 0o600, Some(StateKey::from_master(&[1; 32]))).unwrap();
+        let keyed = StateDir::open(d.path(), 0o600, Some(test_key(1))).unwrap();
         assert!(matches!(
             keyed.read_blob(PERMANENT),
             Err(StorageError::UnexpectedPlaintext { .. })

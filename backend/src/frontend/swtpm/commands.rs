@@ -17,6 +17,7 @@ use super::wire::{
 use crate::instance::{BlobKind, InitFlags, InstanceError, Vtpm};
 use crate::migration::session::SessionError;
 use crate::storage::blob::BlobError;
+use crate::storage::swtpm_crypt::CryptError;
 
 /// GET_INFO hands out JSON in chunks of at most this size.
 const INFO_CHUNK: usize = 3072;
@@ -36,6 +37,11 @@ pub fn result_code(e: &InstanceError) -> u32 {
             BlobError::BadHeaderSize(_) => rc::BAD_DATASIZE,
             BlobError::BadVersion(_) => rc::BAD_VERSION,
             BlobError::SwtpmEncrypted(_) => rc::KEYNOTFOUND,
+            _ => rc::BAD_PARAMETER,
+        },
+        InstanceError::MigrationKey(c) => match c {
+            CryptError::NeedMigrationKey => rc::KEYNOTFOUND,
+            CryptError::BadHmac | CryptError::BadPadding => rc::DECRYPT_ERROR,
             _ => rc::BAD_PARAMETER,
         },
         InstanceError::Migration(SessionError::UnknownBlobType(_)) => rc::FAIL,

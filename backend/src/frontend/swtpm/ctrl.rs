@@ -298,10 +298,13 @@ fn set_data_fd(ctx: &Context, mut fds: Vec<OwnedFd>) -> u32 {
     }
 }
 
-fn spawn_conn(mut conn: Stream, ctx: &Context) {
+fn spawn_conn(mut conn: Stream, ctx: &Context, pinned: bool) {
     let Some(slot) = ctx.slots.admit(&conn) else {
         return;
     };
+    if pinned {
+        slot.pin();
+    }
     let ctx = ctx.clone();
     let r = std::thread::Builder::new()
         .name("ctrl".into())
@@ -321,5 +324,11 @@ fn spawn_conn(mut conn: Stream, ctx: &Context) {
 
 /// Serves every control connection `l` accepts, each on its own thread.
 pub fn serve_listener(l: Listener, ctx: Context) {
-    l.serve("control", |s| spawn_conn(s, &ctx))
+    l.serve("control", |s| spawn_conn(s, &ctx, false))
+}
+
+/// Serves the control client the parent handed over (`clientfd=`), on its
+/// own thread: the owner's connection, never closed for idling.
+pub fn serve_client(conn: Stream, ctx: &Context) {
+    spawn_conn(conn, ctx, true)
 }
