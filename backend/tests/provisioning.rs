@@ -1002,3 +1002,55 @@ fn bad_secrets_are_clear_errors() {
     let (_v, port) = f.serve_with_key(format!("file={},mode=aes-256-cbc", k.display()));
     assert!(tpm2_ok(port, &["tpm2_getcap", "handles-persistent"]).contains("0x81010001"));
 }
+
+#[test]
+fn runas_drops_to_an_unprivileged_user() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: needs root to change user");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    for p in [t.path(), state.as_path()] {
+        nix::unistd::chown(p, Some(nobody.uid), Some(nobody.gid)).unwrap();
+    }
+    let conf = t.path().join("setup.conf");
+    std::fs::write(&conf, format!("statedir = {}/ca\n", t.path().display())).unwrap();
+    let args: Vec<String> = [
+        "--runas",
+        "nobody",
+        "--tpm2",
+        "--tpm-state",
+        state.to_str().unwrap(),
+        "--config",
+        conf.to_str().unwrap(),
+        "--create-ek-cert",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    ok(&setup(&args), "--runas nobody");
+    use std::os::unix::fs::MetadataExt;
+    for f in [
+        "state/tpm2-00.permall",
+        "ca/signkey.pem",
+        "ca/issuercert.pem",
+    ] {
+        let m = std::fs::metadata(t.path().join(f)).unwrap();
+        assert_eq!(m.uid(), nobody.uid.as_raw(), "{f} written as nobody");
+    }
+    let key_mode = std::fs::metadata(t.path().join("ca/signkey.pem"))
+        .unwrap()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600, "CA key created 0600");
+    let o = setup(&[
+        "--runas".into(),
+        "no-such-user".into(),
+        "--tpm2".into(),
+        "--tpm-state".into(),
+        state.display().to_string(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no such user"));
+}
