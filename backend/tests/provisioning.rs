@@ -571,6 +571,13 @@ fn bad_input_is_refused_with_a_clear_error_and_leaves_no_state() {
         !f.t.path().join("victim").exists(),
         "the log symlink was not followed"
     );
+    let o = Command::new(&*common::VTPM_SETUP)
+        .args(["--tpm2", "--tpm-state"])
+        .arg(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"/tmp/\xff"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not valid UTF-8"));
 
     // A directory a running vTPM holds is refused, and its state kept.
     ok(&setup(&f.args(&["--createek"])), "provision");
