@@ -28,6 +28,8 @@ LAYER = {
 # (from, to): same-layer uses that are part of the design.
 SAME_LAYER = {
     ("daemon", "config"),      # the runners take the validated config
+    ("provision", "config"),   # vtpm-setup builds the --key spec vtpmd parses
+    ("provision", "daemon"),   # ... and loads it with vtpmd's key loader
     ("transport", "fdpass"),   # unix streams receive descriptors
     ("storage", "engine"),     # the state directory is the engine's NvStore
     ("migration", "engine"),   # a snapshot failure carries the engine's result

@@ -3,8 +3,26 @@
 
 #![deny(unsafe_code)]
 
-fn main() -> std::process::ExitCode {
-    let mut args = std::env::args();
-    let prog = args.next().unwrap_or_else(|| "vtpm-setup".into());
-    vtpmd::provision::main(&prog, args.collect())
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let mut raw = std::env::args_os();
+    let prog = raw
+        .next()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "vtpm-setup".into());
+    let mut args = Vec::new();
+    for a in raw {
+        match a.into_string() {
+            Ok(s) => args.push(s),
+            Err(bad) => {
+                eprintln!(
+                    "{prog}: argument {:?} is not valid UTF-8; paths and names must be UTF-8",
+                    bad
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    vtpmd::provision::main(&prog, args)
 }

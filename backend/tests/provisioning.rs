@@ -97,6 +97,12 @@ impl Fixture {
         std::fs::read(self.state.join("tpm2-00.permall")).ok()
     }
 
+    /// Serves the state with vtpmd given `--key <key>`.
+    fn serve_with_key(&self, key: String) -> (common::TcpBackend, u16) {
+        let log = self.t.path().join("vtpmd.log");
+        common::start_tcp_with(&common::VTPMD, &self.state, &log, &["--key".into(), key])
+    }
+
     fn serve(&self) -> (common::TcpBackend, u16) {
         common::start_tcp(
             &common::VTPMD,
@@ -565,6 +571,13 @@ fn bad_input_is_refused_with_a_clear_error_and_leaves_no_state() {
         !f.t.path().join("victim").exists(),
         "the log symlink was not followed"
     );
+    let o = Command::new(&*common::VTPM_SETUP)
+        .args(["--tpm2", "--tpm-state"])
+        .arg(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"/tmp/\xff"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not valid UTF-8"));
 
     // A directory a running vTPM holds is refused, and its state kept.
     ok(&setup(&f.args(&["--createek"])), "provision");
@@ -882,4 +895,169 @@ fn rsa_3072_signing_ek_storage_key_and_cert_files() {
     assert!(files.join("ek-secp256r1.crt").exists());
     // '-' left every bank libtpms allocates by default.
     assert_eq!(active(&pcr_banks(port)).len(), 4);
+}
+
+const PASS: &[u8] = b"correct horse battery staple";
+
+#[test]
+fn encrypted_state_opens_in_vtpmd_and_swtpm_with_the_passphrase() {
+    use std::os::fd::AsRawFd;
+    let f = Fixture::new();
+    let work = f.t.path();
+    // libvirt's <encryption secret=...>: the passphrase on a pipe.
+    let pipe = common::inheritable_pipe(PASS);
+    let fd = pipe.as_raw_fd().to_string();
+    ok(
+        &setup(&f.libvirt_args(&["--pwdfile-fd", &fd, "--cipher", "aes-256-cbc"])),
+        "vtpm-setup --pwdfile-fd",
+    );
+    drop(pipe);
+    let permall = f.permall().unwrap();
+
+    let key = |pass: &[u8]| {
+        let p = common::inheritable_pipe(pass);
+        let arg = format!("pwdfd={},mode=aes-256-cbc", p.as_raw_fd());
+        (p, arg)
+    };
+    let cert = {
+        let (_p, arg) = key(PASS);
+        let (_v, port) = f.serve_with_key(arg);
+        let handles = tpm2_ok(port, &["tpm2_getcap", "handles-persistent"]);
+        assert!(handles.contains("0x81010001"), "{handles}");
+        let cert = nv_read(port, "0x1c00002", &work.join("ek.der"));
+        assert!(verify(&cert, &f.ca_dir(), work).contains(": OK"));
+        cert
+    };
+    assert!(
+        !permall.windows(64).any(|w| cert[..64] == *w),
+        "the state on disk holds no plaintext certificate"
+    );
+    // A wrong passphrase does not open it.
+    let (_p, arg) = key(b"wrong");
+    let err = common::vtpmd_fails(work, &["--key", &arg]);
+    assert!(err.contains("wrong key"), "{err}");
+    // swtpm itself opens it too: the domain can switch back.
+    let (_p, arg) = key(PASS);
+    let (_s, port) = common::start_tcp_with(
+        "swtpm",
+        &f.state,
+        &work.join("swtpm.log"),
+        &["--key".into(), arg],
+    );
+    assert_eq!(nv_read(port, "0x1c00002", &work.join("ek2.der")), cert);
+    drop(_s);
+
+    // The PCR reconfiguration libvirt runs on an encrypted domain.
+    let pipe = common::inheritable_pipe(PASS);
+    let fd = pipe.as_raw_fd().to_string();
+    ok(
+        &setup(&f.args(&[
+            "--pwdfile-fd",
+            &fd,
+            "--cipher",
+            "aes-256-cbc",
+            "--pcr-banks",
+            "sha384",
+            "--reconfigure",
+        ])),
+        "encrypted --reconfigure",
+    );
+    let (_p, arg) = key(PASS);
+    let (_v, port) = f.serve_with_key(arg);
+    assert_eq!(active(&pcr_banks(port)), ["sha384"]);
+}
+
+#[test]
+fn bad_secrets_are_clear_errors() {
+    let f = Fixture::new();
+    // A descriptor that is not open.
+    let o = setup(&f.args(&["--createek", "--pwdfile-fd", "250"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--pwdfile-fd") && err.contains("not open"),
+        "{err}"
+    );
+    // A key file that is not a key.
+    let k = f.t.path().join("key");
+    std::fs::write(&k, "not hex").unwrap();
+    let o = setup(&f.args(&["--createek", "--keyfile", k.to_str().unwrap()]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--keyfile") && err.contains("hex"), "{err}");
+    // A 256-bit key with the 128-bit default cipher names the fix.
+    std::fs::write(
+        &k,
+        "00112233445566778899aabbccddeeff0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+    )
+    .unwrap();
+    let o = setup(&f.args(&["--createek", "--keyfile", k.to_str().unwrap()]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("aes-256-cbc"), "{err}");
+    assert!(f.permall().is_none());
+    // The right one works, and vtpmd opens the state with the same key file.
+    ok(
+        &setup(&f.args(&[
+            "--createek",
+            "--keyfile",
+            k.to_str().unwrap(),
+            "--cipher",
+            "aes-256-cbc",
+        ])),
+        "--keyfile",
+    );
+    let (_v, port) = f.serve_with_key(format!("file={},mode=aes-256-cbc", k.display()));
+    assert!(tpm2_ok(port, &["tpm2_getcap", "handles-persistent"]).contains("0x81010001"));
+}
+
+#[test]
+fn runas_drops_to_an_unprivileged_user() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: needs root to change user");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let state = t.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    for p in [t.path(), state.as_path()] {
+        nix::unistd::chown(p, Some(nobody.uid), Some(nobody.gid)).unwrap();
+    }
+    let conf = t.path().join("setup.conf");
+    std::fs::write(&conf, format!("statedir = {}/ca\n", t.path().display())).unwrap();
+    let args: Vec<String> = [
+        "--runas",
+        "nobody",
+        "--tpm2",
+        "--tpm-state",
+        state.to_str().unwrap(),
+        "--config",
+        conf.to_str().unwrap(),
+        "--create-ek-cert",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    ok(&setup(&args), "--runas nobody");
+    use std::os::unix::fs::MetadataExt;
+    for f in [
+        "state/tpm2-00.permall",
+        "ca/signkey.pem",
+        "ca/issuercert.pem",
+    ] {
+        let m = std::fs::metadata(t.path().join(f)).unwrap();
+        assert_eq!(m.uid(), nobody.uid.as_raw(), "{f} written as nobody");
+    }
+    let key_mode = std::fs::metadata(t.path().join("ca/signkey.pem"))
+        .unwrap()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600, "CA key created 0600");
+    let o = setup(&[
+        "--runas".into(),
+        "no-such-user".into(),
+        "--tpm2".into(),
+        "--tpm-state".into(),
+        state.display().to_string(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no such user"));
 }

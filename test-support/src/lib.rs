@@ -61,9 +61,12 @@ pub fn start_tcp(bin: &str, state: &Path, log: &Path) -> (TcpBackend, u16) {
 /// [`start_tcp`] with extra arguments (e.g. `--key`).
 pub fn start_tcp_with(bin: &str, state: &Path, log: &Path, extra: &[String]) -> (TcpBackend, u16) {
     use std::net::TcpStream;
-    for attempt in 0..20u32 {
-        let port = 20000
-            + ((std::process::id() * 7 + attempt * 131 + bin.len() as u32 * 1000) % 9000) as u16;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Every call in this process gets its own ports (tests run in parallel).
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    for _ in 0..20u32 {
+        let n = CALLS.fetch_add(1, Ordering::SeqCst);
+        let port = 20000 + ((std::process::id() * 7 + n * 131) % 9000) as u16;
         let port = port - port % 2;
         let child = Command::new(bin)
             .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
@@ -89,7 +92,13 @@ pub fn start_tcp_with(bin: &str, state: &Path, log: &Path, extra: &[String]) -> 
             if TcpStream::connect(("127.0.0.1", port)).is_ok()
                 && TcpStream::connect(("127.0.0.1", port + 1)).is_ok()
             {
-                return (b, port);
+                // Someone else's server may own the ports while ours fails
+                // to bind and exits: only a child still running counts.
+                std::thread::sleep(Duration::from_millis(50));
+                if let Ok(None) = b.child.try_wait() {
+                    return (b, port);
+                }
+                break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -54,7 +54,7 @@ pub enum SetupError {
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
     #[error(transparent)]
-    Secret(#[from] secret::SecretError),
+    Secret(#[from] crate::daemon::keys::KeyLoadError),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,

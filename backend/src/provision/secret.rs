@@ -1,34 +1,69 @@
 //! The secret that encrypts the state (`--pwdfile-fd N`, `--pwdfile F`,
 //! `--keyfile F`, `--keyfile-fd N`, with `--cipher`), turned into the key
-//! the state directory encrypts with. [`state_key`] is the one place that
-//! derives it.
+//! the state directory encrypts with.
 //!
-//! INTERIM: vtpmd's swtpm-compatible `--key` (reading the passphrase from a
-//! descriptor, swtpm's PBKDF2 derivation, swtpm's encrypted file format) is
-//! being written on branch `swcli`; until it lands, encrypted provisioning
-//! is refused with this error rather than done with a second, different
-//! derivation.
+//! swtpm_setup hands these to swtpm as `--key pwdfd=N,mode=C` (and
+//! `pwdfile=`, `file=`, `fd=`); vtpm-setup builds the same `--key`
+//! specification and loads it with vtpmd's own loader
+//! ([`crate::daemon::keys::load`]: swtpm's PBKDF2 derivation, hex key
+//! files), so `vtpmd socket --key pwdfd=N,mode=C` given the same passphrase
+//! opens what vtpm-setup wrote. A descriptor is read to its end and closed.
+//!
+//! The files are written in swtpm's encrypted format (not vtpmd's sealed
+//! one), as swtpm_setup would have written them, so the directory stays
+//! usable by swtpm too: switching a domain back needs nothing.
 
 use super::args::SecretSource;
-use crate::storage::at_rest::AtRestKey;
-use thiserror::Error;
+use crate::config::{KeyMaterial, KeySource, KeySpec};
+use crate::daemon::keys::{self, KeyLoadError};
+use crate::storage::at_rest::{AtRestKey, Format};
+use crate::storage::swtpm_key::{Cipher, Kdf, KeyFormat};
+use std::path::PathBuf;
 
 /// Whether encrypted provisioning works in this build (announced by
 /// `--print-capabilities` as cmdarg-pwdfile-fd / cmdarg-keyfile-fd).
-pub const AVAILABLE: bool = false;
+pub const AVAILABLE: bool = true;
 
-#[derive(Debug, Error)]
-pub enum SecretError {
-    #[error("{0}: encrypted state is not available in this build yet (needs vtpmd's swtpm-compatible --key support)")]
-    Pending(&'static str),
+/// The `--key` specification swtpm_setup would pass to swtpm.
+pub fn key_spec(src: &SecretSource, cipher: Cipher) -> (&'static str, KeySpec) {
+    let (opt, source, material) = match src {
+        SecretSource::KeyFile(p) => (
+            "--keyfile",
+            KeySource::File(PathBuf::from(p)),
+            KeyMaterial::Key(KeyFormat::Hex),
+        ),
+        SecretSource::KeyFd(fd) => (
+            "--keyfile-fd",
+            KeySource::Fd(*fd),
+            KeyMaterial::Key(KeyFormat::Hex),
+        ),
+        SecretSource::PwdFile(p) => (
+            "--pwdfile",
+            KeySource::File(PathBuf::from(p)),
+            KeyMaterial::Passphrase(Kdf::Pbkdf2),
+        ),
+        SecretSource::PwdFd(fd) => (
+            "--pwdfile-fd",
+            KeySource::Fd(*fd),
+            KeyMaterial::Passphrase(Kdf::Pbkdf2),
+        ),
+    };
+    (
+        opt,
+        KeySpec {
+            source,
+            material,
+            cipher: Some(cipher),
+            remove: false,
+        },
+    )
 }
 
-/// The key the state is encrypted with.
-pub fn state_key(src: &SecretSource, _cipher: &str) -> Result<AtRestKey, SecretError> {
-    Err(SecretError::Pending(match src {
-        SecretSource::KeyFile(_) => "--keyfile",
-        SecretSource::KeyFd(_) => "--keyfile-fd",
-        SecretSource::PwdFile(_) => "--pwdfile",
-        SecretSource::PwdFd(_) => "--pwdfile-fd",
-    }))
+/// The key the state is written with: the one place it is derived.
+pub fn state_key(src: &SecretSource, cipher: &str) -> Result<AtRestKey, KeyLoadError> {
+    // `cipher` was checked by SetupArgs::check; aes-128-cbc is swtpm_setup's default.
+    let cipher = Cipher::parse(cipher).unwrap_or(Cipher::Aes128Cbc);
+    let (opt, spec) = key_spec(src, cipher);
+    let key = keys::load(opt, &spec)?;
+    Ok(AtRestKey::forced(key, Format::Swtpm))
 }
