@@ -600,11 +600,9 @@ def encrypted_part():
           "encrypted: vtpmd runs with --key pwdfd=N (and --migration-key)", proc and proc[0])
     guest_sees_tpm(con, "encrypted")
     certs = con.run(CERTS)
+    verify_certs(certs, "encrypted")
     before = write_state(con, "encrypted")
-    destroy("vm3")
-    gone("-vm3-swtpm.sock")
-    con.start()
-    same_state(con, "encrypted", before, "virsh destroy / start")
+    # (Restarts of an encrypted domain on vtpmd: switch_part.)
     # libvirt's way to stop a TPM process that outlived QEMU.
     r = sh([LINKS + "/swtpm_ioctl", "--unix", tpm_socket("vm3"), "-s"])
     check(r.returncode == 0 and gone("-vm3-swtpm.sock"),
