@@ -347,7 +347,7 @@ pub fn inheritable_pipe(content: &[u8]) -> std::os::fd::OwnedFd {
 }
 
 /// Makes `fd` inheritable by children (clears close-on-exec).
-pub fn inheritable<F: std::os::fd::AsRawFd>(fd: &F) {
+pub fn inheritable<F: std::os::fd::AsRawFd + ?Sized>(fd: &F) {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag};
     fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
 }

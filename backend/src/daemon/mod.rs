@@ -315,12 +315,12 @@ fn write_pid_fd(fd: i32) -> Result<Option<PathBuf>, RunError> {
 fn write_pid_file(path: &Path) -> Result<(), RunError> {
     let tmp = path.with_extension("tmp");
     let mut f = crate::storage::files::create_new(&tmp, PID_FILE_MODE)
-        .map_err(io_err("create", tmp.display()))?;
+        .map_err(io_err("write the pid file", path.display()))?;
     let r = writeln!(f, "{}", std::process::id())
         .and_then(|()| f.sync_all())
         .and_then(|()| fs::rename(&tmp, path));
     if r.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    r.map_err(io_err("write", path.display()))
+    r.map_err(io_err("write the pid file", path.display()))
 }
