@@ -8,6 +8,7 @@ PACKAGES=(
   swtpm swtpm-tools               # reference implementation for differential tests
   tpm2-tools                      # host and guest TPM clients
   openssl                         # vtpm-setup tests: certificate chains checked with openssl verify
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients  # kernel-tests/libvirt-session-test.sh
   qemu-system-x86                 # boots the test guests (TCG)
   busybox-static cpio             # guest initramfs
   iproute2 procps                 # ss/pgrep used by test scripts
