@@ -31,16 +31,21 @@ unit-and-integration: build
 
 # Real guests: Debian kernel + busybox/tpm2-tools initramfs under QEMU TCG,
 # tpm-crb and tpm-tis, two boots each on one state directory; then sealed
-# live migration, save-to-file secrecy against swtpm, and the attack matrix.
-# Then libvirt 9.0 (libvirtd started by the test in a private namespace):
-# the external backend as the README has it, and libvirt's emulator backend
-# running vtpm-setup, vtpmd and vtpmctl (plain, PCR banks, encrypted).
+# live migration, save-to-file secrecy against swtpm, and the attack matrix;
+# a guest reading the EK certificates vtpm-setup issued. Then libvirt 9.0:
+# libvirt-test.py (libvirtd started by the test in a private namespace, the
+# system instance): the external backend as the README has it, and libvirt's
+# emulator backend running vtpm-setup, vtpmd and vtpmctl (plain, PCR banks,
+# encrypted, switching from and back to swtpm); libvirt-session-test.sh
+# (session mode, plain and encrypted).
 # Then QEMU 11.1 (from a Debian sid root under build/): the virtio-tpm guest
 # on `vtpmd vhost-user` with our guest driver, crb/tis, and migration again.
 kernel-tests: build
 	TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-tests.sh
 	TPM_BACKEND_BIN=$(VTPMD) python3 kernel-tests/migration-test.py
+	TPM_BACKEND_BIN=$(VTPMD) python3 kernel-tests/provisioned-guest-test.py
 	python3 kernel-tests/libvirt-test.py
+	TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/libvirt-session-test.sh
 	TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-qemu11-tests.sh
 
 # vtpmd vs swtpm vs in-process libtpms, side by side (not a timed test).

@@ -7,19 +7,19 @@ PACKAGES=(
   pkg-config libtpms-dev          # the TPM engine vtpmd links against
   swtpm swtpm-tools               # reference implementation for differential tests
   tpm2-tools                      # host and guest TPM clients
-  openssl                         # vtpm-setup tests: certificate chains checked with openssl verify
+  openssl                         # vtpm-setup and libvirt tests: certificate chains checked with openssl verify
   qemu-system-x86                 # boots the test guests (TCG)
   busybox-static cpio             # guest initramfs
   iproute2 procps                 # ss/pgrep used by test scripts
   debootstrap                     # kernel-tests/prepare-qemu11.sh: QEMU 11 in a sid root
   make gcc-12 libelf1             # kernel-tests/virtio-tpm-driver: the guest module (libelf1: objtool)
-  # kernel-tests/libvirt-test.py: the libvirt daemon (libvirtd 9.0), its QEMU
-  # driver and virsh. Not libvirt-daemon-system: that one enables and starts
-  # services (libvirtd, virtlogd, the default network) and pulls polkit and
-  # firewall packages; these three ship no services and run no maintainer
-  # scripts, and --no-install-recommends keeps the system QEMU as it is.
+  # kernel-tests/libvirt-test.py and libvirt-session-test.sh: the libvirt
+  # daemon (libvirtd 9.0), its QEMU driver and virsh. Not
+  # libvirt-daemon-system: that one enables and starts services (libvirtd,
+  # virtlogd, the default network) and pulls polkit and firewall packages;
+  # these three ship no services and run no maintainer scripts, and
+  # --no-install-recommends keeps the system QEMU as it is.
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-  openssl                         # libvirt-test.py verifies EK certificates
   man-db groff-base               # scripts/install-test.sh renders the man pages
 )
 

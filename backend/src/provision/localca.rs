@@ -187,8 +187,29 @@ impl LocalCa {
         if let Some(dir) = path.parent() {
             make_dir(dir)?;
         }
-        write_new(path, next.to_string().as_bytes(), 0o644)?;
+        write_serial(path, next)?;
         Ok(next)
+    }
+}
+
+/// Records `serial` (under the CA lock). An existing file is rewritten in
+/// place, as swtpm-localca does, so it keeps its owner: the CA may be shared
+/// by root and the user libvirt runs vtpm-setup (or swtpm_localca) as.
+fn write_serial(path: &Path, serial: u64) -> Result<(), CaError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = serial.to_string();
+    match fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(mut f) => {
+            f.write_all(text.as_bytes()).map_err(io("write", path))?;
+            f.sync_all().map_err(io("fsync", path))
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => write_new(path, text.as_bytes(), 0o644),
+        Err(e) => Err(io("open", path)(e)),
     }
 }
 
@@ -396,8 +417,15 @@ mod tests {
             created: false,
         };
         assert_eq!(ca.next_serial().unwrap(), 2, "swtpm-localca starts at 2");
+        use std::os::unix::fs::MetadataExt;
+        let inode = fs::metadata(&paths.certserial).unwrap().ino();
         assert_eq!(ca.next_serial().unwrap(), 3);
         assert_eq!(fs::read_to_string(&paths.certserial).unwrap(), "3");
+        assert_eq!(
+            fs::metadata(&paths.certserial).unwrap().ino(),
+            inode,
+            "rewritten in place: owner and mode kept"
+        );
         fs::write(&paths.certserial, "abc").unwrap();
         assert!(matches!(ca.next_serial(), Err(CaError::BadSerial { .. })));
         fs::write(&paths.certserial, u64::MAX.to_string()).unwrap();
