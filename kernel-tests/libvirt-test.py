@@ -694,8 +694,10 @@ def main():
     try:
         run_readme(readme_block("install"), "install")
         daemon.start(SYSTEM_PATH)
-        check(True, "libvirtd 9.0 started without systemd in a private namespace (%s)" %
-              virsh("version").stdout.split("\n")[2].strip())
+        version = virsh("version").stdout
+        check(re.search(r"Running hypervisor: QEMU \d", version) and "libvirt" in version,
+              "libvirtd started without systemd in a private namespace; virsh reaches its QEMU driver (%s)"
+              % " / ".join(l.strip() for l in version.splitlines() if l.strip()), version)
         external_part()
         made = swtpm_made_domain() if define_secret() else None
         emulator_part(daemon)
