@@ -9,6 +9,8 @@ KT_LOGS, TPM_BACKEND_BIN (vtpmd).
 """
 import os, re, signal, socket, subprocess, time
 
+from ktlib import GuestShell, check, known, results, summary, wait_for  # noqa: F401 (re-exported)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.environ.get("KT_BUILD", os.path.join(ROOT, "build", "kernel-tests"))
 LOGS = os.environ.get("KT_LOGS", os.path.join(BUILD, "logs"))
@@ -16,24 +18,7 @@ VTPMD = os.environ.get("TPM_BACKEND_BIN", os.path.join(ROOT, "target", "release"
 QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
 QEMU_L = os.environ.get("QEMU_L", "").split()
 
-results = [0, 0]   # passed, failed
 procs = []         # every process started, killed by cleanup()
-
-
-def check(ok, what, detail=""):
-    results[0 if ok else 1] += 1
-    print(("PASS: " if ok else "FAIL: ") + what + ("" if ok or not detail else " -- " + str(detail)[:600]), flush=True)
-    return ok
-
-
-def wait_for(pred, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise RuntimeError("timed out waiting for " + what)
 
 
 def tpm_args(device, sock):
@@ -57,7 +42,7 @@ def qemu_version():
     return (p.stdout + p.stderr).strip().split("\n")[0] + (" (-L %s)" % " ".join(QEMU_L) if QEMU_L else "")
 
 
-class Guest:
+class Guest(GuestShell):
     """QEMU running the test guest in the interactive mode ('migrate').
 
     args: the devices and options of this guest (TPM, -incoming, ...);
@@ -113,32 +98,6 @@ class Guest:
         return "\n".join(l for l in out.replace("\r", "").split("\n") if l.strip() and not l.startswith("(qemu)")
                          and l.strip() != line)
 
-    def read_until(self, marker, timeout):
-        self.ser.settimeout(1)
-        end = time.time() + timeout
-        while marker not in self.buf:
-            if time.time() > end:
-                raise RuntimeError("%s: no '%s' on the serial console; got: %s" % (self.name, marker, self.buf[-800:]))
-            try:
-                chunk = self.ser.recv(65536)
-                if not chunk:
-                    raise RuntimeError(self.name + ": serial console closed")
-                self.buf += chunk.decode(errors="replace").replace("\r", "")
-            except socket.timeout:
-                pass
-        i = self.buf.index(marker)
-        out, self.buf = self.buf[:i], self.buf[i + len(marker):]
-        return out
-
-    def send(self, line):
-        self.ser.sendall((line + "\n").encode())
-
-    def run(self, line, timeout=120):
-        """Runs a shell line in the guest; returns its R:key=value results."""
-        self.send(line)
-        out = self.read_until("VTPM-CMD-DONE\n", timeout)
-        return dict(re.findall(r"^R:([\w-]+)=(.*)$", out, re.M))
-
     def migration_status(self):
         m = re.search(r"(?:Migration s|S)tatus:\s*(\S+)", self.hmp("info migrate"))
         return m.group(1) if m else "?"
@@ -177,9 +136,3 @@ def cleanup():
                 pass
             p.kill()
             p.wait()
-
-
-def summary():
-    """The last line; the exit status."""
-    print("%d passed, %d failed" % tuple(results))
-    return 0 if results[1] == 0 else 1

@@ -1,8 +1,10 @@
 //! vtpmctl's library: the commands, on the admin protocol and host keys of
-//! `vtpm_common` (no libtpms is linked).
+//! `vtpm_common` (no libtpms is linked), and [`ioctl`], swtpm_ioctl's
+//! command line on a control socket.
 
 #![deny(unsafe_code)]
 
+pub mod ioctl;
 pub mod offline;
 
 use thiserror::Error;

@@ -1,5 +1,7 @@
 //! `vtpmctl`: arguments → one admin request (or a local key operation) →
 //! JSON on stdout. Exit status 1 with `{"error": ...}` when refused.
+//! Started as `swtpm_ioctl` (a link of that name) or as `vtpmctl
+//! swtpm-ioctl ARGS`, it is swtpm_ioctl instead ([`vtpmctl::ioctl`]).
 
 #![deny(unsafe_code)]
 
@@ -10,7 +12,7 @@ use vtpm_common::admin::{
     IncomingInfo, KeysPreloaded, Prepared, Receipt, Request, Status, Tombstone,
 };
 use vtpm_common::hostkey::HostKey;
-use vtpmctl::{call, offline, peer_key_pem, CtlError};
+use vtpmctl::{call, ioctl, offline, peer_key_pem, CtlError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -90,6 +92,19 @@ enum Cmd {
     Abort {
         #[command(flatten)]
         at: Target,
+    },
+    /// swtpm_ioctl's command line on a control socket, e.g.
+    /// `vtpmctl swtpm-ioctl --unix SOCK -s` (stop the TPM and vtpmd).
+    /// Plain text output as swtpm_ioctl's; `swtpm-ioctl --help` lists it.
+    /// vtpmctl started under the name `swtpm_ioctl` does the same.
+    #[command(disable_help_flag = true)]
+    SwtpmIoctl {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
     },
 }
 
@@ -175,11 +190,21 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
             (None, Some(dir)) => offline::abort(&dir),
             (None, None) => unreachable!("clap requires one"),
         },
+        Cmd::SwtpmIoctl { .. } => unreachable!("handled in main"),
     }
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse().cmd) {
+    let mut args = std::env::args();
+    let argv0 = args.next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name() == Some("swtpm_ioctl".as_ref()) {
+        return ExitCode::from(ioctl::main(&args.collect::<Vec<_>>()));
+    }
+    let cmd = Cli::parse().cmd;
+    if let Cmd::SwtpmIoctl { args } = cmd {
+        return ExitCode::from(ioctl::main(&args));
+    }
+    match run(cmd) {
         Ok(v) => {
             println!("{v:#}");
             ExitCode::SUCCESS

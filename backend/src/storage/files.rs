@@ -1,6 +1,7 @@
 //! Creating files an attacker on the same host cannot redirect: every file
 //! vtpmd creates (state temporaries, tombstone, pid file) goes through
-//! [`create_new`], and the log through [`open_append`].
+//! [`create_new`], the log through [`open_append`], lock files through
+//! [`open_lock_file`].
 //!
 //! * A planted symlink is never followed (`O_NOFOLLOW`), and a planted file
 //!   or hard link is never written through: whatever sits at the path is
@@ -15,6 +16,19 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 pub use vtpm_common::statedir::create_new;
+
+/// Opens (creating it 0600 if absent) a lock file, never through a link;
+/// its content is left alone.
+pub fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
 
 /// Opens `path` for appending (or truncates it), creating it with `mode`;
 /// a symlink at `path` is refused, not followed.

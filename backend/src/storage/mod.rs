@@ -302,7 +302,13 @@ impl StateDir {
     /// Whether the directory holds blob `name` (in either format; swtpm's
     /// stub counts, since it says the state is vtpmd's).
     pub fn has_blob(&self, name: &str) -> bool {
-        self.slot_file_of(name).exists() || self.file_of(name).exists()
+        let slot = self.slot_file_of(name);
+        match SlotFile::open(&slot, false) {
+            Ok(Some((_, rec))) => rec.flags & slots::FLAG_DELETED == 0,
+            // Unreadable: something is there, and it is not ours to replace.
+            Err(_) => true,
+            Ok(None) => self.file_of(name).exists(),
+        }
     }
 
     /// Fails unless `path` still names the directory opened and locked at
