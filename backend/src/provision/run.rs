@@ -285,7 +285,10 @@ pub fn run(a: &SetupArgs, log: &mut SetupLog) -> Result<Outcome, SetupError> {
     let store = Arc::new(StateDir::open(&dir, STATE_FILE_MODE, key)?);
     let mut engine = take_engine(store.clone())?;
     let rsa = rsa_bits(a.rsa_keysize.as_deref(), &rsa_key_sizes(&mut engine))?;
-    let exists = store.file_of(storage::PERMANENT).exists();
+    // As `--print-states` sees it (whatever files hold the blob).
+    let exists = StateDir::list(store.path())
+        .iter()
+        .any(|(name, _)| name == storage::PERMANENT);
     if a.reconfigure {
         if !exists {
             return Err(SetupError::NothingToReconfigure(dir.display().to_string()));

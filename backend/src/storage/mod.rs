@@ -21,9 +21,10 @@ pub mod swtpm_key;
 use crate::engine::{NvError, NvStore};
 use at_rest::AtRestKey;
 use sealing::SealError;
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -161,7 +162,15 @@ impl StateDir {
             return Ok(());
         }
         let path = self.dir.join(".lock");
-        let f = files::open_lock_file(&path).map_err(io("open", &path))?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(io("open", &path))?;
         let fl = libc::flock {
             l_type: libc::F_WRLCK as libc::c_short,
             l_whence: libc::SEEK_SET as libc::c_short,
