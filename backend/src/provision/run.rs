@@ -275,8 +275,11 @@ pub fn run(a: &SetupArgs, log: &mut SetupLog) -> Result<Outcome, SetupError> {
         whoami(),
         now_text()
     ));
-    for note in a.ignored.iter().chain(&settings.notes) {
+    for note in &a.ignored {
         log.info(&format!("  Note: ignored {note}"));
+    }
+    for note in &settings.notes {
+        log.info(&format!("  Note: {note}"));
     }
     if key.is_some() {
         log.info("  The TPM's state will be encrypted with a key derived from the given secret.");
