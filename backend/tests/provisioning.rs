@@ -717,7 +717,11 @@ fn key_shape(port: u16, handle: &str) -> String {
     tpm2_ok(port, &["tpm2_readpublic", "-c", handle])
         .lines()
         .filter(|l| {
-            !l.starts_with("name") && !l.starts_with("qualified name") && !l.starts_with("rsa:")
+            !l.starts_with("name")
+                && !l.starts_with("qualified name")
+                && !l.starts_with("rsa:")
+                && !l.starts_with("x:")
+                && !l.starts_with("y:")
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -835,6 +839,54 @@ fn side_by_side_with_swtpm_setup_0_7_1() {
         ext_value(&vcert, "2.5.29.9"),
         "TPM specification"
     );
+    drop(_v);
+
+    // ecc_ek_curves = secp384r1: swtpm_setup's ECC EK, the same way.
+    let g = Fixture::with_ca(&swtpm_ca);
+    let mut conf = std::fs::read_to_string(&g.conf).unwrap();
+    conf.push_str("ecc_ek_curves = secp384r1\n");
+    std::fs::write(&g.conf, conf).unwrap();
+    ok(
+        &setup(&g.libvirt_args(&[])),
+        "vtpm-setup with ecc_ek_curves",
+    );
+    let (_v, vport) = g.serve();
+    let vh = tpm2_ok(vport, &["tpm2_getcap", "handles-persistent"]);
+    assert!(
+        vh.contains("0x81010016") && !vh.contains("0x81010002"),
+        "{vh}"
+    );
+    assert_eq!(
+        key_shape(sport, "0x81010016"),
+        key_shape(vport, "0x81010016")
+    );
+    let attrs =
+        |port| tpm2_ok(port, &["tpm2_nvreadpublic", "0x1c00016"]).replace(char::is_whitespace, "");
+    let (sa, va) = (attrs(sport), attrs(vport));
+    assert_eq!(
+        sa[sa.find("hashalgorithm").unwrap()..sa.find("size").unwrap()],
+        va[va.find("hashalgorithm").unwrap()..va.find("size").unwrap()]
+    );
+    let secc = nv_read(sport, "0x1c00016", &work.join("s-ecc.der"));
+    let vecc = nv_read(vport, "0x1c00016", &work.join("v-ecc.der"));
+    for oid in [
+        "2.5.29.17",
+        "2.5.29.37",
+        "2.5.29.15",
+        "2.5.29.19",
+        "2.5.29.9",
+    ] {
+        assert_eq!(
+            ext_value(&secc, oid),
+            ext_value(&vecc, oid),
+            "ECC EK extension {oid}"
+        );
+    }
+    assert_eq!(
+        cert_pubkey(&vecc, work),
+        tpm_pubkey(vport, "0x81010016", work)
+    );
+    assert!(verify(&vecc, &swtpm_ca, work).contains(": OK"));
 }
 
 #[test]

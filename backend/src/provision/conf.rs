@@ -11,6 +11,9 @@
 //!   `signingkey_password`. vtpm-setup also takes these keys straight from
 //!   swtpm_setup.conf: if it names any of them, the local CA's file is not
 //!   read, and what it leaves out defaults to files under its `statedir`.
+//! * vtpm-setup's own key in swtpm_setup.conf: `ecc_ek_curves` (default
+//!   `secp256r1`, the TCG profile's default ECC EK; `secp384r1` is
+//!   swtpm_setup 0.7.1's; both may be listed).
 //! * `swtpm-localca.options`: `--platform-manufacturer M`,
 //!   `--platform-model M`, `--platform-version V` for the platform
 //!   certificate.
@@ -21,6 +24,7 @@
 //! `/var/lib/swtpm-localca`, PCR bank sha256.
 
 use super::cert::PlatformInfo;
+use super::ek::EkKind;
 use super::localca::CaPaths;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -45,6 +49,10 @@ pub enum ConfError {
     TooLarge(String),
     #[error("configuration file {0} is not text")]
     NotText(String),
+    #[error(
+        "{path}: ecc_ek_curves names '{curve}'; use secp256r1 and/or secp384r1 (comma-separated)"
+    )]
+    Curve { path: String, curve: String },
     #[error("{path}: option {opt} needs a value")]
     OptionValue { path: String, opt: String },
 }
@@ -134,6 +142,9 @@ pub struct Settings {
     pub platform: PlatformInfo,
     /// `active_pcr_banks`, or sha256.
     pub default_banks: String,
+    /// The ECC EKs `--createek` makes (`ecc_ek_curves`, a vtpm-setup
+    /// key): secp256r1 unless the file says otherwise.
+    pub ecc_eks: Vec<EkKind>,
     /// The files read, for the log.
     pub read: Vec<PathBuf>,
     /// Things configured that vtpm-setup does differently, for the log.
@@ -228,13 +239,32 @@ pub fn load(explicit: Option<&Path>) -> Result<Settings, ConfError> {
         .get("active_pcr_banks")
         .filter(|b| !b.is_empty())
         .unwrap_or_else(|| DEFAULT_PCR_BANKS.into());
+    let ecc_eks = match setup.get("ecc_ek_curves").filter(|v| !v.is_empty()) {
+        None => vec![EkKind::EccP256],
+        Some(list) => ecc_curves(&list, setup_path.as_deref())?,
+    };
     Ok(Settings {
         ca,
         platform,
         default_banks,
+        ecc_eks,
         read,
         notes,
     })
+}
+
+fn ecc_curves(list: &str, path: Option<&Path>) -> Result<Vec<EkKind>, ConfError> {
+    let mut out = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let kind = EkKind::ecc_by_name(name).ok_or_else(|| ConfError::Curve {
+            path: path.map(|p| p.display().to_string()).unwrap_or_default(),
+            curve: name.into(),
+        })?;
+        if !out.contains(&kind) {
+            out.push(kind);
+        }
+    }
+    Ok(out)
 }
 
 /// The swtpm-localca.options words vtpm-setup uses.
@@ -355,7 +385,28 @@ mod tests {
         assert_eq!(s.platform.model, "Box");
         assert_eq!(s.platform.version, "9");
         assert_eq!(s.default_banks, "sha384");
+        assert_eq!(s.ecc_eks, vec![EkKind::EccP256], "the profile's default");
         assert_eq!(s.notes.len(), 2, "{:?}", s.notes);
+        std::fs::write(
+            &conf,
+            "statedir = /x\necc_ek_curves = secp384r1, secp256r1,secp384r1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            load(Some(&conf)).unwrap().ecc_eks,
+            vec![EkKind::EccP384, EkKind::EccP256]
+        );
+        std::fs::write(&conf, "ecc_ek_curves = secp521r1\n").unwrap();
+        let e = load(Some(&conf)).unwrap_err();
+        assert!(
+            e.to_string().contains("secp521r1") && e.to_string().contains("secp384r1"),
+            "{e}"
+        );
+        std::fs::write(
+            &conf,
+            format!("create_certs_tool_options = {}\n", opts.display()),
+        )
+        .unwrap();
         std::fs::write(&opts, "--platform-model").unwrap();
         assert!(matches!(
             load(Some(&conf)),

@@ -7,11 +7,13 @@
 //! | RSA 2048 | L-1 (SHA-256, AES-128, policy A, 256 zero bytes unique) | 0x81010001 | 0x01C00002 | 0x01C00004 |
 //! | ECC NIST P-256 | L-2 (SHA-256, AES-128, policy A, 32+32 zero bytes) | 0x81010002 | 0x01C0000A | 0x01C0000C |
 //! | RSA 3072 | H-3 (SHA-384, AES-256, policy B, empty unique) | 0x8101001C | 0x01C0001C | 0x01C0001D |
+//! | ECC NIST P-384 | H-2 (SHA-384, AES-256, policy B, empty unique) | 0x81010016 | 0x01C00016 | 0x01C00017 |
 //!
 //! RSA 2048 and ECC P-256 are the profile's default ("low range")
 //! templates, which `tpm2_createek` and `tpm2_getekcertificate` use.
 //! swtpm_setup 0.7.1 makes the same RSA 2048 EK but its ECC EK is the
-//! high-range P-384 key (0x81010016, cert 0x01C00016).
+//! high-range P-384 key; `ecc_ek_curves = secp384r1` in swtpm_setup.conf
+//! makes that one (or both, `secp256r1,secp384r1`).
 
 use rsa::pkcs8::EncodePublicKey;
 use thiserror::Error;
@@ -70,6 +72,7 @@ pub enum EkKind {
     Rsa2048,
     Rsa3072,
     EccP256,
+    EccP384,
 }
 
 /// How the EK may be used (`--allow-signing`, `--decryption`).
@@ -95,6 +98,7 @@ impl EkKind {
         match self {
             EkKind::Rsa2048 => 0x8101_0001,
             EkKind::EccP256 => 0x8101_0002,
+            EkKind::EccP384 => 0x8101_0016,
             EkKind::Rsa3072 => 0x8101_001c,
         }
     }
@@ -103,6 +107,7 @@ impl EkKind {
         match self {
             EkKind::Rsa2048 => 0x01c0_0002,
             EkKind::EccP256 => 0x01c0_000a,
+            EkKind::EccP384 => 0x01c0_0016,
             EkKind::Rsa3072 => 0x01c0_001c,
         }
     }
@@ -112,6 +117,7 @@ impl EkKind {
         match self {
             EkKind::Rsa2048 => 0x01c0_0004,
             EkKind::EccP256 => 0x01c0_000c,
+            EkKind::EccP384 => 0x01c0_0017,
             EkKind::Rsa3072 => 0x01c0_001d,
         }
     }
@@ -122,16 +128,24 @@ impl EkKind {
             EkKind::Rsa2048 => "rsa2048",
             EkKind::Rsa3072 => "rsa3072",
             EkKind::EccP256 => "secp256r1",
+            EkKind::EccP384 => "secp384r1",
         }
     }
 
+    /// The ECC EK named `secp256r1` or `secp384r1`.
+    pub fn ecc_by_name(name: &str) -> Option<EkKind> {
+        [EkKind::EccP256, EkKind::EccP384]
+            .into_iter()
+            .find(|k| k.describe() == name)
+    }
+
     pub fn is_ecc(self) -> bool {
-        self == EkKind::EccP256
+        matches!(self, EkKind::EccP256 | EkKind::EccP384)
     }
 
     /// The TPMT_PUBLIC template for this key.
     pub fn template(self, usage: EkUse) -> Vec<u8> {
-        let high = self == EkKind::Rsa3072;
+        let high = matches!(self, EkKind::Rsa3072 | EkKind::EccP384);
         let mut attrs = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | ADMIN_WITH_POLICY;
         if high {
             attrs |= USER_WITH_AUTH;
@@ -166,6 +180,9 @@ impl EkKind {
             }
             EkKind::EccP256 => {
                 t.u16(CURVE_P256).u16(ALG_NULL).zeros(32).zeros(32);
+            }
+            EkKind::EccP384 => {
+                t.u16(CURVE_P384).u16(ALG_NULL).zeros(0).zeros(0);
             }
         }
         t.0
@@ -376,10 +393,18 @@ mod tests {
 
     #[test]
     fn public_parse_round_trips_a_template_and_rejects_truncation() {
-        for kind in [EkKind::Rsa2048, EkKind::Rsa3072, EkKind::EccP256] {
+        for kind in [
+            EkKind::Rsa2048,
+            EkKind::Rsa3072,
+            EkKind::EccP256,
+            EkKind::EccP384,
+        ] {
             let t = kind.template(EkUse::STANDARD);
             let p = PublicKey::parse(&t).unwrap();
             match (kind, p) {
+                (EkKind::EccP384, PublicKey::Ecc { curve, x, .. }) => {
+                    assert_eq!((curve, x.len()), (CURVE_P384, 0))
+                }
                 (EkKind::EccP256, PublicKey::Ecc { curve, x, .. }) => {
                     assert_eq!((curve, x.len()), (CURVE_P256, 32))
                 }

@@ -108,42 +108,45 @@ pub fn capabilities_json(rsa_sizes: &[u16]) -> String {
 
 fn usage(prog: &str) -> String {
     format!(
-        "vtpm-setup {} (swtpm_setup {SWTPM_SETUP_VERSION} command line): provisions a TPM 2.0 state directory for vtpmd\n\
-\n\
-Usage: {prog} --tpm2 --tpm-state DIR [options]\n\
-\n\
-  --tpm-state DIR, --tpmstate DIR  state directory (also dir://DIR); must exist\n\
-  --tpm2                     required: vtpm-setup makes TPM 2.0 state only\n\
-  --createek                 create the EKs: RSA (0x81010001) and ECC P-256 (0x81010002)\n\
-  --create-ek-cert           also their certificates (NV 0x01c00002, 0x01c0000a); implies --createek\n\
-  --create-platform-cert     also a platform certificate (NV 0x01c08000); implies --createek\n\
-  --lock-nvram               write-lock the certificate NV indices\n\
-  --rsa-keysize 2048|3072|max  RSA EK size (3072: high-range template at 0x8101001c)\n\
-  --allow-signing, --decryption  a signing (non-standard) EK; its template goes to NV\n\
-  --create-spk [--ecc]       storage primary key at 0x81000001 (RSA, or ECC P-384)\n\
-  --pcr-banks LIST           banks to activate, e.g. sha256,sha384; '-' leaves them (default: config, else sha256)\n\
-  --reconfigure              only change the PCR banks of existing state\n\
-  --overwrite                replace existing state\n\
-  --not-overwrite            keep existing state and exit 0\n\
-  --vmid NAME                certificate subject (CN)\n\
-  --config FILE              swtpm_setup.conf (default ~/.config/swtpm_setup.conf, /etc/swtpm_setup.conf)\n\
-  --logfile FILE             append the log there (created 0600)\n\
-  --pwdfile-fd N, --pwdfile FILE  passphrase for encrypted state (swtpm's PBKDF2)\n\
-  --keyfile-fd N, --keyfile FILE  key (hex) for encrypted state\n\
-  --cipher aes-128-cbc|aes-256-cbc  cipher for encrypted state (default aes-128-cbc)\n\
-  --write-ek-cert-files DIR  also write ek-<type>.crt (DER) there\n\
-  --runas USER               drop to USER first (root only)\n\
-  --display                  print what was created\n\
-  --create-config-files [overwrite][,root][,skip-if-exist]  per-user config files\n\
-  --print-capabilities       JSON list of supported features\n\
-  --version, --help\n\
-\n\
-The local CA signing the certificates lives where swtpm-localca.conf says\n\
-(default /var/lib/swtpm-localca) and is created on first use; its trust\n\
-anchor is swtpm-localca-rootca-cert.pem next to the signing key.\n\
-Accepted with no effect, as in swtpm_setup: --tpm, --swtpm_ioctl,\n\
---tcsd-system-ps-file, --ownerpass, --srkpass, --owner-well-known, --srk-well-known.\n",
-        env!("CARGO_PKG_VERSION")
+        "vtpm-setup {version} (swtpm_setup {SWTPM_SETUP_VERSION} command line): provisions a TPM 2.0 state directory for vtpmd
+
+Usage: {prog} --tpm2 --tpm-state DIR [options]
+
+  --tpm-state DIR, --tpmstate DIR  state directory (also dir://DIR); must exist
+  --tpm2                     required: vtpm-setup makes TPM 2.0 state only
+  --createek                 create the EKs: RSA (0x81010001) and ECC P-256 (0x81010002;
+                             ecc_ek_curves = secp384r1 in the config: swtpm's P-384, 0x81010016)
+  --create-ek-cert           also their certificates (NV 0x01c00002, 0x01c0000a); implies --createek
+  --create-platform-cert     also a platform certificate (NV 0x01c08000); implies --createek
+  --lock-nvram               write-lock the certificate NV indices
+  --rsa-keysize 2048|3072|max  RSA EK size (3072: high-range template at 0x8101001c)
+  --allow-signing, --decryption  a signing (non-standard) EK; its template goes to NV
+  --create-spk [--ecc]       storage primary key at 0x81000001 (RSA, or ECC P-384)
+  --pcr-banks LIST           banks to activate, e.g. sha256,sha384; '-' leaves them
+                             (default: active_pcr_banks in the config, else sha256)
+  --reconfigure              only change the PCR banks of existing state
+  --overwrite                replace existing state
+  --not-overwrite            keep existing state and exit 0
+  --vmid NAME                certificate subject (CN)
+  --config FILE              swtpm_setup.conf (default ~/.config/swtpm_setup.conf, /etc/swtpm_setup.conf)
+  --logfile FILE             append the log there (created 0600)
+  --pwdfile-fd N, --pwdfile FILE  passphrase for encrypted state (swtpm's PBKDF2)
+  --keyfile-fd N, --keyfile FILE  key (hex) for encrypted state
+  --cipher aes-128-cbc|aes-256-cbc  cipher for encrypted state (default aes-128-cbc)
+  --write-ek-cert-files DIR  also write ek-<type>.crt (DER) there
+  --runas USER               drop to USER first (root only)
+  --display                  print what was created
+  --create-config-files [overwrite][,root][,skip-if-exist]  per-user config files
+  --print-capabilities       JSON list of supported features
+  --version, --help
+
+The local CA signing the certificates lives where swtpm-localca.conf says
+(default /var/lib/swtpm-localca) and is created on first use; its trust
+anchor is swtpm-localca-rootca-cert.pem next to the signing key.
+Accepted with no effect, as in swtpm_setup: --tpm, --swtpm_ioctl,
+--tcsd-system-ps-file, --ownerpass, --srkpass, --owner-well-known, --srk-well-known.
+",
+        version = env!("CARGO_PKG_VERSION")
     )
 }
 

@@ -275,8 +275,11 @@ pub fn run(a: &SetupArgs, log: &mut SetupLog) -> Result<Outcome, SetupError> {
         whoami(),
         now_text()
     ));
-    for note in a.ignored.iter().chain(&settings.notes) {
+    for note in &a.ignored {
         log.info(&format!("  Note: ignored {note}"));
+    }
+    for note in &settings.notes {
+        log.info(&format!("  Note: {note}"));
     }
     if key.is_some() {
         log.info("  The TPM's state will be encrypted with a key derived from the given secret.");
@@ -357,6 +360,18 @@ fn provision(
         )));
     }
     let info = tpm_info(engine)?;
+    let eks: Vec<EkKind> = if a.createek && !a.reconfigure {
+        let rsa_kind = if rsa == 3072 {
+            EkKind::Rsa3072
+        } else {
+            EkKind::Rsa2048
+        };
+        std::iter::once(rsa_kind)
+            .chain(settings.ecc_eks.iter().copied())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut tpm = Tpm::new(engine);
     tpm.startup_clear()?;
 
@@ -371,14 +386,9 @@ fn provision(
         if a.create_spk {
             p.create_spk(&mut tpm, rsa)?;
         }
-        if a.createek {
-            let rsa_kind = if rsa == 3072 {
-                EkKind::Rsa3072
-            } else {
-                EkKind::Rsa2048
-            };
-            p.create_ek(&mut tpm, rsa_kind, a.create_platform_cert)?;
-            p.create_ek(&mut tpm, EkKind::EccP256, false)?;
+        // The RSA EK first: the platform certificate is for its key.
+        for (i, &kind) in eks.iter().enumerate() {
+            p.create_ek(&mut tpm, kind, i == 0 && a.create_platform_cert)?;
         }
     }
     if let Some(wanted) = banks {
@@ -394,34 +404,25 @@ fn provision(
     tpm.shutdown_clear()?;
     engine.terminate();
     if a.display {
-        display(a, banks, rsa);
+        display(a, banks, &eks);
     }
     Ok(())
 }
 
 /// `--display`: what was made, on stdout.
-fn display(a: &SetupArgs, banks: Option<&[String]>, rsa: u16) {
+fn display(a: &SetupArgs, banks: Option<&[String]>, eks: &[EkKind]) {
     let mut out = std::io::stdout().lock();
-    if a.createek {
-        for kind in [
-            if rsa == 3072 {
-                EkKind::Rsa3072
-            } else {
-                EkKind::Rsa2048
-            },
-            EkKind::EccP256,
-        ] {
-            let _ = write!(
-                out,
-                "EK {}: handle {:#010x}",
-                kind.describe(),
-                kind.handle()
-            );
-            if a.create_ek_cert {
-                let _ = write!(out, ", certificate in NV index {:#010x}", kind.cert_index());
-            }
-            let _ = writeln!(out);
+    for kind in eks {
+        let _ = write!(
+            out,
+            "EK {}: handle {:#010x}",
+            kind.describe(),
+            kind.handle()
+        );
+        if a.create_ek_cert {
+            let _ = write!(out, ", certificate in NV index {:#010x}", kind.cert_index());
         }
+        let _ = writeln!(out);
     }
     if a.create_platform_cert {
         let _ = writeln!(
