@@ -99,6 +99,9 @@ pub fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RunErr
 #[derive(Debug)]
 pub struct Host {
     pub vtpm: Arc<Vtpm>,
+    /// Installed as `swtpm` (libvirt's emulator backend): leave the state
+    /// in swtpm's files at a clean exit, as swtpm would.
+    swtpm_files_at_exit: bool,
     exits: ExitTx,
     stop: Receiver<Exit>,
     admin: Option<UnixListener>,
@@ -178,6 +181,7 @@ impl Host {
         let (exits, stop) = mpsc::channel();
         Ok(Host {
             vtpm,
+            swtpm_files_at_exit: invoked_as_swtpm(),
             exits,
             stop,
             admin,
@@ -272,6 +276,9 @@ impl Host {
         let why = self.stop.recv().unwrap_or(Exit::Signal(0));
         log::info!("stopping: {why:?}");
         self.vtpm.power_off();
+        if self.swtpm_files_at_exit {
+            self.vtpm.leave_swtpm_files();
+        }
         why
     }
 }
@@ -326,4 +333,14 @@ fn write_pid_file(path: &Path) -> Result<(), RunError> {
         let _ = fs::remove_file(&tmp);
     }
     r.map_err(io_err("write the pid file", path.display()))
+}
+
+/// Whether this process was started under the name `swtpm` (the link
+/// `vtpm-libvirt enable` puts in libvirt's PATH).
+fn invoked_as_swtpm() -> bool {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n == "swtpm"))
+        .unwrap_or(false)
 }
