@@ -1,8 +1,9 @@
 //! The socket frontend's transport: one connection type over unix and TCP
-//! streams, one listener with one accept loop, one timeout test.
+//! streams, one listener type, one accept loop for all of a process's
+//! listeners, one timeout test.
 //!
 //! ```text
-//!  Listener::{bind_unix, bind_tcp} ──serve(name, handler)──▶ Stream per connection
+//!  Listener::{bind_unix, bind_tcp} ──serve(acceptors, wake, stop)──▶ Stream per connection
 //!  Stream::recv(buf, fds)   unix: SCM_RIGHTS descriptors collected; TCP: none
 //!  Slots::admit(stream)     at most `max` connections; when full, the one idle
 //!                           longest (not pinned, not mid-request) is closed
@@ -17,10 +18,11 @@
 //! connection is merely idle.
 
 use crate::fdpass;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::fs;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -147,16 +149,89 @@ impl Listener {
         }
     }
 
-    /// The accept loop: hands every connection to `handler`, for ever.
-    /// Accept errors (a client that left the backlog, descriptor
-    /// exhaustion) are logged and paced, never fatal.
-    pub fn serve(self, name: &str, mut handler: impl FnMut(Stream)) {
-        loop {
-            match self.accept() {
-                Ok(s) => handler(s),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+    fn set_nonblocking(&self) -> io::Result<()> {
+        match self {
+            Listener::Unix(l) => l.set_nonblocking(true),
+            Listener::Tcp(l) => l.set_nonblocking(true),
+        }
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Unix(l) => l.as_fd(),
+            Listener::Tcp(l) => l.as_fd(),
+        }
+    }
+}
+
+/// A listener and what to do with each connection it accepts (the handler
+/// must not block: it starts a connection's thread).
+pub struct Acceptor {
+    pub name: &'static str,
+    pub listener: Listener,
+    pub handler: Box<dyn FnMut(Stream) + Send>,
+}
+
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acceptor")
+            .field("name", &self.name)
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The accept loop for all of a process's listeners, on the calling thread
+/// (an idle daemon then needs no other thread): waits until a listener has
+/// a connection, which goes to its handler, or `wake` (a non-blocking
+/// socket signal handlers and exit reports write to) is readable, which is
+/// drained before `stop()` decides whether to return. Accept errors (a
+/// client that left the backlog, descriptor exhaustion) are logged and
+/// paced, never fatal.
+pub fn serve(acceptors: &mut [Acceptor], wake: &UnixStream, mut stop: impl FnMut() -> bool) {
+    for a in acceptors.iter() {
+        // Readiness can go stale (the client gave up): accept must not
+        // then block the loop.
+        if let Err(e) = a.listener.set_nonblocking() {
+            log::warn!("{}: cannot make the listener non-blocking: {e}", a.name);
+        }
+    }
+    loop {
+        let mut fds: Vec<PollFd> = acceptors
+            .iter()
+            .map(|a| PollFd::new(a.listener.as_fd(), PollFlags::POLLIN))
+            .chain(std::iter::once(PollFd::new(
+                wake.as_fd(),
+                PollFlags::POLLIN,
+            )))
+            .collect();
+        if let Err(e) = poll(&mut fds, PollTimeout::NONE) {
+            if e != nix::errno::Errno::EINTR {
+                log::warn!("waiting for connections failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            continue;
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if ready[acceptors.len()] {
+            let mut sink = [0u8; 64];
+            while matches!((&*wake).read(&mut sink), Ok(n) if n > 0) {}
+            if stop() {
+                return;
+            }
+        }
+        for (a, _) in acceptors.iter_mut().zip(&ready).filter(|(_, r)| **r) {
+            match a.listener.accept() {
+                Ok(s) => (a.handler)(s),
+                Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock) => {}
                 Err(e) => {
-                    log::warn!("{name}: accept failed: {e}");
+                    log::warn!("{}: accept failed: {e}", a.name);
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }

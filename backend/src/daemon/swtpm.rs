@@ -1,7 +1,7 @@
 //! Running `vtpmd socket`: the swtpm-compatible control and data channels
 //! ([`crate::frontend::swtpm`]) around one instance.
 
-use super::{bind_unix, io_err, spawn, Host, RunError};
+use super::{bind_unix, io_err, Host, RunError};
 use crate::config::{Endpoint, SocketConfig};
 use crate::exit::Exit;
 use crate::frontend::swtpm::ctrl::{self, Context};
@@ -55,11 +55,11 @@ pub fn run(cfg: &SocketConfig) -> Result<Exit, RunError> {
             exit_on_close: cfg.ctrl_terminate,
             slots: Slots::new("control", ctrl::MAX_CONNECTIONS),
         };
-        spawn("ctrl-listen", move || ctrl::serve_listener(l, ctx))?;
+        host.accept(ctrl::acceptor(l, ctx));
     }
     if let Some(l) = data_server {
         let (v, t, x) = (vtpm.clone(), cfg.terminate, host.exits());
-        spawn("data-listen", move || data::serve_listener(l, v, t, x))?;
+        host.accept(data::acceptor(l, v, t, x));
     }
     Ok(host.wait())
 }

@@ -16,7 +16,7 @@ use super::data::{DataChannel, DataFdError};
 use super::wire::{self, cmd, rc, DecodeError, Request, Response};
 use crate::exit::{self, Exit, ExitTx};
 use crate::instance::{Vtpm, MAX_STATE_BLOB};
-use crate::transport::{is_timeout, Listener, Slot, Slots, Stream};
+use crate::transport::{is_timeout, Acceptor, Listener, Slot, Slots, Stream};
 use std::io::{self, ErrorKind, Write};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -319,7 +319,12 @@ fn spawn_conn(mut conn: Stream, ctx: &Context) {
     }
 }
 
-/// Serves every control connection `l` accepts, each on its own thread.
-pub fn serve_listener(l: Listener, ctx: Context) {
-    l.serve("control", |s| spawn_conn(s, &ctx))
+/// What the daemon's accept loop does with each control connection on `l`:
+/// serve it on a thread of its own.
+pub fn acceptor(l: Listener, ctx: Context) -> Acceptor {
+    Acceptor {
+        name: "control",
+        listener: l,
+        handler: Box::new(move |s| spawn_conn(s, &ctx)),
+    }
 }

@@ -12,7 +12,7 @@
 use crate::engine::tpm2;
 use crate::exit::{self, Exit, ExitTx};
 use crate::instance::Vtpm;
-use crate::transport::{is_timeout, Listener, Slots, Stream};
+use crate::transport::{is_timeout, Acceptor, Listener, Slots, Stream};
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -267,13 +267,13 @@ impl DataChannel {
 /// `--server` connections served at once.
 pub const MAX_SERVER_CONNECTIONS: usize = 8;
 
-/// Serves `--server` connections, each on its own thread (TPM commands
-/// still run one at a time): an idle client is closed after
-/// `transport::IDLE_TIMEOUT`, and when all slots are taken the one idle
-/// longest makes room.
-pub fn serve_listener(l: Listener, vtpm: Arc<Vtpm>, exit_on_close: bool, exits: ExitTx) {
+/// What the daemon's accept loop does with each `--server` connection on
+/// `l`: serve it on a thread of its own (TPM commands still run one at a
+/// time). An idle client is closed after `transport::IDLE_TIMEOUT`, and
+/// when all slots are taken the one idle longest makes room.
+pub fn acceptor(l: Listener, vtpm: Arc<Vtpm>, exit_on_close: bool, exits: ExitTx) -> Acceptor {
     let slots = Slots::new("data server", MAX_SERVER_CONNECTIONS);
-    l.serve("data server", |mut s| {
+    let handler = move |mut s: Stream| {
         let Some(slot) = slots.admit(&s) else {
             return;
         };
@@ -292,5 +292,10 @@ pub fn serve_listener(l: Listener, vtpm: Arc<Vtpm>, exit_on_close: bool, exits: 
         if r.is_err() {
             log::error!("data server: cannot start a connection thread");
         }
-    })
+    };
+    Acceptor {
+        name: "data server",
+        listener: l,
+        handler: Box::new(handler),
+    }
 }
