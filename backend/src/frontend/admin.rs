@@ -10,7 +10,7 @@
 //! keeps vtpmctl out.
 
 use crate::instance::Vtpm;
-use crate::transport::{is_timeout, Acceptor, Listener, Slot, Slots, Stream};
+use crate::transport::{is_timeout, Acceptor, Listener, Slot, Slots, Stream, Workers};
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
@@ -104,11 +104,12 @@ fn serve(mut conn: UnixStream, vtpm: &Vtpm, slot: &Slot) -> std::io::Result<()> 
 }
 
 /// What the daemon's accept loop does with each admin connection on `l`:
-/// serve it on a thread of its own; at most [`MAX_CONNECTIONS`] at once,
+/// serve it on a thread of its own ([`Workers`]); at most [`MAX_CONNECTIONS`] at once,
 /// an idle one closed after `transport::IDLE_TIMEOUT` or when a new client
 /// needs its slot.
 pub fn acceptor(l: UnixListener, vtpm: Arc<Vtpm>) -> Acceptor {
     let slots = Slots::new("admin", MAX_CONNECTIONS);
+    let workers = Workers::new("admin");
     let handler = move |c: Stream| {
         let Some(slot) = slots.admit(&c) else {
             return;
@@ -117,13 +118,11 @@ pub fn acceptor(l: UnixListener, vtpm: Arc<Vtpm>) -> Acceptor {
             return;
         };
         let vtpm = vtpm.clone();
-        let r = std::thread::Builder::new()
-            .name("admin".into())
-            .spawn(move || {
-                if let Err(e) = serve(conn, &vtpm, &slot) {
-                    log::warn!("admin connection: {e}");
-                }
-            });
+        let r = workers.run(move || {
+            if let Err(e) = serve(conn, &vtpm, &slot) {
+                log::warn!("admin connection: {e}");
+            }
+        });
         if r.is_err() {
             log::error!("admin: cannot start a connection thread");
         }

@@ -16,7 +16,7 @@ use super::data::{DataChannel, DataFdError};
 use super::wire::{self, cmd, rc, DecodeError, Request, Response};
 use crate::exit::{self, Exit, ExitTx};
 use crate::instance::{Vtpm, MAX_STATE_BLOB};
-use crate::transport::{is_timeout, Acceptor, Listener, Slot, Slots, Stream};
+use crate::transport::{is_timeout, Acceptor, Listener, Slot, Slots, Stream, Workers};
 use std::io::{self, ErrorKind, Write};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -24,8 +24,6 @@ use std::time::Duration;
 
 /// Time allowed for the rest of a request once its first bytes arrived.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
-/// Time allowed for padding after a locality byte that is usable as it is.
-const PADDING_TIMEOUT: Duration = Duration::from_millis(1);
 /// Time allowed between pieces of streamed SET_STATEBLOB / HASH_DATA data.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// HASH_DATA is streamed through; more than this in one request is refused.
@@ -91,12 +89,18 @@ fn read_request(
                 if buf.len() < need {
                     buf.resize(need, 0);
                 }
-                c.set_read_timeout(Some(if usable {
-                    PADDING_TIMEOUT
-                } else {
-                    REQUEST_TIMEOUT
-                }))?;
-                match c.recv(&mut buf[have..need], fds) {
+                // A locality byte usable as it is (tpm2-tss sends no
+                // padding): padding already received is taken, none is
+                // awaited, as swtpm does.
+                c.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+                if usable {
+                    c.set_nonblocking(true)?;
+                }
+                let got = c.recv(&mut buf[have..need], fds);
+                if usable {
+                    c.set_nonblocking(false)?;
+                }
+                match got {
                     Ok(0) => return Ok(Next::Closed),
                     Ok(n) => {
                         have += n;
@@ -298,33 +302,32 @@ fn set_data_fd(ctx: &Context, mut fds: Vec<OwnedFd>) -> u32 {
     }
 }
 
-fn spawn_conn(mut conn: Stream, ctx: &Context) {
+fn spawn_conn(mut conn: Stream, ctx: &Context, workers: &Arc<Workers>) {
     let Some(slot) = ctx.slots.admit(&conn) else {
         return;
     };
     let ctx = ctx.clone();
-    let r = std::thread::Builder::new()
-        .name("ctrl".into())
-        .spawn(move || {
-            if let Err(e) = serve(&mut conn, &ctx, &slot) {
-                log::warn!("control connection: {e}");
-            }
-            drop(slot);
-            if ctx.exit_on_close {
-                exit::report(&ctx.exits, Exit::CtrlClosed);
-            }
-        });
+    let r = workers.run(move || {
+        if let Err(e) = serve(&mut conn, &ctx, &slot) {
+            log::warn!("control connection: {e}");
+        }
+        drop(slot);
+        if ctx.exit_on_close {
+            exit::report(&ctx.exits, Exit::CtrlClosed);
+        }
+    });
     if r.is_err() {
         log::error!("control: cannot start a connection thread");
     }
 }
 
 /// What the daemon's accept loop does with each control connection on `l`:
-/// serve it on a thread of its own.
+/// serve it on a thread of its own ([`Workers`]).
 pub fn acceptor(l: Listener, ctx: Context) -> Acceptor {
+    let workers = Workers::new("ctrl");
     Acceptor {
         name: "control",
         listener: l,
-        handler: Box::new(move |s| spawn_conn(s, &ctx)),
+        handler: Box::new(move |s| spawn_conn(s, &ctx, &workers)),
     }
 }

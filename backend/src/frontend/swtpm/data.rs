@@ -12,7 +12,7 @@
 use crate::engine::tpm2;
 use crate::exit::{self, Exit, ExitTx};
 use crate::instance::Vtpm;
-use crate::transport::{is_timeout, Acceptor, Listener, Slots, Stream};
+use crate::transport::{is_timeout, Acceptor, Listener, Slots, Stream, Workers};
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -268,27 +268,26 @@ impl DataChannel {
 pub const MAX_SERVER_CONNECTIONS: usize = 8;
 
 /// What the daemon's accept loop does with each `--server` connection on
-/// `l`: serve it on a thread of its own (TPM commands still run one at a
-/// time). An idle client is closed after `transport::IDLE_TIMEOUT`, and
+/// `l`: serve it on a thread of its own ([`Workers`]; TPM commands still
+/// run one at a time). An idle client is closed after `transport::IDLE_TIMEOUT`, and
 /// when all slots are taken the one idle longest makes room.
 pub fn acceptor(l: Listener, vtpm: Arc<Vtpm>, exit_on_close: bool, exits: ExitTx) -> Acceptor {
     let slots = Slots::new("data server", MAX_SERVER_CONNECTIONS);
+    let workers = Workers::new("data-client");
     let handler = move |mut s: Stream| {
         let Some(slot) = slots.admit(&s) else {
             return;
         };
         let (vtpm, exits) = (vtpm.clone(), exits.clone());
-        let r = std::thread::Builder::new()
-            .name("data-client".into())
-            .spawn(move || {
-                if let Err(e) = serve(&mut s, &vtpm, slot.idle_timeout()) {
-                    log::warn!("data client: {e}");
-                }
-                drop(slot);
-                if exit_on_close {
-                    exit::report(&exits, Exit::DataClosed);
-                }
-            });
+        let r = workers.run(move || {
+            if let Err(e) = serve(&mut s, &vtpm, slot.idle_timeout()) {
+                log::warn!("data client: {e}");
+            }
+            drop(slot);
+            if exit_on_close {
+                exit::report(&exits, Exit::DataClosed);
+            }
+        });
         if r.is_err() {
             log::error!("data server: cannot start a connection thread");
         }
