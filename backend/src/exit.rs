@@ -39,8 +39,8 @@ impl ExitTx {
     }
 
     /// The write end of the waiter's wake-up socket.
-    pub fn wake_socket(&self) -> &UnixStream {
-        &self.wake
+    pub fn wake_socket(&self) -> Arc<UnixStream> {
+        self.wake.clone()
     }
 }
 

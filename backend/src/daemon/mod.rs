@@ -217,15 +217,11 @@ impl Host {
     /// Catches the stop signals: each records its number, then writes to
     /// the wake-up socket (in that order, so the waiter sees the number).
     fn catch_signals(&self) -> Result<(), RunError> {
-        // The handlers write to a descriptor of their own that stays open
-        // for the life of the process.
-        let fd = self
-            .exits
-            .wake_socket()
-            .try_clone()
-            .map_err(io_err("install signal handlers", "SIGTERM"))?;
-        let raw = fd.as_raw_fd();
-        std::mem::forget(fd);
+        // The handlers write to the exit reports' socket, which stays open
+        // for the life of the process (one reference is never dropped).
+        let wake = self.exits.wake_socket();
+        let raw = wake.as_raw_fd();
+        std::mem::forget(wake);
         for sig in STOP_SIGNALS {
             signal_hook::flag::register_usize(sig, self.signalled.clone(), sig as usize)
                 .and_then(|_| signal_hook::low_level::pipe::register_raw(sig, raw))
