@@ -66,15 +66,6 @@ impl Stream {
         }
     }
 
-    /// A non-blocking read fails with `WouldBlock` (a timeout for
-    /// [`is_timeout`]) when nothing is there.
-    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.set_nonblocking(on),
-            Stream::Tcp(s) => s.set_nonblocking(on),
-        }
-    }
-
     /// `None` waits for ever.
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {

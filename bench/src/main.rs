@@ -227,14 +227,10 @@ fn tcp_rows(o: &Opts, ip: &mut InProcess) -> Vec<Row> {
             eprintln!("vtpm-bench: strace missing, flushes not counted (scripts/install-deps.sh)");
         }
     }
-    rows.push(rss_row(
-        &vt,
-        &refs,
-        &o.anchors
-            .iter()
-            .map(|a| a.label.clone())
-            .collect::<Vec<_>>(),
-    ));
+    if wanted("resident memory") {
+        let labels: Vec<String> = o.anchors.iter().map(|a| a.label.clone()).collect();
+        rows.push(rss_row(&vt, &refs, &labels));
+    }
     // The TCTI's pattern: the persistent connections are closed first
     // (swtpm serves one data connection at a time).
     for (init, prefix, names) in [
