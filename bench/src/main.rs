@@ -52,11 +52,12 @@ pub(crate) fn n(o: &Opts, full: usize) -> usize {
     }
 }
 
-static WORK: OnceLock<tempfile::TempDir> = OnceLock::new();
+static WORK: OnceLock<PathBuf> = OnceLock::new();
 
-/// The directory every state directory and socket of this run lives in.
+/// The directory every state directory and socket of this run lives in
+/// (removed when `main` returns or unwinds).
 pub(crate) fn work_base() -> &'static Path {
-    WORK.get().expect("work directory").path()
+    WORK.get().expect("work directory")
 }
 
 /// Up to the hard limit: a fleet of instances means a descriptor each.
@@ -101,7 +102,7 @@ fn main() {
         .expect("work directory");
     // The sid wrapper bind-mounts only this directory into its root.
     std::env::set_var("SWTPM_SID_DIRS", work.path());
-    let _ = WORK.set(work);
+    let _ = WORK.set(work.path().to_path_buf());
     let o = Opts {
         smoke,
         vtpmd: std::env::var("VTPMD_BIN")
@@ -143,6 +144,7 @@ fn main() {
     targets::unpin_client();
     rows.extend(scale_rows(&o));
     report(&rows, &labels, &root, o.smoke);
+    drop(work);
 }
 
 /// Starts vtpmd and every reference on `transport`.
