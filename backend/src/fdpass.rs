@@ -1,6 +1,7 @@
 //! Receiving and sending file descriptors over unix sockets (SCM_RIGHTS), as
-//! CMD_SET_DATAFD needs, and taking over an inherited listening socket
-//! (`vtpmd vhost-user --fd`). The only unsafe code outside the libtpms FFI.
+//! CMD_SET_DATAFD needs, and taking over descriptors the parent process left
+//! open (`fd=N` options: sockets, key and passphrase pipes, log and pid
+//! files). The only unsafe code outside the libtpms FFI.
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::io::{self, IoSlice, IoSliceMut};
@@ -85,6 +86,96 @@ pub fn inherited_listener(fd: RawFd) -> io::Result<UnixListener> {
     Ok(unsafe { UnixListener::from_raw_fd(fd) })
 }
 
+/// Takes over `fd`, inherited from the parent process. Refuses a number
+/// that is not an open descriptor; from here on the returned value owns it
+/// (and closes it when dropped). Callers make sure no descriptor is taken
+/// twice (`config::InstanceConfig::check_fds`).
+pub fn inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{fd} is not a file descriptor"),
+        ));
+    }
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "file descriptor {fd} is not open ({e}); the parent must leave it open for vtpmd"
+            ),
+        )
+    })?;
+    // SAFETY: `fd` is open (checked above) and was left to this process by
+    // its parent for exactly this option; nothing else in the process owns
+    // it, so OwnedFd may take it over.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Not handed on to anything vtpmd might execute.
+    nix::fcntl::fcntl(
+        owned.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(io::Error::from)?;
+    Ok(owned)
+}
+
+/// A socket's family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketFamily {
+    Unix,
+    Inet,
+    Inet6,
+    Other(i32),
+}
+
+/// What an inherited socket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketInfo {
+    pub family: SocketFamily,
+    /// SOCK_STREAM.
+    pub stream: bool,
+    /// listen() was called on it.
+    pub listening: bool,
+    /// It has a peer.
+    pub connected: bool,
+}
+
+/// Describes the socket `fd` (an error if it is not a socket).
+pub fn socket_info(fd: &OwnedFd) -> io::Result<SocketInfo> {
+    use nix::sys::socket::{
+        getpeername, getsockname, getsockopt, sockopt, SockType, SockaddrLike, SockaddrStorage,
+    };
+    let stat = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(io::Error::from)?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        let kind = match stat.st_mode & libc::S_IFMT {
+            libc::S_IFREG => "a regular file",
+            libc::S_IFIFO => "a pipe",
+            libc::S_IFCHR => "a character device",
+            libc::S_IFDIR => "a directory",
+            _ => "not a socket",
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("file descriptor {} is {kind}, not a socket", fd.as_raw_fd()),
+        ));
+    }
+    let addr = getsockname::<SockaddrStorage>(fd.as_raw_fd()).map_err(io::Error::from)?;
+    let family = match addr.family() {
+        Some(nix::sys::socket::AddressFamily::Unix) => SocketFamily::Unix,
+        Some(nix::sys::socket::AddressFamily::Inet) => SocketFamily::Inet,
+        Some(nix::sys::socket::AddressFamily::Inet6) => SocketFamily::Inet6,
+        other => SocketFamily::Other(other.map(|f| f as i32).unwrap_or(-1)),
+    };
+    let stream = getsockopt(fd, sockopt::SockType).map_err(io::Error::from)? == SockType::Stream;
+    let listening = getsockopt(fd, sockopt::AcceptConn).map_err(io::Error::from)?;
+    let connected = getpeername::<SockaddrStorage>(fd.as_raw_fd()).is_ok();
+    Ok(SocketInfo {
+        family,
+        stream,
+        listening,
+        connected,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +207,39 @@ mod tests {
         assert!(fds.is_empty());
         drop(a);
         assert_eq!(recv_with_fds(&b, &mut buf, &mut fds).unwrap(), 0);
+    }
+
+    #[test]
+    fn socket_info_tells_listening_connected_and_family() {
+        use std::os::fd::IntoRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let l = UnixListener::bind(dir.path().join("s")).unwrap();
+        let l = inherited_fd(l.into_raw_fd()).unwrap();
+        let i = socket_info(&l).unwrap();
+        assert_eq!(
+            (i.family, i.stream, i.listening, i.connected),
+            (SocketFamily::Unix, true, true, false)
+        );
+        let (a, _b) = UnixStream::pair().unwrap();
+        let a = inherited_fd(a.into_raw_fd()).unwrap();
+        let i = socket_info(&a).unwrap();
+        assert!(i.connected && !i.listening);
+        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let t = inherited_fd(t.into_raw_fd()).unwrap();
+        assert_eq!(socket_info(&t).unwrap().family, SocketFamily::Inet);
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let u = inherited_fd(u.into_raw_fd()).unwrap();
+        assert!(!socket_info(&u).unwrap().stream);
+        let f = std::fs::File::create(dir.path().join("f")).unwrap();
+        let f = inherited_fd(f.into_raw_fd()).unwrap();
+        let e = socket_info(&f).unwrap_err();
+        assert!(
+            e.to_string().contains("is a regular file, not a socket"),
+            "{e}"
+        );
+        let e = inherited_fd(9999).unwrap_err();
+        assert!(e.to_string().contains("is not open"), "{e}");
+        assert!(inherited_fd(-1).is_err());
     }
 
     #[test]

@@ -1,14 +1,29 @@
-//! A small `log` backend: timestamped lines to a file or stderr.
-//! TPM command contents are never logged, only codes and sizes.
+//! A small `log` backend: timestamped lines to a file, an inherited
+//! descriptor or stderr, and, once a `--daemon` has detached from stderr,
+//! to syslog. TPM command contents are never logged, only codes and sizes.
 
 use std::io::Write;
+use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Where the syslog socket is (`VTPMD_SYSLOG_SOCKET` overrides, for
+/// containers without `/dev/log`).
+pub const SYSLOG_SOCKET: &str = "/dev/log";
+
+enum Sink {
+    Stream(Box<dyn Write + Send>),
+    /// A connected syslog datagram socket (RFC 3164 lines).
+    Syslog(UnixDatagram),
+    /// Detached, and no syslog: lines are dropped (the user was told).
+    Nowhere,
+}
+
 struct Logger {
-    out: Mutex<Box<dyn Write + Send>>,
+    out: Mutex<Sink>,
     level: log::LevelFilter,
+    prefix: String,
 }
 
 impl log::Log for Logger {
@@ -20,16 +35,39 @@ impl log::Log for Logger {
         if !self.enabled(r.metadata()) {
             return;
         }
-        let line = format!(
-            "{} vtpmd[{}] {}: {}\n",
-            timestamp(),
-            std::process::id(),
-            r.level(),
-            r.args()
-        );
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = out.write_all(line.as_bytes());
-        let _ = out.flush();
+        match &mut *out {
+            Sink::Stream(w) => {
+                let line = format!(
+                    "{}{} vtpmd[{}] {}: {}\n",
+                    self.prefix,
+                    timestamp(),
+                    std::process::id(),
+                    r.level(),
+                    r.args()
+                );
+                let _ = w.write_all(line.as_bytes());
+                let _ = w.flush();
+            }
+            Sink::Syslog(s) => {
+                // facility daemon (3); severity from the level.
+                let severity = match r.level() {
+                    log::Level::Error => 3,
+                    log::Level::Warn => 4,
+                    log::Level::Info => 6,
+                    log::Level::Debug | log::Level::Trace => 7,
+                };
+                let line = format!(
+                    "<{}>vtpmd[{}]: {}{}",
+                    3 * 8 + severity,
+                    std::process::id(),
+                    self.prefix,
+                    r.args()
+                );
+                let _ = s.send(line.as_bytes());
+            }
+            Sink::Nowhere => {}
+        }
     }
 
     fn flush(&self) {}
@@ -49,39 +87,91 @@ pub fn level_for(n: u32) -> log::LevelFilter {
 pub const LOG_FILE_MODE: u32 = 0o600;
 
 static TO_STDERR: AtomicBool = AtomicBool::new(false);
+static LOGGER: std::sync::OnceLock<&'static Logger> = std::sync::OnceLock::new();
+static SYSLOG: Mutex<Option<UnixDatagram>> = Mutex::new(None);
 
-/// Whether log lines already go to stderr (no `--log file=`), so a caller
+/// Whether log lines go to stderr (no `--log file=/fd=`), so a caller
 /// reporting an error there need not print it twice.
 pub fn logs_to_stderr() -> bool {
     TO_STDERR.load(Ordering::SeqCst)
 }
 
-/// Installs the logger: to a file at a level (created 0600, never
-/// through a symlink), to stderr at a level (`--log level=N`), or, without
-/// `--log`, warnings to stderr.
-pub fn init(log: Option<(Option<&std::path::Path>, u32, bool)>) -> std::io::Result<()> {
-    let (out, level): (Box<dyn Write + Send>, _) = match log {
-        Some((Some(path), n, truncate)) => {
-            let f = crate::storage::files::open_append(path, LOG_FILE_MODE, truncate)?;
-            (Box::new(f), level_for(n))
-        }
-        Some((None, n, _)) => {
+/// Where log lines go.
+#[derive(Debug)]
+pub enum Output {
+    /// `--log file=`: created 0600, never through a symlink.
+    File {
+        path: std::path::PathBuf,
+        truncate: bool,
+    },
+    /// `--log fd=N`, already taken over.
+    Fd(std::fs::File),
+    /// `--log level=N` alone, or no `--log` (then warnings and errors).
+    Stderr,
+}
+
+/// Installs the logger. `level`: `None` without `--log`.
+pub fn init(output: Output, level: Option<u32>, prefix: Option<&str>) -> std::io::Result<()> {
+    let filter = level.map(level_for).unwrap_or(log::LevelFilter::Warn);
+    let out: Box<dyn Write + Send> = match output {
+        Output::File { path, truncate } => Box::new(crate::storage::files::open_append(
+            &path,
+            LOG_FILE_MODE,
+            truncate,
+        )?),
+        Output::Fd(f) => Box::new(f),
+        Output::Stderr => {
             TO_STDERR.store(true, Ordering::SeqCst);
-            (Box::new(std::io::stderr()), level_for(n))
-        }
-        None => {
-            TO_STDERR.store(true, Ordering::SeqCst);
-            (Box::new(std::io::stderr()), log::LevelFilter::Warn)
+            Box::new(std::io::stderr())
         }
     };
-    let logger = Logger {
-        out: Mutex::new(out),
-        level,
-    };
-    if log::set_boxed_logger(Box::new(logger)).is_ok() {
-        log::set_max_level(level);
+    let prefix = prefix.map(|p| format!("{p} ")).unwrap_or_default();
+    let logger: &'static Logger = Box::leak(Box::new(Logger {
+        out: Mutex::new(Sink::Stream(out)),
+        level: filter,
+        prefix,
+    }));
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(filter);
+        let _ = LOGGER.set(logger);
     }
     Ok(())
+}
+
+/// Before a `--daemon` confines itself: connects to syslog if log lines
+/// go to stderr, which is about to be closed. Says on stderr (still the
+/// caller's) if there is no syslog to go to.
+pub fn prepare_syslog() {
+    if !logs_to_stderr() {
+        return;
+    }
+    let path = std::env::var_os("VTPMD_SYSLOG_SOCKET")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| SYSLOG_SOCKET.into());
+    let sock = UnixDatagram::unbound().and_then(|s| s.connect(&path).map(|()| s));
+    match sock {
+        Ok(s) => *SYSLOG.lock().unwrap_or_else(|e| e.into_inner()) = Some(s),
+        Err(e) => eprintln!(
+            "vtpmd: warning: no syslog at {} ({e}): errors after start-up will not be recorded; add --log file=PATH",
+            path.display()
+        ),
+    }
+}
+
+/// A `--daemon` detached: log lines meant for stderr go to syslog (or
+/// nowhere, as [`prepare_syslog`] warned).
+pub fn detach_from_stderr() {
+    if !logs_to_stderr() {
+        return;
+    }
+    if let Some(l) = LOGGER.get() {
+        let sink = match SYSLOG.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(s) => Sink::Syslog(s),
+            None => Sink::Nowhere,
+        };
+        *l.out.lock().unwrap_or_else(|e| e.into_inner()) = sink;
+    }
+    TO_STDERR.store(false, Ordering::SeqCst);
 }
 
 /// UTC time as 2026-11-22T12:00:00.123Z.

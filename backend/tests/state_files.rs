@@ -3,28 +3,11 @@
 //! kill -9.
 
 use common::*;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 use vtpm_test_support as common;
 
 const NV: u32 = 0x0150_0030;
-
-fn start_fails(dir: &std::path::Path, extra: &[&str]) -> String {
-    let out = Command::new(&*VTPMD)
-        .args(["socket", "--tpm2", "--tpmstate"])
-        .arg(format!("dir={}", dir.join("state").display()))
-        .arg("--ctrl")
-        .arg(format!(
-            "type=unixio,path={}",
-            dir.join("other.sock").display()
-        ))
-        .args(extra)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "vtpmd started but should not have");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn write_nv(d: &Daemon, data: &[u8], define: bool) {
     let mut c = Ctrl::connect(&d.ctrl);
@@ -49,7 +32,7 @@ fn read_nv(d: &Daemon, len: u16) -> Vec<u8> {
 fn second_daemon_on_the_same_directory_is_refused() {
     let t = state_dir();
     let _d = Daemon::start(t.path(), &[]);
-    let err = start_fails(t.path(), &[]);
+    let err = vtpmd_fails(t.path(), &[]);
     assert!(err.contains("in use by another"), "{err}");
 }
 
@@ -60,14 +43,14 @@ fn swtpm_and_vtpmd_exclude_each_other() {
     // swtpm takes its lock at INIT: start it.
     let mut c = Ctrl::connect(&t.path().join("ctrl.sock"));
     let _data = c.qemu_start(4096);
-    let err = start_fails(t.path(), &[]);
+    let err = vtpmd_fails(t.path(), &[]);
     assert!(err.contains("in use by another"), "{err}");
 }
 
 #[test]
 fn missing_state_directory_is_a_clear_error() {
     let t = tempfile::tempdir().unwrap();
-    let err = start_fails(t.path(), &[]);
+    let err = vtpmd_fails(t.path(), &[]);
     assert!(err.contains("does not exist"), "{err}");
 }
 
@@ -77,14 +60,13 @@ fn corrupt_state_is_refused_not_replaced() {
     let d = Daemon::start(t.path(), &[]);
     write_nv(&d, b"original", true);
     drop(d);
-    let permall = t.path().join("state/tpm2-00.permall");
+    let permall = t.path().join("state/vtpmd-00.permall");
     let good = std::fs::read(&permall).unwrap();
     let mut bad = good.clone();
-    let mid = bad.len() / 2;
-    bad[mid] ^= 0xff;
+    bad[0] ^= 0xff;
     bad.truncate(bad.len() - 100);
     std::fs::write(&permall, &bad).unwrap();
-    let err = start_fails(t.path(), &[]);
+    let err = vtpmd_fails(t.path(), &[]);
     assert!(
         err.contains("cannot be loaded") || err.contains("state file"),
         "{err}"
@@ -116,23 +98,33 @@ fn encrypted_state_at_rest() {
     let secret = b"0123456789abcdef-very-secret-nv-contents";
     write_nv(&d, secret, true);
     drop(d);
-    let permall = std::fs::read(t.path().join("state/tpm2-00.permall")).unwrap();
-    assert!(permall.starts_with(b"VTPMSEAL"));
+    let file = t.path().join("state/vtpmd-00.permall");
+    let permall = std::fs::read(&file).unwrap();
+    assert!(permall.starts_with(b"VTPMSLOT"));
+    assert!(
+        permall.windows(8).any(|w| w == b"VTPMSEAL"),
+        "sealed records"
+    );
     assert!(
         !permall.windows(16).any(|w| w == &secret[..16]),
         "plaintext NV on disk"
     );
 
-    let err = start_fails(t.path(), &["--key", &format!("file={}", wrong.display())]);
+    let err = vtpmd_fails(t.path(), &["--key", &format!("file={}", wrong.display())]);
     assert!(err.contains("wrong --key"), "{err}");
-    let err = start_fails(t.path(), &[]);
+    let err = vtpmd_fails(t.path(), &[]);
     assert!(err.contains("no --key was given"), "{err}");
+    // Both slots tampered with: refused, never replaced by a blank TPM.
+    let slot = u32::from_le_bytes(permall[12..16].try_into().unwrap()) as usize;
     let mut tampered = permall.clone();
-    tampered[40] ^= 1;
-    std::fs::write(t.path().join("state/tpm2-00.permall"), &tampered).unwrap();
-    let err = start_fails(t.path(), &["--key", &keyarg]);
-    assert!(err.contains("authentication failed"), "{err}");
-    std::fs::write(t.path().join("state/tpm2-00.permall"), &permall).unwrap();
+    for at in [4096 + 200, 4096 + slot + 200] {
+        tampered[at] ^= 1;
+    }
+    std::fs::write(&file, &tampered).unwrap();
+    let err = vtpmd_fails(t.path(), &["--key", &keyarg]);
+    assert!(err.contains("neither slot holds a valid record"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), tampered);
+    std::fs::write(&file, &permall).unwrap();
 
     let d = Daemon::start(t.path(), &["--key", &keyarg]);
     assert_eq!(read_nv(&d, secret.len() as u16), secret);
@@ -194,7 +186,7 @@ fn kill_9_during_nv_writes_never_loses_the_state() {
         last_acked = writer.join().unwrap();
         assert_ne!(
             t.path()
-                .join("state/tpm2-00.permall")
+                .join("state/vtpmd-00.permall")
                 .metadata()
                 .unwrap()
                 .len(),
@@ -214,4 +206,55 @@ fn kill_9_during_nv_writes_never_loses_the_state() {
     eprintln!(
         "{rounds} kill -9 rounds, {last_acked} acknowledged NV writes, state loaded every time"
     );
+}
+
+#[test]
+fn swtpm_state_moves_to_vtpmd_and_back_and_swtpm_refuses_vtpmd_files() {
+    let t = state_dir();
+    let s = Daemon::start_bin("swtpm", t.path(), &[]);
+    write_nv(&s, b"swtpm-01", true);
+    drop(s);
+    let d = Daemon::start(t.path(), &[]);
+    assert_eq!(read_nv(&d, 8), b"swtpm-01", "vtpmd reads swtpm's files");
+    write_nv(&d, b"vtpmd-02", false);
+    drop(d);
+    let stub = std::fs::read(t.path().join("state/tpm2-00.permall")).unwrap();
+    assert!(
+        stub.starts_with(b"VTPMD-STUB"),
+        "swtpm's name holds the stub"
+    );
+    // swtpm on vtpmd's files fails INIT instead of making a blank TPM.
+    let s = Daemon::start_bin("swtpm", t.path(), &[]);
+    let mut c = Ctrl::connect(&s.ctrl);
+    assert_ne!(c.result(0x02, &[0, 0, 0, 0]), 0, "swtpm started a TPM");
+    drop(c);
+    drop(s);
+    assert_eq!(
+        std::fs::read(t.path().join("state/tpm2-00.permall")).unwrap(),
+        stub,
+        "swtpm left the stub alone"
+    );
+    // The explicit way back.
+    let out = Command::new(&*VTPMD)
+        .args(["swtpm-export", "--tpmstate"])
+        .arg(format!("dir={}", t.path().join("state").display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!t.path().join("state/vtpmd-00.permall").exists());
+    let s = Daemon::start_bin("swtpm", t.path(), &[]);
+    assert_eq!(
+        read_nv(&s, 8),
+        b"vtpmd-02",
+        "swtpm reads the exported state"
+    );
+    drop(s);
+    // Nothing to export now is a clear error, not an empty success.
+    let out = Command::new(&*VTPMD)
+        .args(["swtpm-export", "--tpmstate"])
+        .arg(format!("dir={}", t.path().join("nowhere").display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
 }

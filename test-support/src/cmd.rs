@@ -174,3 +174,18 @@ pub fn start_auth_session() -> Vec<u8> {
     b.extend_from_slice(&[0, 0, 0, 0, 0x10, 0, 0x0b]);
     finish(0x8001, 0x176, &b)
 }
+
+/// EvictControl: makes the loaded `object` persistent at `persistent`
+/// (owner authorisation).
+pub fn evict_control(object: u32, persistent: u32) -> Vec<u8> {
+    let mut b = 0x4000_0001u32.to_be_bytes().to_vec();
+    b.extend_from_slice(&object.to_be_bytes());
+    pw_auth(&mut b);
+    b.extend_from_slice(&persistent.to_be_bytes());
+    finish(0x8002, 0x120, &b)
+}
+
+/// ReadPublic: the response carries the public area and the name.
+pub fn read_public(handle: u32) -> Vec<u8> {
+    finish(0x8001, 0x173, &handle.to_be_bytes())
+}

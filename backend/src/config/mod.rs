@@ -2,6 +2,7 @@
 //!
 //! Two frontends share one set of instance options ([`InstanceArgs`]: state
 //! directory, at-rest key, migration keys, admin socket, log, pid file):
+//! [`key`] parses `--key`/`--migration-key`, [`channel`] `--ctrl`/`--server`.
 //! * `vtpmd socket` ([`swtpm`]) takes the `swtpm socket` options people and
 //!   tools already use, so the two are interchangeable on a QEMU or
 //!   cloud-hypervisor command line. Options of swtpm that vtpmd does not
@@ -9,16 +10,19 @@
 //! * `vtpmd vhost-user` ([`vhost_user`]) serves a virtio-tpm device to a
 //!   vhost-user frontend (crosvm, cloud-hypervisor's generic device).
 
+pub mod channel;
+pub mod key;
 pub mod swtpm;
 pub mod vhost_user;
 
-pub use swtpm::{capabilities_json, Endpoint, SocketArgs, SocketConfig};
+pub use channel::{Endpoint, Family};
+pub use key::{KeyMaterial, KeySource, KeySpec};
+pub use swtpm::{capabilities_json, SocketArgs, SocketConfig};
 pub use vhost_user::{VhostUserArgs, VhostUserConfig, VhostUserSocket};
 
-use crate::storage::sealing::KeyFormat;
 use clap::{Args, Parser, Subcommand};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -39,6 +43,12 @@ pub enum ConfigError {
     NoState,
     #[error("nothing to serve: give --ctrl and/or --server")]
     NoChannels,
+    #[error("file descriptor {fd} is given to both {first} and {second}; each option needs its own descriptor")]
+    FdTwice {
+        fd: i32,
+        first: &'static str,
+        second: &'static str,
+    },
 }
 
 #[derive(Debug, Parser)]
@@ -61,6 +71,22 @@ pub enum Command {
     /// as crosvm defines it) to crosvm, cloud-hypervisor's generic
     /// vhost-user device or any vhost-user frontend.
     VhostUser(VhostUserArgs),
+    /// Write the state back in swtpm's file format (tpm2-00.permall,
+    /// tpm2-00.volatilestate) for a user returning to swtpm; vtpmd's own
+    /// files are removed. Run while no vtpmd serves the directory.
+    SwtpmExport(SwtpmExportArgs),
+}
+
+/// `vtpmd swtpm-export`.
+#[derive(Debug, Args)]
+pub struct SwtpmExportArgs {
+    /// State directory: dir=DIR (as for `vtpmd socket`).
+    #[arg(long, value_name = "dir=DIR")]
+    pub tpmstate: String,
+    /// The state's --key (swtpm syntax, as for `vtpmd socket`): the files
+    /// are then written in swtpm's encrypted format for the same key.
+    #[arg(long, value_name = "KEYSPEC")]
+    pub key: Option<String>,
 }
 
 /// Options every frontend shares: where the TPM state lives and how it is
@@ -71,20 +97,31 @@ pub struct InstanceArgs {
     /// directory must exist; files are created with `mode`.
     #[arg(long, value_name = "dir=DIR[,mode=MODE]")]
     pub tpmstate: Option<String>,
-    /// Log to a file: file=PATH[,level=N][,truncate], or to stderr at a
-    /// level: level=N. Level 0: errors, 1-4: info, 5-19: debug, 20+: trace
-    /// (command codes and sizes, never contents). Without --log, warnings
-    /// and errors go to stderr.
-    #[arg(long, value_name = "file=PATH[,level=N]")]
+    /// Log to a file (file=PATH[,truncate]) or an inherited descriptor
+    /// (fd=N), or to stderr (level=N alone); [,level=N][,prefix=STRING].
+    /// Level 0: errors, 1-4: info, 5-19: debug, 20+: trace (command codes
+    /// and sizes, never contents). Without --log, warnings and errors go to
+    /// stderr (with --daemon: stderr until started, then syslog).
+    #[arg(long, value_name = "file=PATH|fd=N|level=N")]
     pub log: Option<String>,
-    /// Write the process id to a file: file=PATH.
-    #[arg(long, value_name = "file=PATH")]
+    /// Write the process id to a file (file=PATH) or into an inherited
+    /// descriptor of a regular file (fd=N).
+    #[arg(long, value_name = "file=PATH|fd=N")]
     pub pid: Option<String>,
-    /// Encrypt state at rest: file=PATH[,format=hex|binary][,mode=aes-256-cbc].
-    /// The file holds a 256-bit key; AES-256-CBC and HMAC-SHA256 keys are
-    /// derived from it.
-    #[arg(long, value_name = "file=PATH[,format=hex|binary]")]
+    /// Encrypt state at rest, with swtpm's syntax: a key
+    /// (file=PATH|fd=N[,format=hex|binary]) or a passphrase
+    /// (pwdfile=PATH|pwdfd=N[,kdf=pbkdf2|sha512]),
+    /// [,mode=aes-128-cbc|aes-256-cbc][,remove]. Reads swtpm's encrypted
+    /// state files as well as vtpmd's own (see docs/swtpm-compat.md).
+    #[arg(long, value_name = "file=PATH|fd=N|pwdfile=PATH|pwdfd=N[,...]")]
     pub key: Option<String>,
+    /// swtpm's migration key (same syntax as --key): state blobs handed out
+    /// by GET_STATEBLOB are encrypted with it, and blobs encrypted with it
+    /// are taken in, byte-compatible with swtpm. Allows such an export
+    /// without --allow-plaintext-migration; a prepared sealed migration
+    /// still takes precedence (docs/swtpm-compat.md, "Migration key").
+    #[arg(long, value_name = "file=PATH|fd=N|pwdfile=PATH|pwdfd=N[,...]")]
+    pub migration_key: Option<String>,
     /// This host's migration key (private RSA key, PEM, from `vtpmctl
     /// keygen`). Enables sealed migration; plaintext or swtpm-format blobs
     /// are then refused.
@@ -97,10 +134,13 @@ pub struct InstanceArgs {
     /// VMM's channel cannot authorise a migration; this one can.
     #[arg(long, value_name = "path=SOCK")]
     pub admin: Option<String>,
-    /// `incoming`: this instance is a migration destination; it starts
-    /// locked on an empty state directory and unlocks only on a verified
-    /// sealed migration (needs --host-key).
-    #[arg(long, value_name = "incoming")]
+    /// Comma list. `incoming`: a migration destination. With --host-key it
+    /// starts locked on an empty state directory and unlocks only on a
+    /// verified sealed migration; without, as swtpm: the state directory
+    /// lock is taken only when the state arrives or the TPM is first used
+    /// (shared storage). `release-lock-outgoing`: give the lock up once the
+    /// last state blob was handed out, for a destination on shared storage.
+    #[arg(long, value_name = "incoming,release-lock-outgoing")]
     pub migration: Option<String>,
     /// Allow exporting the state without a prepared sealed migration,
     /// handing it out unencrypted as swtpm does (savevm, snapshots,
@@ -120,18 +160,55 @@ pub struct InstanceArgs {
     pub runas: Option<String>,
 }
 
+/// Where log lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogConfig {
-    /// None: stderr.
-    pub file: Option<PathBuf>,
-    pub level: u32,
-    pub truncate: bool,
+pub enum LogTarget {
+    File {
+        path: PathBuf,
+        truncate: bool,
+    },
+    /// An inherited descriptor.
+    Fd(i32),
+    Stderr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyConfig {
-    pub file: PathBuf,
-    pub format: KeyFormat,
+pub struct LogConfig {
+    pub target: LogTarget,
+    pub level: u32,
+    /// Put before every line (swtpm's prefix=).
+    pub prefix: Option<String>,
+}
+
+impl LogConfig {
+    /// The log file, if the log goes to a named file.
+    pub fn file(&self) -> Option<&Path> {
+        match &self.target {
+            LogTarget::File { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+}
+
+/// Where the process id is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PidTarget {
+    File(PathBuf),
+    /// An inherited descriptor of a regular file.
+    Fd(i32),
+}
+
+/// `--migration`: how the state directory lock follows a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MigrationFlags {
+    /// `incoming` with `--host-key`: a sealed-migration destination.
+    pub sealed_incoming: bool,
+    /// `incoming` without `--host-key` (swtpm's meaning): the lock is taken
+    /// only when the state arrives or the TPM is first used.
+    pub defer_lock: bool,
+    /// `release-lock-outgoing`: the lock is given up once the last blob
+    /// was handed out.
+    pub release_lock_outgoing: bool,
 }
 
 /// The validated [`InstanceArgs`].
@@ -140,12 +217,16 @@ pub struct InstanceConfig {
     pub state_dir: PathBuf,
     pub state_mode: u32,
     pub log: Option<LogConfig>,
-    pub pid_file: Option<PathBuf>,
-    pub key: Option<KeyConfig>,
+    pub pid: Option<PidTarget>,
+    pub key: Option<KeySpec>,
+    pub migration_key: Option<KeySpec>,
     pub host_key: Option<PathBuf>,
     pub trusted_peers: Option<PathBuf>,
     pub admin: Option<PathBuf>,
+    /// A sealed-migration destination (`--migration incoming` with
+    /// `--host-key`).
     pub incoming: bool,
+    pub migration: MigrationFlags,
     pub allow_plaintext_migration: bool,
     pub seccomp: SeccompMode,
     pub runas: Option<String>,
@@ -186,12 +267,27 @@ impl InstanceArgs {
     /// Validates the shared options.
     pub fn validate(&self) -> Result<InstanceConfig, ConfigError> {
         let (state_dir, state_mode) = self.state()?;
+        let migration = self
+            .migration
+            .as_deref()
+            .map(|m| parse_migration(m, self.host_key.is_some()))
+            .transpose()?
+            .unwrap_or_default();
         let cfg = InstanceConfig {
             state_dir,
             state_mode,
             log: self.log.as_deref().map(parse_log).transpose()?,
-            pid_file: self.pid.as_deref().map(parse_pid).transpose()?,
-            key: self.key.as_deref().map(parse_key).transpose()?,
+            pid: self.pid.as_deref().map(parse_pid).transpose()?,
+            key: self
+                .key
+                .as_deref()
+                .map(|k| key::parse_key("--key", k))
+                .transpose()?,
+            migration_key: self
+                .migration_key
+                .as_deref()
+                .map(|k| key::parse_key("--migration-key", k))
+                .transpose()?,
             host_key: self.host_key.clone(),
             trusted_peers: self.trusted_peers.clone(),
             admin: self.admin.as_deref().map(parse_admin).transpose()?,
@@ -202,21 +298,11 @@ impl InstanceArgs {
                 .transpose()?
                 .unwrap_or_default(),
             runas: self.runas.clone(),
-            incoming: match self.migration.as_deref() {
-                None => false,
-                Some("incoming") => true,
-                Some(other) => {
-                    return Err(invalid(
-                        "--migration",
-                        format!("'{other}' is not supported (only 'incoming')"),
-                    ))
-                }
-            },
+            incoming: migration.sealed_incoming,
+            migration,
             allow_plaintext_migration: self.allow_plaintext_migration,
         };
-        if cfg.incoming && cfg.host_key.is_none() {
-            return Err(invalid("--migration", "incoming needs --host-key"));
-        }
+        cfg.check_fds(&[])?;
         if cfg.trusted_peers.is_some() && cfg.host_key.is_none() {
             return Err(invalid("--trusted-peers", "needs --host-key"));
         }
@@ -277,6 +363,83 @@ pub fn parse_kv(
     Ok(out)
 }
 
+/// An inherited descriptor number (`fd=N`).
+pub(crate) fn parse_fd(opt: &'static str, key: &str, v: &str) -> Result<i32, ConfigError> {
+    v.parse::<i32>()
+        .ok()
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| invalid(opt, format!("{key}={v} is not a file descriptor number")))
+}
+
+/// swtpm's booleans: the bare key, `true`/`1` or `false`/`0` (any case).
+pub(crate) fn parse_bool(opt: &'static str, key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v.to_ascii_lowercase().as_str() {
+        "" | "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(invalid(opt, format!("{key}={v}: use true or false"))),
+    }
+}
+
+impl InstanceConfig {
+    /// Refuses a descriptor named by two options (taking it over twice
+    /// would close it twice). `more`: the frontend's own (option, fd).
+    pub fn check_fds(&self, more: &[(&'static str, i32)]) -> Result<(), ConfigError> {
+        let fd_of = |k: &Option<KeySpec>| match k.as_ref().map(|k| &k.source) {
+            Some(KeySource::Fd(fd)) => Some(*fd),
+            _ => None,
+        };
+        let mut all: Vec<(&'static str, i32)> = [
+            ("--key", fd_of(&self.key)),
+            ("--migration-key", fd_of(&self.migration_key)),
+            (
+                "--log",
+                match self.log.as_ref().map(|l| &l.target) {
+                    Some(LogTarget::Fd(fd)) => Some(*fd),
+                    _ => None,
+                },
+            ),
+            (
+                "--pid",
+                match self.pid {
+                    Some(PidTarget::Fd(fd)) => Some(fd),
+                    _ => None,
+                },
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(o, fd)| fd.map(|fd| (o, fd)))
+        .collect();
+        all.extend_from_slice(more);
+        for (i, (first, fd)) in all.iter().enumerate() {
+            if let Some((second, _)) = all[i + 1..].iter().find(|(_, f)| f == fd) {
+                return Err(ConfigError::FdTwice {
+                    fd: *fd,
+                    first,
+                    second,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_migration(s: &str, has_host_key: bool) -> Result<MigrationFlags, ConfigError> {
+    const OPT: &str = "--migration";
+    let kv = parse_kv(OPT, s, &["incoming", "release-lock-outgoing"])?;
+    let flag = |k: &str| {
+        kv.get(k)
+            .map(|v| parse_bool(OPT, k, v))
+            .transpose()
+            .map(|b| b.unwrap_or(false))
+    };
+    let incoming = flag("incoming")?;
+    Ok(MigrationFlags {
+        sealed_incoming: incoming && has_host_key,
+        defer_lock: incoming && !has_host_key,
+        release_lock_outgoing: flag("release-lock-outgoing")?,
+    })
+}
+
 pub(crate) fn invalid(opt: &'static str, why: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         opt,
@@ -299,39 +462,61 @@ pub(crate) fn parse_mode(opt: &'static str, s: &str) -> Result<u32, ConfigError>
 fn parse_log(s: &str) -> Result<LogConfig, ConfigError> {
     const OPT: &str = "--log";
     let kv = parse_kv(OPT, s, &["file", "level", "truncate", "fd", "prefix"])?;
-    if kv.contains_key("fd") || kv.contains_key("prefix") {
-        return Err(invalid(
-            OPT,
-            "only file=, level= and truncate are supported",
-        ));
+    let truncate = kv
+        .get("truncate")
+        .map(|v| parse_bool(OPT, "truncate", v))
+        .transpose()?
+        .unwrap_or(false);
+    let target = match (kv.get("file"), kv.get("fd")) {
+        (Some(_), Some(_)) => return Err(invalid(OPT, "give file= or fd=, not both")),
+        (Some(f), None) if f.is_empty() => return Err(invalid(OPT, "file= needs a path")),
+        (Some(f), None) => LogTarget::File {
+            path: PathBuf::from(f),
+            truncate,
+        },
+        (None, Some(fd)) => LogTarget::Fd(parse_fd(OPT, "fd", fd)?),
+        (None, None) if kv.contains_key("level") => LogTarget::Stderr,
+        (None, None) => return Err(invalid(OPT, "give file=PATH, fd=N and/or level=N")),
+    };
+    if truncate && !matches!(target, LogTarget::File { .. }) {
+        return Err(invalid(OPT, "truncate needs file=PATH"));
     }
-    // As swtpm: without file= the log goes to stderr, at the level given.
-    let file = kv.get("file").filter(|f| !f.is_empty()).map(PathBuf::from);
-    if file.is_none() && !kv.contains_key("level") {
-        return Err(invalid(OPT, "give file=PATH and/or level=N"));
-    }
+    // As swtpm: a log file or descriptor without level= logs at level 1.
     let level = match kv.get("level") {
-        Some(l) => l
-            .parse()
-            .map_err(|_| invalid(OPT, format!("level '{l}' is not a number")))?,
+        Some(l) => l.parse().map_err(|_| {
+            invalid(
+                OPT,
+                format!("level '{l}' is not a number from 0 to 4294967295"),
+            )
+        })?,
         None => 1,
     };
+    let prefix = kv.get("prefix").cloned();
+    if prefix
+        .as_ref()
+        .is_some_and(|p| p.len() > 256 || p.contains('\n'))
+    {
+        return Err(invalid(
+            OPT,
+            "prefix= must be one line of at most 256 bytes",
+        ));
+    }
     Ok(LogConfig {
-        file,
+        target,
         level,
-        truncate: kv.contains_key("truncate"),
+        prefix,
     })
 }
 
-fn parse_pid(s: &str) -> Result<PathBuf, ConfigError> {
-    let kv = parse_kv("--pid", s, &["file", "fd"])?;
-    if kv.contains_key("fd") {
-        return Err(invalid("--pid", "fd= is not supported; use file=PATH"));
+fn parse_pid(s: &str) -> Result<PidTarget, ConfigError> {
+    const OPT: &str = "--pid";
+    let kv = parse_kv(OPT, s, &["file", "fd"])?;
+    match (kv.get("file"), kv.get("fd")) {
+        (Some(_), Some(_)) => Err(invalid(OPT, "give file= or fd=, not both")),
+        (Some(f), None) if !f.is_empty() => Ok(PidTarget::File(PathBuf::from(f))),
+        (None, Some(fd)) => Ok(PidTarget::Fd(parse_fd(OPT, "fd", fd)?)),
+        _ => Err(invalid(OPT, "file=PATH or fd=N is required")),
     }
-    kv.get("file")
-        .filter(|f| !f.is_empty())
-        .map(PathBuf::from)
-        .ok_or_else(|| invalid("--pid", "file=PATH is required"))
 }
 
 fn parse_admin(s: &str) -> Result<PathBuf, ConfigError> {
@@ -340,47 +525,6 @@ fn parse_admin(s: &str) -> Result<PathBuf, ConfigError> {
         .filter(|p| !p.is_empty())
         .map(PathBuf::from)
         .ok_or_else(|| invalid("--admin", "path=SOCK is required"))
-}
-
-fn parse_key(s: &str) -> Result<KeyConfig, ConfigError> {
-    const OPT: &str = "--key";
-    let kv = parse_kv(
-        OPT,
-        s,
-        &[
-            "file", "format", "mode", "fd", "pwdfile", "pwdfd", "kdf", "remove",
-        ],
-    )?;
-    for k in ["fd", "pwdfile", "pwdfd", "kdf", "remove"] {
-        if kv.contains_key(k) {
-            return Err(invalid(
-                OPT,
-                format!("'{k}' is not supported; give a 256-bit key with file=PATH"),
-            ));
-        }
-    }
-    let file = kv
-        .get("file")
-        .filter(|f| !f.is_empty())
-        .ok_or_else(|| invalid(OPT, "file=PATH is required"))?;
-    let format = match kv.get("format").map(String::as_str) {
-        None | Some("hex") => KeyFormat::Hex,
-        Some("binary") => KeyFormat::Binary,
-        Some(f) => return Err(invalid(OPT, format!("format '{f}' is not hex or binary"))),
-    };
-    match kv.get("mode").map(String::as_str) {
-        None | Some("aes-256-cbc") => {}
-        Some(m) => {
-            return Err(invalid(
-                OPT,
-                format!("mode '{m}' is not supported; vtpmd uses aes-256-cbc"),
-            ))
-        }
-    }
-    Ok(KeyConfig {
-        file: PathBuf::from(file),
-        format,
-    })
 }
 
 #[cfg(test)]

@@ -5,10 +5,9 @@
 //! interchangeable on a QEMU or cloud-hypervisor command line. Options of
 //! swtpm that vtpmd does not implement are refused by name.
 
-use super::{invalid, parse_kv, parse_mode, ConfigError, InstanceArgs, InstanceConfig};
+use super::channel::{parse_endpoint, Channel, Endpoint};
+use super::{invalid, ConfigError, InstanceArgs, InstanceConfig};
 use clap::Args;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 pub struct SocketArgs {
@@ -17,14 +16,17 @@ pub struct SocketArgs {
     /// Emulate a TPM 2.0 (required: TPM 1.2 is not supported).
     #[arg(long)]
     pub tpm2: bool,
-    /// Control channel: type=unixio,path=PATH[,mode=0770][,terminate] or
-    /// type=tcp,port=PORT[,bindaddr=ADDR][,terminate]. With `terminate`,
-    /// vtpmd exits when the control client disconnects.
+    /// Control channel: type=unixio,path=PATH[,mode=0770],
+    /// type=tcp,port=PORT[,bindaddr=127.0.0.1], or an inherited socket:
+    /// type=unixio|tcp,fd=N (listening) or type=unixio,clientfd=N (a
+    /// connected client); [,terminate]: exit when the client disconnects.
     #[arg(long, value_name = "type=unixio|tcp,...")]
     pub ctrl: Option<String>,
-    /// Data channel server: type=tcp,port=PORT[,bindaddr=ADDR] or
-    /// type=unixio,path=PATH[,mode=MODE]. QEMU does not need it (it passes
-    /// its own socket with SET_DATAFD); tpm2-tss's swtpm TCTI does.
+    /// Data channel: [type=tcp,]port=PORT[,bindaddr=127.0.0.1],
+    /// type=unixio,path=PATH[,mode=0770], or an inherited socket fd=N
+    /// (listening: accepts clients; connected: the one data connection,
+    /// vtpmd exits when it closes). QEMU does not need it (it passes its
+    /// own socket with SET_DATAFD); tpm2-tss's swtpm TCTI does.
     #[arg(long, value_name = "type=tcp|unixio,...")]
     pub server: Option<String>,
     /// Comma list: not-need-init (power on without INIT), startup-clear /
@@ -48,8 +50,6 @@ pub struct SocketArgs {
     // swtpm options vtpmd does not implement: accepted by the parser only to
     // be refused by name.
     #[arg(long, hide = true)]
-    pub migration_key: Option<String>,
-    #[arg(long, hide = true)]
     pub locality: Option<String>,
     #[arg(long, hide = true)]
     pub chroot: Option<String>,
@@ -57,13 +57,6 @@ pub struct SocketArgs {
     pub profile: Option<String>,
     #[arg(long, hide = true)]
     pub vtpm_proxy: bool,
-}
-
-/// Where a channel listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
-    Unix { path: PathBuf, mode: Option<u32> },
-    Tcp(SocketAddr),
 }
 
 /// A validated `vtpmd socket` configuration.
@@ -80,71 +73,10 @@ pub struct SocketConfig {
     pub daemon: bool,
 }
 
-fn parse_endpoint(
-    opt: &'static str,
-    s: &str,
-    with_terminate: bool,
-) -> Result<(Endpoint, bool), ConfigError> {
-    let mut accepted = vec!["type", "path", "mode", "port", "bindaddr"];
-    if with_terminate {
-        accepted.push("terminate");
-    }
-    let kv = parse_kv(opt, s, &accepted)?;
-    let terminate = kv.contains_key("terminate");
-    // swtpm's default: `--server port=P` (no type) is TCP.
-    let ty = match kv.get("type").map(String::as_str) {
-        None if kv.contains_key("port") && opt == "--server" => "tcp",
-        t => t.unwrap_or(""),
-    };
-    let ep = match ty {
-        "unixio" => {
-            let path = kv
-                .get("path")
-                .filter(|p| !p.is_empty())
-                .ok_or_else(|| invalid(opt, "type=unixio needs path=PATH"))?;
-            if kv.contains_key("port") || kv.contains_key("bindaddr") {
-                return Err(invalid(opt, "port= and bindaddr= belong to type=tcp"));
-            }
-            let mode = kv.get("mode").map(|m| parse_mode(opt, m)).transpose()?;
-            Endpoint::Unix {
-                path: PathBuf::from(path),
-                mode,
-            }
-        }
-        "tcp" => {
-            let port: u16 = kv
-                .get("port")
-                .ok_or_else(|| invalid(opt, "type=tcp needs port=N"))?
-                .parse()
-                .map_err(|_| invalid(opt, "port must be a number from 0 to 65535"))?;
-            let addr: IpAddr = match kv.get("bindaddr") {
-                Some(a) => a
-                    .trim_matches(|c| c == '[' || c == ']')
-                    .parse()
-                    .map_err(|_| invalid(opt, format!("bindaddr '{a}' is not an IP address")))?,
-                None => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            };
-            if kv.contains_key("path") || kv.contains_key("mode") {
-                return Err(invalid(opt, "path= and mode= belong to type=unixio"));
-            }
-            Endpoint::Tcp(SocketAddr::new(addr, port))
-        }
-        "" => return Err(invalid(opt, "type= is required (unixio or tcp)")),
-        other => {
-            return Err(invalid(
-                opt,
-                format!("type '{other}' is not supported (unixio or tcp)"),
-            ))
-        }
-    };
-    Ok((ep, terminate))
-}
-
 impl SocketArgs {
     /// Validates the arguments into a configuration.
     pub fn validate(&self) -> Result<SocketConfig, ConfigError> {
-        let refused: [(&str, bool); 5] = [
-            ("--migration-key", self.migration_key.is_some()),
+        let refused: [(&str, bool); 4] = [
             ("--locality", self.locality.is_some()),
             ("--chroot", self.chroot.is_some()),
             ("--profile", self.profile.is_some()),
@@ -159,7 +91,7 @@ impl SocketArgs {
         let instance = self.instance.validate()?;
         let (ctrl, ctrl_terminate) = match &self.ctrl {
             Some(s) => {
-                let (ep, t) = parse_endpoint("--ctrl", s, true)?;
+                let (ep, t) = parse_endpoint(Channel::Ctrl, s)?;
                 (Some(ep), t)
             }
             None => (None, false),
@@ -167,11 +99,16 @@ impl SocketArgs {
         let server = self
             .server
             .as_deref()
-            .map(|s| parse_endpoint("--server", s, false).map(|(e, _)| e))
+            .map(|s| parse_endpoint(Channel::Server, s).map(|(e, _)| e))
             .transpose()?;
         if ctrl.is_none() && server.is_none() {
             return Err(ConfigError::NoChannels);
         }
+        let fds: Vec<(&'static str, i32)> = [("--ctrl", &ctrl), ("--server", &server)]
+            .into_iter()
+            .filter_map(|(o, e)| e.as_ref().and_then(Endpoint::fd).map(|fd| (o, fd)))
+            .collect();
+        instance.check_fds(&fds)?;
         let mut cfg = SocketConfig {
             instance,
             ctrl,
@@ -218,18 +155,30 @@ fn apply_flags(cfg: &mut SocketConfig, flags: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// What `--print-capabilities` lists: only what vtpmd implements.
+/// (libvirt checks `cmdarg-pwd-fd` before passing `--key pwdfd=`,
+/// `cmdarg-migration` before `--migration`, and `tpm-2.0`.)
+pub const FEATURES: &[&str] = &[
+    "tpm-2.0",
+    "flags-opt-startup",
+    "flags-opt-disable-auto-shutdown",
+    "ctrl-opt-terminate",
+    "cmdarg-seccomp",
+    "cmdarg-key-fd",
+    "cmdarg-pwd-fd",
+    "cmdarg-print-states",
+    "cmdarg-migration",
+    "nvram-backend-dir",
+];
+
 /// The JSON `--print-capabilities` prints (the shape libvirt and
-/// swtpm_setup read), listing only what vtpmd implements.
-pub fn capabilities_json() -> String {
-    let features = [
-        "tpm-2.0",
-        "flags-opt-startup",
-        "flags-opt-disable-auto-shutdown",
-        "cmdarg-print-states",
-        "nvram-backend-dir",
-    ];
-    let list = features
+/// swtpm_setup read). `rsa_key_sizes`: what the TPM engine supports, listed
+/// as swtpm lists them (`rsa-keysize-2048`, ...).
+pub fn capabilities_json(rsa_key_sizes: &[u32]) -> String {
+    let list = FEATURES
         .iter()
+        .map(|f| f.to_string())
+        .chain(rsa_key_sizes.iter().map(|n| format!("rsa-keysize-{n}")))
         .map(|f| format!("\"{f}\""))
         .collect::<Vec<_>>()
         .join(", ");
@@ -241,9 +190,13 @@ pub fn capabilities_json() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Cli, Command};
+    use super::super::{Cli, Command, LogTarget, PidTarget};
     use super::*;
+    use crate::config::channel::Family;
+    use crate::config::{KeyMaterial, KeySource};
     use clap::Parser;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::path::PathBuf;
 
     fn args(extra: &[&str]) -> Result<SocketConfig, String> {
         let mut v = vec!["vtpmd", "socket"];
@@ -271,7 +224,7 @@ mod tests {
             c.ctrl,
             Some(Endpoint::Unix {
                 path: "/tmp/c.sock".into(),
-                mode: None
+                mode: 0o770
             })
         );
         assert!(!c.not_need_init && !c.daemon && !c.terminate);
@@ -297,12 +250,15 @@ mod tests {
             c.ctrl,
             Some(Endpoint::Unix {
                 path: "/run/x.sock".into(),
-                mode: Some(0o600)
+                mode: 0o600
             })
         );
         assert_eq!(c.instance.log.unwrap().level, 20);
         assert!(c.terminate);
-        assert_eq!(c.instance.pid_file, Some(PathBuf::from("/run/x.pid")));
+        assert_eq!(
+            c.instance.pid,
+            Some(PidTarget::File(PathBuf::from("/run/x.pid")))
+        );
     }
 
     #[test]
@@ -377,7 +333,7 @@ mod tests {
             "type=unixio,path=/c,clientfd=4",
         ])
         .unwrap_err();
-        assert!(e.contains("unknown parameter 'clientfd'"), "{e}");
+        assert!(e.contains("path= does not go with clientfd="), "{e}");
         let e = args(&[
             "--tpm2",
             "--tpmstate",
@@ -397,8 +353,8 @@ mod tests {
             .unwrap_err()
             .contains("unknown flag 'startup-bogus'"));
         let mut v = BASE.to_vec();
-        v.extend(["--key", "pwdfile=/k"]);
-        assert!(args(&v).unwrap_err().contains("'pwdfile' is not supported"));
+        v.extend(["--key", "pwdfile=/k,file=/j"]);
+        assert!(args(&v).unwrap_err().contains("give only one of"));
         let e = args(&[
             "--tpm2",
             "--tpmstate",
@@ -422,10 +378,15 @@ mod tests {
 
     #[test]
     fn capabilities_are_json_like_swtpm() {
-        let j = capabilities_json();
+        let j = capabilities_json(&[2048, 3072]);
         assert!(j.starts_with("{ \"type\": \"swtpm\""));
         assert!(j.contains("\"tpm-2.0\""));
+        assert!(j.contains("\"cmdarg-pwd-fd\", "));
+        assert!(j.contains("\"rsa-keysize-2048\", \"rsa-keysize-3072\" ]"));
         assert!(!j.contains("tpm-1.2"));
+        assert!(!j.contains("nvram-backend-file"));
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+        assert_eq!(v["features"].as_array().unwrap().len(), FEATURES.len() + 2);
     }
 
     #[test]
@@ -443,9 +404,131 @@ mod tests {
         let mut v = BASE.to_vec();
         v.extend(["--log", "level=5"]);
         let log = args(&v).unwrap().instance.log.unwrap();
-        assert_eq!((log.file, log.level), (None, 5));
+        assert_eq!((log.target, log.level), (LogTarget::Stderr, 5));
         let mut v = BASE.to_vec();
         v.extend(["--log", "truncate"]);
-        assert!(args(&v).unwrap_err().contains("file=PATH and/or level=N"));
+        assert!(args(&v)
+            .unwrap_err()
+            .contains("file=PATH, fd=N and/or level=N"));
+    }
+
+    #[test]
+    fn swtpm_setup_command_line() {
+        // What swtpm_setup 0.7.1 runs (plus --key when asked to encrypt).
+        let c = args(&[
+            "--flags",
+            "not-need-init,startup-clear",
+            "--tpmstate",
+            "backend-uri=dir:///var/lib/swtpm/x",
+            "--pid",
+            "file=/tmp/.swtpm_setup.pidfile.abc",
+            "--tpm2",
+            "--key",
+            "pwdfd=9,mode=aes-256-cbc",
+            "--log",
+            "file=/var/log/swtpm_setup.log",
+            "--ctrl",
+            "type=unixio,clientfd=5",
+            "--server",
+            "type=tcp,fd=7",
+        ])
+        .unwrap();
+        assert_eq!(c.ctrl, Some(Endpoint::ClientFd(5)));
+        assert_eq!(
+            c.server,
+            Some(Endpoint::Fd {
+                fd: 7,
+                family: Family::Tcp
+            })
+        );
+        let k = c.instance.key.unwrap();
+        assert_eq!(k.source, KeySource::Fd(9));
+        assert!(matches!(k.material, KeyMaterial::Passphrase(_)));
+        assert_eq!(
+            c.instance.log.unwrap().level,
+            1,
+            "swtpm: file= alone logs at level 1"
+        );
+    }
+
+    #[test]
+    fn libvirt_encrypted_shared_storage_command_line() {
+        let mut v = BASE.to_vec();
+        v.extend([
+            "--key",
+            "pwdfd=20,mode=aes-256-cbc",
+            "--migration-key",
+            "pwdfd=21,mode=aes-256-cbc",
+            "--migration",
+            "release-lock-outgoing,incoming",
+        ]);
+        let c = args(&v).unwrap();
+        assert!(c.instance.migration_key.is_some());
+        let m = c.instance.migration;
+        assert!(m.release_lock_outgoing && m.defer_lock && !m.sealed_incoming);
+        assert!(
+            !c.instance.incoming,
+            "no --host-key: swtpm's meaning of incoming"
+        );
+        v.extend(["--host-key", "/k.pem"]);
+        let c = args(&v).unwrap();
+        assert!(c.instance.incoming && !c.instance.migration.defer_lock);
+        let mut v = BASE.to_vec();
+        v.extend(["--migration", "outgoing"]);
+        assert!(args(&v)
+            .unwrap_err()
+            .contains("unknown parameter 'outgoing'"));
+    }
+
+    #[test]
+    fn log_and_pid_descriptors() {
+        let mut v = BASE.to_vec();
+        v.extend(["--log", "fd=4,level=2,prefix=[tpm]", "--pid", "fd=5"]);
+        let c = args(&v).unwrap();
+        let log = c.instance.log.unwrap();
+        assert_eq!(log.target, LogTarget::Fd(4));
+        assert_eq!(log.prefix.as_deref(), Some("[tpm]"));
+        assert_eq!(c.instance.pid, Some(PidTarget::Fd(5)));
+        for (opt, val, want) in [
+            ("--log", "fd=4,file=/x", "not both"),
+            ("--log", "fd=x", "fd=x"),
+            ("--log", "level=-1", "level '-1'"),
+            ("--log", "level=99999999999", "level '99999999999'"),
+            ("--log", "fd=3,truncate", "truncate needs file="),
+            ("--log", "file=", "file= needs a path"),
+            ("--pid", "fd=-2", "fd=-2"),
+            ("--pid", "file=/a,fd=3", "not both"),
+            ("--pid", "", "file=PATH or fd=N is required"),
+        ] {
+            let mut v = BASE.to_vec();
+            v.extend([opt, val]);
+            let e = args(&v).unwrap_err();
+            assert!(e.contains(want), "{opt} {val}: {e}");
+        }
+        let long_prefix = format!("level=1,prefix={}", "p".repeat(300));
+        let mut v = BASE.to_vec();
+        v.extend(["--log", long_prefix.as_str()]);
+        assert!(args(&v).unwrap_err().contains("prefix="));
+    }
+
+    #[test]
+    fn one_descriptor_for_two_options_is_refused() {
+        let e = args(&[
+            "--tpm2",
+            "--tpmstate",
+            "dir=/x",
+            "--ctrl",
+            "type=unixio,clientfd=5",
+            "--server",
+            "type=tcp,fd=5",
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("descriptor 5 is given to both --ctrl and --server"),
+            "{e}"
+        );
+        let mut v = BASE.to_vec();
+        v.extend(["--key", "pwdfd=6", "--log", "fd=6"]);
+        assert!(args(&v).unwrap_err().contains("--key and --log"));
     }
 }

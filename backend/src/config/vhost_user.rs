@@ -73,6 +73,9 @@ impl VhostUserArgs {
                 ))
             }
         };
+        if let VhostUserSocket::Fd(fd) = socket {
+            instance.check_fds(&[("--fd", fd)])?;
+        }
         Ok(VhostUserConfig {
             instance,
             socket,
@@ -136,7 +139,9 @@ mod tests {
         assert!(e.contains("not both"), "{e}");
         let e = args(&["-s", "/x"]).unwrap_err();
         assert!(e.contains("--tpmstate"), "{e}");
-        let e = args(&[
+        // Without --host-key, `incoming` has swtpm's meaning (the lock
+        // waits for the state); with one, a sealed destination.
+        let c = args(&[
             "-s",
             "/x",
             "--tpmstate",
@@ -144,8 +149,10 @@ mod tests {
             "--migration",
             "incoming",
         ])
-        .unwrap_err();
-        assert!(e.contains("needs --host-key"), "{e}");
+        .unwrap();
+        assert!(c.instance.migration.defer_lock && !c.instance.incoming);
+        let e = args(&["-s", "/x", "--tpmstate", "dir=/s", "--migration", "bogus"]).unwrap_err();
+        assert!(e.contains("unknown parameter 'bogus'"), "{e}");
         let e = args(&["-s", "/x", "--tpmstate", "dir=/s", "--fd", "-1"]);
         assert!(e.is_err());
         assert!(args(&[

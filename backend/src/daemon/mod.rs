@@ -11,15 +11,17 @@
 //! imports it except `main.rs`.
 
 pub mod confine;
+pub mod detach;
+pub mod keys;
 pub mod swtpm;
 pub mod vhost_user;
 
-use crate::config::{InstanceConfig, SeccompMode};
+use crate::config::{InstanceConfig, PidTarget, SeccompMode};
 use crate::engine::{Libtpms, TpmResult};
 use crate::exit::{Exit, ExitTx};
 use crate::instance::{InstanceError, Options, Vtpm};
 use crate::migration::session::Session;
-use crate::storage::sealing::{SealError, StateKey};
+use crate::storage::at_rest::AtRestKey;
 use crate::storage::{StateDir, StorageError};
 use crate::transport::{self, Acceptor, Listener};
 use std::fs;
@@ -36,7 +38,7 @@ use vtpm_common::hostkey::{HostKey, KeyError};
 #[derive(Debug, Error)]
 pub enum RunError {
     #[error(transparent)]
-    Key(#[from] SealError),
+    Key(#[from] keys::KeyLoadError),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -49,6 +51,14 @@ pub enum RunError {
     Confine(#[from] confine::ConfineError),
     #[error("libtpms refused to start (TPM result {0:#x})")]
     Engine(TpmResult),
+    #[error("{opt} fd={fd}: {why}")]
+    InheritedFd {
+        opt: &'static str,
+        fd: i32,
+        why: String,
+    },
+    #[error("--pid fd={0}: {1}")]
+    PidFd(i32, String),
     #[error("cannot {what} {target}: {source}")]
     Io {
         what: &'static str,
@@ -71,8 +81,8 @@ pub(crate) fn io_err(
 
 /// Mode of the control, data and vhost-user sockets unless `mode=` says
 /// otherwise: the owner and its group (a VMM running as another user in
-/// the group) may connect.
-pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// the group) may connect. swtpm's default, 0770, for drop-in use.
+pub const DEFAULT_SOCKET_MODE: u32 = crate::config::channel::DEFAULT_UNIX_MODE;
 /// Mode of the pid file.
 const PID_FILE_MODE: u32 = 0o600;
 
@@ -108,26 +118,41 @@ pub struct Host {
     admin: Option<UnixListener>,
     /// Sockets to remove when the process stops.
     sockets: Vec<PathBuf>,
-    pid_file: Option<PathBuf>,
-    pid_written: bool,
+    pid: Option<PidTarget>,
+    /// The pid file written, removed at exit.
+    pid_written: Option<PathBuf>,
     state_dir: PathBuf,
     /// What confinement allows and how it is applied.
     confinement: (Option<String>, confine::FileAccess, SeccompMode),
 }
 
 impl Host {
-    /// Opens (and locks) the state directory, loads the keys, claims
-    /// libtpms and binds the admin socket. Starts no thread, so the caller
-    /// may still detach (fork) afterwards.
-    pub fn open(cfg: &InstanceConfig, opts: Options) -> Result<Host, RunError> {
+    /// Opens (and locks, unless `--migration incoming` defers it) the state
+    /// directory, loads the keys, claims libtpms and binds the admin socket.
+    /// Starts no thread.
+    pub fn open(cfg: &InstanceConfig, mut opts: Options) -> Result<Host, RunError> {
         // Whatever vtpmd creates is private until given an explicit mode.
         nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
         let key = cfg
             .key
             .as_ref()
-            .map(|k| StateKey::from_file(&k.file, k.format))
-            .transpose()?;
-        let store = Arc::new(StateDir::open(&cfg.state_dir, cfg.state_mode, key)?);
+            .map(|k| keys::load("--key", k))
+            .transpose()?
+            .map(AtRestKey::new);
+        opts.migration_key = cfg
+            .migration_key
+            .as_ref()
+            .map(|k| keys::load("--migration-key", k))
+            .transpose()?
+            .map(Arc::new);
+        opts.release_lock_outgoing = cfg.migration.release_lock_outgoing;
+        let store = if cfg.migration.defer_lock {
+            log::info!("--migration incoming: the state directory lock is taken when the state arrives or the TPM is first used");
+            StateDir::open_unlocked(&cfg.state_dir, cfg.state_mode, key)?
+        } else {
+            StateDir::open(&cfg.state_dir, cfg.state_mode, key)?
+        };
+        let store = Arc::new(store);
         if cfg.incoming {
             store.require_empty()?;
         }
@@ -137,12 +162,15 @@ impl Host {
             .map(HostKey::load)
             .transpose()?
             .map(Arc::new);
-        let session = Session::new(
+        let mut session = Session::new(
             host_key,
             cfg.trusted_peers.clone(),
             cfg.allow_plaintext_migration,
             cfg.incoming,
         );
+        if let Some(marker) = store.read_marker()? {
+            session.restore(&marker).map_err(InstanceError::Migration)?;
+        }
         if cfg.allow_plaintext_migration {
             log::warn!("--allow-plaintext-migration: the TPM state may be handed out unencrypted");
         }
@@ -175,8 +203,8 @@ impl Host {
             acceptors: Vec::new(),
             admin,
             sockets,
-            pid_file: cfg.pid_file.clone(),
-            pid_written: false,
+            pid: cfg.pid.clone(),
+            pid_written: None,
             confinement: (
                 cfg.runas.clone(),
                 confine::FileAccess {
@@ -184,7 +212,7 @@ impl Host {
                     log_file: cfg
                         .log
                         .as_ref()
-                        .and_then(|l| l.file.as_deref())
+                        .and_then(|l| l.file())
                         .map(confine::absolute),
                     removable: Vec::new(),
                     readable: cfg
@@ -233,10 +261,15 @@ impl Host {
     /// Writes the pid file, catches the stop signals and confines the
     /// process; the admin socket joins the listeners served.
     pub fn start_services(&mut self) -> Result<(), RunError> {
-        if let Some(p) = &self.pid_file {
-            write_pid_file(p)?;
-            self.pid_written = true;
+        match &self.pid {
+            Some(PidTarget::File(p)) => {
+                write_pid_file(p)?;
+                self.pid_written = Some(p.clone());
+            }
+            Some(PidTarget::Fd(fd)) => self.pid_written = write_pid_fd(*fd)?,
+            None => {}
         }
+        detach::prepare()?;
         self.catch_signals()?;
         // Confined from here on, before any thread starts, so every thread
         // inherits it.
@@ -244,7 +277,7 @@ impl Host {
         access.removable = self
             .sockets
             .iter()
-            .chain(self.pid_file.iter())
+            .chain(self.pid_written.iter())
             .map(|p| confine::absolute(p))
             .collect();
         confine::confine(
@@ -297,12 +330,34 @@ impl Drop for Host {
         for p in &self.sockets {
             let _ = fs::remove_file(p);
         }
-        if self.pid_written {
-            if let Some(p) = &self.pid_file {
-                let _ = fs::remove_file(p);
-            }
+        if let Some(p) = &self.pid_written {
+            let _ = fs::remove_file(p);
         }
     }
+}
+
+/// `--pid fd=N`: writes the pid into the inherited descriptor of a regular
+/// file and closes it. Returns the file's name, to remove it at exit as
+/// swtpm does (if the descriptor still names one).
+fn write_pid_fd(fd: i32) -> Result<Option<PathBuf>, RunError> {
+    let owned = crate::fdpass::inherited_fd(fd).map_err(|e| RunError::PidFd(fd, e.to_string()))?;
+    let mut f = fs::File::from(owned);
+    let meta = f
+        .metadata()
+        .map_err(|e| RunError::PidFd(fd, e.to_string()))?;
+    if !meta.is_file() {
+        return Err(RunError::PidFd(
+            fd,
+            "not a regular file (give an open file, e.g. 3>pidfile)".into(),
+        ));
+    }
+    let path = fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .ok()
+        .filter(|p| p.is_absolute() && p.exists());
+    writeln!(f, "{}", std::process::id())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| RunError::PidFd(fd, e.to_string()))?;
+    Ok(path)
 }
 
 /// Writes the pid file atomically: a new temporary file (never through a
@@ -310,12 +365,12 @@ impl Drop for Host {
 fn write_pid_file(path: &Path) -> Result<(), RunError> {
     let tmp = path.with_extension("tmp");
     let mut f = crate::storage::files::create_new(&tmp, PID_FILE_MODE)
-        .map_err(io_err("create", tmp.display()))?;
+        .map_err(io_err("write the pid file", path.display()))?;
     let r = writeln!(f, "{}", std::process::id())
         .and_then(|()| f.sync_all())
         .and_then(|()| fs::rename(&tmp, path));
     if r.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    r.map_err(io_err("write", path.display()))
+    r.map_err(io_err("write the pid file", path.display()))
 }

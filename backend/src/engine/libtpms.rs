@@ -107,6 +107,38 @@ pub fn library_version() -> u32 {
     unsafe { sys::TPMLIB_GetVersion() }
 }
 
+/// The RSA key sizes libtpms's TPM 2.0 supports (its TPMFeatures info),
+/// for `--print-capabilities`. Only before an instance claimed libtpms.
+pub fn rsa_key_sizes() -> Vec<u32> {
+    const TPMLIB_INFO_TPMFEATURES: c_int = 4;
+    if TAKEN.load(Ordering::SeqCst) {
+        return Vec::new();
+    }
+    // SAFETY: plain call with an enum value libtpms defines; no TPM runs.
+    if unsafe { sys::TPMLIB_ChooseTPMVersion(TPMLIB_TPM_VERSION_2) } != TPM_SUCCESS {
+        return Vec::new();
+    }
+    // SAFETY: returns a malloc'd NUL-terminated string or NULL.
+    let p = unsafe { sys::TPMLIB_GetInfo(TPMLIB_INFO_TPMFEATURES) };
+    if p.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: p is a valid NUL-terminated string owned by us.
+    let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+    // SAFETY: p came from malloc and is not used afterwards.
+    unsafe { libc::free(p.cast()) };
+    serde_json::from_str::<serde_json::Value>(&s)
+        .ok()
+        .and_then(|v| {
+            v["TPMFeatures"]["RSAKeySizes"].as_array().map(|a| {
+                a.iter()
+                    .filter_map(|n| n.as_u64().and_then(|n| u32::try_from(n).ok()))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
 /// Copies a malloc'd buffer from libtpms into a Vec and frees it.
 ///
 /// # Safety
@@ -178,7 +210,10 @@ extern "C" fn cb_nvram_loaddata(
                 TPM_SUCCESS
             }
             Some(Err(e)) => {
-                log::error!("loading TPM state '{name}' failed: {e}");
+                // Reported once, by whoever started the engine: the
+                // failure is kept (`StateDir::take_last_failure`) and
+                // becomes part of that error.
+                log::debug!("loading TPM state '{name}' failed: {e}");
                 TPM_FAIL
             }
         }

@@ -3,14 +3,19 @@
 //!
 //! ```text
 //!  export_blob ─┬─ migration prepared ──▶ sealed piece (the source locks from the 1st)
+//!               ├─ --migration-key ──▶ swtpm's blob encrypted with it
 //!               ├─ --allow-plaintext-migration ──▶ swtpm's plain blob (logged)
 //!               └─ otherwise ──▶ refused (ExportNotPrepared)
 //!  import_blob ─┬─ host key set ──▶ sealed pieces only, verified by the session
-//!               └─ no host key ──▶ swtpm's plain blob, for the next power-on
+//!               └─ no host key ──▶ swtpm's blob, plain or under the migration
+//!                                  key, for the next power-on
 //! ```
+//!
+//! With `--migration release-lock-outgoing` the state directory lock is
+//! given up once the savestate blob (the last) went out.
 
 use super::{BlobKind, InitFlags, InstanceError, TpmState, Vtpm};
-use crate::storage::{blob, VOLATILE};
+use crate::storage::{blob, swtpm_crypt, VOLATILE};
 use vtpm_common::admin::Phase;
 use zeroize::Zeroizing;
 
@@ -34,18 +39,25 @@ impl Vtpm {
             let vol = tpm.get_state(BlobKind::Volatile.state_type())?;
             Ok((Zeroizing::new(perm), Zeroizing::new(vol)))
         })?;
-        match sealed {
+        let out = match sealed {
             Some(blob) => {
                 // From the first sealed blob on, this copy is frozen.
                 self.store.set_fenced(true);
                 Ok(blob)
             }
-            None if st.session.allow_plain() => self.plain_blob(&mut st, kind),
+            None if st.session.allow_plain() || self.opts.migration_key.is_some() => {
+                self.plain_blob(&mut st, kind)
+            }
             None => Err(InstanceError::ExportNotPrepared),
+        };
+        if kind == BlobKind::SaveState && matches!(out, Ok(_) | Err(InstanceError::NoBlob(_))) {
+            self.release_after_export();
         }
+        out
     }
 
-    /// swtpm's unprotected blob format, only with --allow-plaintext-migration.
+    /// swtpm's blob format: encrypted with the migration key if there is
+    /// one, else plain (only with --allow-plaintext-migration).
     fn plain_blob(&self, st: &mut TpmState, kind: BlobKind) -> Result<Vec<u8>> {
         if kind == BlobKind::SaveState {
             return Err(InstanceError::NoBlob(kind));
@@ -62,6 +74,10 @@ impl Vtpm {
             if let Err(err) = self.store.remove_blob(VOLATILE) {
                 log::warn!("state export: could not delete the volatile state file: {err}");
             }
+        }
+        if let Some(key) = &self.opts.migration_key {
+            log::info!("state export: the {kind:?} state, encrypted with the --migration-key");
+            return swtpm_crypt::encode_migration(key, &state).map_err(blob_error);
         }
         log::warn!(
             "state export: handing out the {kind:?} state UNENCRYPTED (--allow-plaintext-migration)"
@@ -87,7 +103,8 @@ impl Vtpm {
         let result = if data.is_empty() {
             st.tpm.set_state(kind.state_type(), None)
         } else {
-            let raw = Zeroizing::new(blob::decode_plain(data)?);
+            let raw = swtpm_crypt::decode_migration(self.opts.migration_key.as_deref(), data)
+                .map_err(blob_error)?;
             st.tpm.set_state(kind.state_type(), Some(&raw))
         };
         match result {
@@ -157,5 +174,14 @@ impl Vtpm {
             self.import_blob(*kind, data, false)?;
         }
         self.power_on(InitFlags::default())
+    }
+}
+
+/// A swtpm blob that cannot be used, as the instance reports it.
+fn blob_error(e: swtpm_crypt::CryptError) -> InstanceError {
+    match e {
+        swtpm_crypt::CryptError::Blob(b) => InstanceError::Blob(b),
+        swtpm_crypt::CryptError::StateKeyInside => InstanceError::ForeignEncrypted,
+        other => InstanceError::MigrationKey(other),
     }
 }

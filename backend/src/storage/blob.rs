@@ -36,7 +36,7 @@ pub enum BlobError {
     BadVersion(u8),
     #[error("blob length field {field} does not match its {actual} bytes")]
     LengthMismatch { field: u32, actual: usize },
-    #[error("blob is encrypted with a swtpm key (flags {0:#x}); vtpmd cannot read swtpm-encrypted state")]
+    #[error("blob is encrypted with a swtpm key (flags {0:#x}): give vtpmd the same key (--key for state files, --migration-key for migration blobs)")]
     SwtpmEncrypted(u16),
     #[error("blob holds no TPM state TLV")]
     NoData,
@@ -48,13 +48,13 @@ impl From<Truncated> for BlobError {
     }
 }
 
-fn tlv(tag: u16, value: &[u8], out: &mut Vec<u8>) {
+pub(super) fn tlv(tag: u16, value: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&tag.to_be_bytes());
     out.extend_from_slice(&(value.len() as u32).to_be_bytes());
     out.extend_from_slice(value);
 }
 
-fn with_header(flags: u16, payload: Vec<u8>) -> Vec<u8> {
+pub(super) fn with_header(flags: u16, payload: Vec<u8>) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.push(VERSION);
     out.push(MIN_VERSION);
@@ -88,7 +88,7 @@ pub fn looks_like_blob(bytes: &[u8]) -> bool {
 }
 
 /// Iterates the TLVs of `p`, failing on any that runs past the end.
-fn tlvs(p: &[u8]) -> Result<Vec<(u16, &[u8])>, BlobError> {
+pub(super) fn tlvs(p: &[u8]) -> Result<Vec<(u16, &[u8])>, BlobError> {
     let mut r = ByteReader::new(p);
     let mut out = Vec::new();
     while !r.is_empty() {
@@ -101,14 +101,14 @@ fn tlvs(p: &[u8]) -> Result<Vec<(u16, &[u8])>, BlobError> {
     Ok(out)
 }
 
-fn find(list: &[(u16, &[u8])], tag: u16) -> Option<Vec<u8>> {
+pub(super) fn find(list: &[(u16, &[u8])], tag: u16) -> Option<Vec<u8>> {
     list.iter()
         .find(|(t, _)| *t == tag)
         .map(|(_, v)| v.to_vec())
 }
 
-/// Extracts the libtpms state from an unencrypted swtpm blob or state file.
-pub fn decode_plain(bytes: &[u8]) -> Result<Vec<u8>, BlobError> {
+/// Checks a blob's header; returns its flags and the TLVs after it.
+pub(super) fn split_header(bytes: &[u8]) -> Result<(u16, &[u8]), BlobError> {
     let mut r = ByteReader::new(bytes);
     let _version = r.u8("header")?;
     let min_version = r.u8("header")?;
@@ -127,10 +127,16 @@ pub fn decode_plain(bytes: &[u8]) -> Result<Vec<u8>, BlobError> {
             actual: bytes.len(),
         });
     }
+    Ok((flags, r.rest()))
+}
+
+/// Extracts the libtpms state from an unencrypted swtpm blob or state file.
+pub fn decode_plain(bytes: &[u8]) -> Result<Vec<u8>, BlobError> {
+    let (flags, payload) = split_header(bytes)?;
     if flags & (FLAG_ENCRYPTED | FLAG_MIGRATION_ENCRYPTED) != 0 {
         return Err(BlobError::SwtpmEncrypted(flags));
     }
-    let outer = tlvs(r.rest())?;
+    let outer = tlvs(payload)?;
     if let Some(data) = find(&outer, TAG_DATA) {
         return Ok(data);
     }

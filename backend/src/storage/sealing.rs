@@ -1,7 +1,8 @@
 //! At-rest encryption of state files (`--key`).
 //!
-//! One 256-bit key from the key file is expanded with HKDF-SHA256 into an
-//! AES-256 key and a separate HMAC-SHA256 key. A sealed file is
+//! The `--key` key (128 or 256 bits, see [`super::swtpm_key`]) is expanded
+//! with HKDF-SHA256 into an AES-256 key and a separate HMAC-SHA256 key. A
+//! sealed file is
 //!
 //! ```text
 //! "VTPMSEAL" | u8 version (1) | u8 cipher (1 = AES-256-CBC + HMAC-SHA256)
@@ -12,12 +13,11 @@
 //! file cannot be renamed (volatile state passed off as permanent), truncated,
 //! or have its header edited without detection.
 
+use super::swtpm_crypt::CryptError;
 use hkdf::Hkdf;
 use sha2::Sha256;
-use std::path::Path;
 use thiserror::Error;
 use vtpm_common::aead::{AeadError, AeadKey, IV_LEN, TAG_LEN};
-use vtpm_common::hex;
 use vtpm_common::reader::{ByteReader, Truncated};
 use zeroize::Zeroizing;
 
@@ -27,13 +27,6 @@ const CIPHER_AES256_CBC_HMAC_SHA256: u8 = 1;
 
 #[derive(Debug, Error)]
 pub enum SealError {
-    #[error("cannot read key file {path}: {source}")]
-    KeyFileRead {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("key file {path}: {why}")]
-    KeyFileFormat { path: String, why: String },
     #[error("sealed state file is truncated or malformed ({0})")]
     Malformed(&'static str),
     #[error("sealed state file is truncated: {0}")]
@@ -48,16 +41,11 @@ pub enum SealError {
     BadPadding,
     #[error("no random numbers from the OS")]
     Random,
+    #[error("(swtpm's encrypted format) {0}")]
+    Swtpm(#[from] CryptError),
 }
 
-/// How the key file is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyFormat {
-    Hex,
-    Binary,
-}
-
-/// The key derived from the key file (an [`AeadKey`]: zeroized when
+/// The keys derived from the `--key` key (an [`AeadKey`]: zeroized when
 /// dropped).
 pub struct StateKey(AeadKey);
 
@@ -68,8 +56,8 @@ impl std::fmt::Debug for StateKey {
 }
 
 impl StateKey {
-    /// Derives the encryption and MAC keys from 32 bytes of key material.
-    pub fn from_master(master: &[u8; 32]) -> StateKey {
+    /// Derives the encryption and MAC keys from the key material.
+    pub fn from_master(master: &[u8]) -> StateKey {
         let hk = Hkdf::<Sha256>::new(Some(b"vtpmd state at rest v1"), master);
         let mut enc = Zeroizing::new([0u8; 32]);
         let mut mac = Zeroizing::new([0u8; 32]);
@@ -79,53 +67,6 @@ impl StateKey {
         hk.expand(b"hmac-sha256", &mut mac[..])
             .expect("hkdf length");
         StateKey(AeadKey::from_parts(*enc, *mac))
-    }
-
-    /// Reads a key file: 32 raw bytes, or 64 hex digits (optional 0x, whitespace).
-    pub fn from_file(path: &Path, format: KeyFormat) -> Result<StateKey, SealError> {
-        let shown = path.display().to_string();
-        let raw = Zeroizing::new(
-            std::fs::read(path).map_err(|source| SealError::KeyFileRead {
-                path: shown.clone(),
-                source,
-            })?,
-        );
-        let mut master = Zeroizing::new([0u8; 32]);
-        match format {
-            KeyFormat::Binary => {
-                if raw.len() != 32 {
-                    return Err(SealError::KeyFileFormat {
-                        path: shown,
-                        why: format!(
-                            "binary key must be exactly 32 bytes (AES-256), found {}",
-                            raw.len()
-                        ),
-                    });
-                }
-                master.copy_from_slice(&raw);
-            }
-            KeyFormat::Hex => {
-                let text = std::str::from_utf8(&raw).map_err(|_| SealError::KeyFileFormat {
-                    path: shown.clone(),
-                    why: "hex key file is not text".into(),
-                })?;
-                let t = text.trim();
-                let t = t.strip_prefix("0x").unwrap_or(t);
-                if t.len() != 64 {
-                    return Err(SealError::KeyFileFormat {
-                        path: shown,
-                        why: format!("hex key must be 64 hex digits (AES-256), found {}", t.len()),
-                    });
-                }
-                let bytes =
-                    Zeroizing::new(hex::decode(t).map_err(|_| SealError::KeyFileFormat {
-                        path: shown.clone(),
-                        why: "hex key holds a non-hex character".into(),
-                    })?);
-                master.copy_from_slice(&bytes);
-            }
-        }
-        Ok(StateKey::from_master(&master))
     }
 
     /// Encrypts and authenticates `plain` as blob `name`.
@@ -256,25 +197,5 @@ mod tests {
             Err(SealError::Malformed(_))
         ));
         assert!(key(1).open("permall", b"VTPMSEAL\xff\xff\xff\xff").is_err());
-    }
-
-    #[test]
-    fn key_file_formats() {
-        let dir = tempfile::tempdir().unwrap();
-        let hex = dir.path().join("k.hex");
-        std::fs::write(&hex, format!("0x{}\n", "ab".repeat(32))).unwrap();
-        let bin = dir.path().join("k.bin");
-        std::fs::write(&bin, [0xab; 32]).unwrap();
-        let a = StateKey::from_file(&hex, KeyFormat::Hex).unwrap();
-        let b = StateKey::from_file(&bin, KeyFormat::Binary).unwrap();
-        let s = a.seal("permall", b"x").unwrap();
-        assert_eq!(&b.open("permall", &s).unwrap()[..], b"x");
-        std::fs::write(&hex, "abcd").unwrap();
-        assert!(StateKey::from_file(&hex, KeyFormat::Hex).is_err());
-        std::fs::write(&hex, "zz".repeat(32)).unwrap();
-        assert!(StateKey::from_file(&hex, KeyFormat::Hex).is_err());
-        std::fs::write(&bin, [1; 16]).unwrap();
-        assert!(StateKey::from_file(&bin, KeyFormat::Binary).is_err());
-        assert!(StateKey::from_file(&dir.path().join("missing"), KeyFormat::Hex).is_err());
     }
 }

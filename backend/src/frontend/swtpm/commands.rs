@@ -17,9 +17,8 @@ use super::wire::{
 use crate::instance::{BlobKind, InitFlags, InstanceError, Vtpm};
 use crate::migration::session::SessionError;
 use crate::storage::blob::BlobError;
-
-/// GET_INFO hands out JSON in chunks of at most this size.
-const INFO_CHUNK: usize = 3072;
+use crate::storage::swtpm_crypt::CryptError;
+use vtpm_common::ctrl::INFO_CHUNK;
 
 /// The swtpm result code for an instance error (swtpm's own code for the
 /// same fault where it has one).
@@ -38,6 +37,11 @@ pub fn result_code(e: &InstanceError) -> u32 {
             BlobError::SwtpmEncrypted(_) => rc::KEYNOTFOUND,
             _ => rc::BAD_PARAMETER,
         },
+        InstanceError::MigrationKey(c) => match c {
+            CryptError::NeedMigrationKey => rc::KEYNOTFOUND,
+            CryptError::BadHmac | CryptError::BadPadding => rc::DECRYPT_ERROR,
+            _ => rc::BAD_PARAMETER,
+        },
         InstanceError::Migration(SessionError::UnknownBlobType(_)) => rc::FAIL,
         InstanceError::BadState { .. }
         | InstanceError::Startup(_)
@@ -45,6 +49,7 @@ pub fn result_code(e: &InstanceError) -> u32 {
         | InstanceError::Storage(_)
         | InstanceError::LockBusy(_)
         | InstanceError::Persist(_)
+        | InstanceError::Handover(_)
         | InstanceError::Migration(_)
         | InstanceError::ExportNotPrepared
         | InstanceError::ExportEncrypted

@@ -300,10 +300,13 @@ fn set_data_fd(ctx: &Context, mut fds: Vec<OwnedFd>) -> u32 {
     }
 }
 
-fn spawn_conn(mut conn: Stream, ctx: &Context, workers: &Arc<Workers>) {
+fn spawn_conn(mut conn: Stream, ctx: &Context, workers: &Arc<Workers>, pinned: bool) {
     let Some(slot) = ctx.slots.admit(&conn) else {
         return;
     };
+    if pinned {
+        slot.pin();
+    }
     let ctx = ctx.clone();
     let r = workers.run(move || {
         if let Err(e) = serve(&mut conn, &ctx, &slot) {
@@ -326,6 +329,12 @@ pub fn acceptor(l: Listener, ctx: Context) -> Acceptor {
     Acceptor {
         name: "control",
         listener: l,
-        handler: Box::new(move |s| spawn_conn(s, &ctx, &workers)),
+        handler: Box::new(move |s| spawn_conn(s, &ctx, &workers, false)),
     }
+}
+
+/// Serves the control client the parent handed over (`clientfd=`), on its
+/// own thread: the owner's connection, never closed for idling.
+pub fn serve_client(conn: Stream, ctx: &Context) {
+    spawn_conn(conn, ctx, &Workers::new("ctrl"), true)
 }

@@ -306,6 +306,22 @@ impl DataChannel {
     }
 }
 
+/// Serves the data connection the parent handed over whole (`--server
+/// ...,fd=N` on a connected socket, as swtpm_setup does): never closed for
+/// idling; when it closes, the process stops (swtpm's behaviour).
+pub fn serve_connection(mut s: Stream, vtpm: Arc<Vtpm>, exits: ExitTx) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("data-given".into())
+        .spawn(move || {
+            if let Err(e) = serve(&mut s, &vtpm, None) {
+                log::warn!("data connection: {e}");
+            }
+            log::info!("the data connection handed over at start-up closed");
+            exit::report(&exits, Exit::DataClosed);
+        })
+        .map(drop)
+}
+
 /// `--server` connections served at once.
 pub const MAX_SERVER_CONNECTIONS: usize = 8;
 
