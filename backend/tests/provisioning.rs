@@ -965,6 +965,19 @@ fn encrypted_state_opens_in_vtpmd_and_swtpm_with_the_passphrase() {
     );
     drop(pipe);
     let permall = f.permall().unwrap();
+    {
+        // As swtpm_setup's output, it is in swtpm's format: swtpm serves it.
+        let p = common::inheritable_pipe(PASS);
+        let arg = format!("pwdfd={},mode=aes-256-cbc", p.as_raw_fd());
+        let (_s, port) = common::start_tcp_with(
+            "swtpm",
+            &f.state,
+            &work.join("swtpm0.log"),
+            &["--key".into(), arg],
+        );
+        let handles = tpm2_ok(port, &["tpm2_getcap", "handles-persistent"]);
+        assert!(handles.contains("0x81010001"), "swtpm: {handles}");
+    }
 
     let key = |pass: &[u8]| {
         let p = common::inheritable_pipe(pass);
@@ -988,7 +1001,16 @@ fn encrypted_state_opens_in_vtpmd_and_swtpm_with_the_passphrase() {
     let (_p, arg) = key(b"wrong");
     let err = common::vtpmd_fails(work, &["--key", &arg]);
     assert!(err.contains("wrong key"), "{err}");
-    // swtpm itself opens it too: the domain can switch back.
+    // swtpm itself opens it too, once vtpmd hands it back in swtpm's
+    // format (vtpm-setup's own output is already in it: checked above).
+    let (_p, arg) = key(PASS);
+    let out = std::process::Command::new(&*common::VTPMD)
+        .args(["swtpm-export", "--tpmstate"])
+        .arg(format!("dir={}", f.state.display()))
+        .args(["--key", &arg])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
     let (_p, arg) = key(PASS);
     let (_s, port) = common::start_tcp_with(
         "swtpm",

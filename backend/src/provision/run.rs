@@ -314,6 +314,10 @@ pub fn run(a: &SetupArgs, log: &mut SetupLog) -> Result<Outcome, SetupError> {
         rsa,
         log,
     );
+    // swtpm_setup's output is swtpm's files: hand them over in swtpm's
+    // format (vtpmd moves them to its slot files at its first write), so
+    // a directory vtpm-setup made also serves with swtpm.
+    let result = result.and_then(|()| Ok(store.convert_to_swtpm().map(|_| ())?));
     match result {
         Ok(()) => {
             log.info("Successfully authored TPM state.");
@@ -334,10 +338,7 @@ pub fn run(a: &SetupArgs, log: &mut SetupLog) -> Result<Outcome, SetupError> {
 }
 
 fn remove_state(store: &StateDir) -> Result<(), SetupError> {
-    for name in [storage::PERMANENT, storage::VOLATILE, "savestate"] {
-        store.remove_blob(name)?;
-    }
-    Ok(())
+    Ok(store.wipe()?)
 }
 
 /// The part that runs the TPM.

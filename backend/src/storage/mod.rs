@@ -494,6 +494,24 @@ impl StateDir {
         self.deferred_lock().take();
     }
 
+    /// Removes every state file, vtpmd's and swtpm's (a provisioning that
+    /// failed, or `--overwrite`): the directory then holds no TPM.
+    pub fn wipe(&self) -> Result<(), StorageError> {
+        let _serial = self.writer_lock();
+        self.check_writable(PERMANENT)?;
+        self.slots_lock().clear();
+        self.deferred_lock().take();
+        for name in [PERMANENT, VOLATILE, "savestate"] {
+            for p in [self.slot_file_of(name), self.file_of(name)] {
+                match fs::remove_file(&p) {
+                    Err(e) if e.kind() != ErrorKind::NotFound => return Err(io("remove", &p)(e)),
+                    _ => {}
+                }
+            }
+        }
+        self.dir_handle.sync_all().map_err(io("fsync", &self.dir))
+    }
+
     /// Fails if the directory already holds TPM state.
     pub fn require_empty(&self) -> Result<(), StorageError> {
         if self.has_blob(PERMANENT) {
