@@ -35,6 +35,7 @@ fn main() -> ExitCode {
                 (&c.instance, vtpmd::daemon::swtpm::run as fn(&_) -> _)
             })
         }
+        Command::ConvertState(args) => convert_state(&args),
         Command::VhostUser(args) => {
             if args.print_capabilities {
                 println!("{}", config::vhost_user::capabilities_json(args.virtio_id));
@@ -97,6 +98,37 @@ fn launch<C>(
     }
     eprintln!("vtpmd: {failure}");
     ExitCode::FAILURE
+}
+
+fn convert_state(args: &config::convert::ConvertArgs) -> ExitCode {
+    let cfg = match args.validate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vtpmd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match vtpmd::daemon::convert::run(&cfg) {
+        Ok(names) if names.is_empty() => {
+            eprintln!(
+                "vtpmd: {} holds no TPM state to convert",
+                cfg.state_dir.display()
+            );
+            ExitCode::FAILURE
+        }
+        Ok(names) => {
+            println!(
+                "converted {}: {}",
+                cfg.state_dir.display(),
+                names.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vtpmd: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn print_states(args: &config::InstanceArgs) -> ExitCode {

@@ -11,6 +11,7 @@
 //!   vhost-user frontend (crosvm, cloud-hypervisor's generic device).
 
 pub mod channel;
+pub mod convert;
 pub mod key;
 pub mod swtpm;
 pub mod vhost_user;
@@ -71,6 +72,10 @@ pub enum Command {
     /// as crosvm defines it) to crosvm, cloud-hypervisor's generic
     /// vhost-user device or any vhost-user frontend.
     VhostUser(VhostUserArgs),
+    /// Rewrite an encrypted state directory in swtpm's `--key` format
+    /// (so swtpm opens it) or in vtpmd's sealed format. Stop the daemon
+    /// first; the directory lock keeps a running one out.
+    ConvertState(convert::ConvertArgs),
 }
 
 /// Options every frontend shares: where the TPM state lives and how it is
@@ -295,8 +300,13 @@ impl InstanceArgs {
 
     /// The state directory and file mode from `--tpmstate`.
     pub fn state(&self) -> Result<(PathBuf, u32), ConfigError> {
+        Self::parse_state(self.tpmstate.as_deref())
+    }
+
+    /// Parses a `--tpmstate` value.
+    pub fn parse_state(s: Option<&str>) -> Result<(PathBuf, u32), ConfigError> {
         const OPT: &str = "--tpmstate";
-        let s = self.tpmstate.as_deref().ok_or(ConfigError::NoState)?;
+        let s = s.ok_or(ConfigError::NoState)?;
         let kv = parse_kv(OPT, s, &["dir", "mode", "backend-uri"])?;
         let dir = match (kv.get("dir"), kv.get("backend-uri")) {
             (Some(d), None) if !d.is_empty() => d.clone(),

@@ -7,6 +7,7 @@
 //! imports it except `main.rs`.
 
 pub mod confine;
+pub mod convert;
 pub mod detach;
 pub mod keys;
 pub mod swtpm;
@@ -77,7 +78,7 @@ pub(crate) fn io_err(
 /// Mode of the control, data and vhost-user sockets unless `mode=` says
 /// otherwise: the owner and its group (a VMM running as another user in
 /// the group) may connect.
-pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+pub const DEFAULT_SOCKET_MODE: u32 = crate::config::channel::DEFAULT_UNIX_MODE;
 /// Mode of the pid file.
 const PID_FILE_MODE: u32 = 0o600;
 
