@@ -145,7 +145,7 @@ pub struct InstanceArgs {
     pub seccomp: Option<String>,
     /// Drop to this user's uid and gid after binding the sockets (the
     /// state directory must be writable by it).
-    #[arg(long, value_name = "USER")]
+    #[arg(long, short = 'r', value_name = "USER")]
     pub runas: Option<String>,
 }
 
