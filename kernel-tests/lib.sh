@@ -7,6 +7,9 @@
 #   KT_BUILD         build directory (default: build/kernel-tests)
 #   KT_TIMEOUT       seconds one guest boot may take (default: 300)
 #   QEMU             QEMU binary (default: qemu-system-x86_64)
+#   QEMU_L           its data directories (firmware, ROMs, keymaps), space
+#                    separated, each passed as -L (default: none, QEMU's own);
+#                    QEMU_MODULE_DIR, if set, reaches QEMU as it is
 #   KT_VIRTIO_ID     virtio device id of the vhost-user-tpm device (default 45)
 
 KT_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -16,6 +19,7 @@ TPM_BACKEND_BIN=${TPM_BACKEND_BIN:-swtpm}
 KT_BACKEND_ARGS=${KT_BACKEND_ARGS:-}
 KT_TIMEOUT=${KT_TIMEOUT:-300}
 QEMU=${QEMU:-qemu-system-x86_64}
+QEMU_L=${QEMU_L:-}
 KT_VIRTIO_ID=${KT_VIRTIO_ID:-45}
 
 die() { echo "$*" >&2; exit 1; }
@@ -41,11 +45,13 @@ tpm_args() {
 # qemu_command DEVICE SOCK MODE: sets the array QEMU_CMD to the command line
 # of one test guest (kernel parameter vtpm.mode=MODE).
 qemu_command() {
-  local dev=$1 sock=$2 mode=$3 tpm extra=
+  local dev=$1 sock=$2 mode=$3 tpm extra= d
   tpm=$(tpm_args "$dev" "$sock") || return 1
   # The virtio-tpm guest loads our driver for the device's id.
   [ "$dev" = vhost-user-tpm ] && extra=" vtpm.virtio_id=$KT_VIRTIO_ID vtpm.timeout_ms=${KT_VIRTIO_TIMEOUT_MS:-30000}"
-  QEMU_CMD=("$QEMU" -accel tcg -m 512 -smp 1 -nographic -no-reboot -nic none
+  QEMU_CMD=("$QEMU")
+  for d in $QEMU_L; do QEMU_CMD+=(-L "$d"); done
+  QEMU_CMD+=(-accel tcg -m 512 -smp 1 -nographic -no-reboot -nic none
     -kernel "$KT_BUILD/vmlinuz" -initrd "$KT_BUILD/initramfs.cpio.gz"
     -append "console=ttyS0 panic=-1 quiet loglevel=3 vtpm.mode=$mode$extra")
   mapfile -t -O "${#QEMU_CMD[@]}" QEMU_CMD <<<"$tpm"
@@ -127,6 +133,21 @@ stop_backend() {
   kill -9 "$BACKEND_PID" 2>/dev/null || true
   wait "$BACKEND_PID" 2>/dev/null || true
   BACKEND_END=killed
+}
+
+# part TAG NAME COMMAND...: one part of a larger run (run-qemu10-tests.sh,
+# run-qemu11-tests.sh), counted in PARTS and PARTS_FAILED; parts_summary TAG
+# prints "TAG: N of M parts failed" and fails if any did.
+PARTS=0 PARTS_FAILED=0
+part() {
+  local tag=$1 name=$2; shift 2
+  PARTS=$((PARTS + 1))
+  echo "== $tag: $name"
+  if ! "$@"; then PARTS_FAILED=$((PARTS_FAILED + 1)); echo "$tag: $name FAILED"; fi
+}
+parts_summary() {
+  echo "$1: $PARTS_FAILED of $PARTS parts failed"
+  [ "$PARTS_FAILED" -eq 0 ]
 }
 
 # prepare_guest: kernel and initramfs, both cached.

@@ -35,17 +35,9 @@ export KT_LOGS="$KT_BUILD/logs-qemu11" KT_STATE="$KT_BUILD/state-qemu11"
 mkdir -p "$KT_LOGS"
 echo "qemu11: $(head -n 1 "$KT_BUILD/qemu11/version"), virtio id $KT_VIRTIO_ID, logs in $KT_LOGS"
 
-failed=0 parts=0
-part() { # NAME COMMAND...
-  local name=$1; shift
-  parts=$((parts + 1))
-  echo "== qemu11: $name"
-  if ! "$@"; then failed=$((failed + 1)); echo "qemu11: $name FAILED"; fi
-}
-part "vhost-user-tpm, tpm-crb and tpm-tis guests" env KT_DEVICES="vhost-user-tpm tpm-crb tpm-tis" bash "$KT_HERE/run-tests.sh"
-part "vhost-user reset, failure and reconnect" python3 "$KT_HERE/vhost-user-test.py"
+part qemu11 "vhost-user-tpm, tpm-crb and tpm-tis guests" env KT_DEVICES="vhost-user-tpm tpm-crb tpm-tis" bash "$KT_HERE/run-tests.sh"
+part qemu11 "vhost-user reset, failure and reconnect" python3 "$KT_HERE/vhost-user-test.py"
 if [ "${QEMU11_SKIP_MIGRATION:-0}" != 1 ]; then
-  part "live migration (sealed and plain)" env KT_MIGRATION_LIVE_ONLY=1 python3 "$KT_HERE/migration-test.py"
+  part qemu11 "live migration (sealed and plain)" env KT_MIGRATION_LIVE_ONLY=1 python3 "$KT_HERE/migration-test.py"
 fi
-echo "qemu11: $failed of $parts parts failed"
-[ "$failed" -eq 0 ]
+parts_summary qemu11

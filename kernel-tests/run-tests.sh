@@ -33,7 +33,7 @@ if ! command -v "$TPM_BACKEND_BIN" >/dev/null; then
   fail "backend '$TPM_BACKEND_BIN' not found (set TPM_BACKEND_BIN)"
   summary; exit 1
 fi
-echo "run-tests: backend $(command -v "$TPM_BACKEND_BIN")"
+echo "run-tests: backend $(command -v "$TPM_BACKEND_BIN"), $("$QEMU" --version 2>&1 | head -n 1)${QEMU_L:+ (-L $QEMU_L)}"
 if ! prepare_guest; then
   fail "could not prepare the guest kernel and initramfs (see above)"
   summary; exit 1

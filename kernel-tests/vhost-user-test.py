@@ -16,25 +16,14 @@ from the command line ("Failed to set msg fds", vhost_backend_init fails).
 
 Prints "PASS: ..." / "FAIL: ..." per check and "N passed, M failed" last.
 """
-import os, re, shutil, signal, socket, subprocess, sys, tempfile, time
+import os, re, shutil, signal, subprocess, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUILD = os.environ.get("KT_BUILD", os.path.join(ROOT, "build", "kernel-tests"))
-VTPMD = os.environ.get("TPM_BACKEND_BIN", os.path.join(ROOT, "target", "release", "vtpmd"))
-QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
+from ktguest import LOGS, VTPMD, Guest, check, cleanup, procs, qemu_version, summary, wait_for
+
 VIRTIO_ID = os.environ.get("KT_VIRTIO_ID", "45")
 TIMEOUT_MS = 10000          # the guest driver's timeout in this test
 WORK = tempfile.mkdtemp(prefix="vtpm-vu-")
-LOGS = os.environ.get("KT_LOGS", os.path.join(BUILD, "logs"))
 NV = "0x1500017"
-results = [0, 0]
-procs = []
-
-
-def check(ok, what, detail=""):
-    results[0 if ok else 1] += 1
-    print(("PASS: " if ok else "FAIL: ") + what + ("" if ok or not detail else " -- " + str(detail)[:600]), flush=True)
-    return ok
 
 
 def known(ok, what, detail=""):
@@ -44,16 +33,6 @@ def known(ok, what, detail=""):
         return check(True, what)
     print("KNOWN: " + what + " -- does not hold with this QEMU" + ("" if not detail else ": " + str(detail)[:600]), flush=True)
     return False
-
-
-def wait_for(pred, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise RuntimeError("timed out waiting for " + what)
 
 
 class Vtpmd:
@@ -86,55 +65,25 @@ class Vtpmd:
             return "killed"
 
 
-class Guest:
-    """QEMU with the test guest in the interactive mode ('migrate')."""
+class VuGuest(Guest):
+    """The test guest with the generic vhost-user device on the chardev at
+    SOCK: hot-added later (hotplug, the chardev reconnects) or on the
+    command line (no reconnect-ms). Starts paused; no -no-reboot (the test
+    resets the guest)."""
+    n = 0
 
     def __init__(self, sock, hotplug=True):
-        Guest.n = getattr(Guest, "n", 0) + 1
-        self.serial_path = os.path.join(WORK, "serial%d.sock" % Guest.n)
-        self.mon_path = os.path.join(WORK, "mon%d.sock" % Guest.n)
-        self.log = os.path.join(LOGS, "vu-qemu-%d.log" % Guest.n)
-        cmd = [QEMU, "-accel", "tcg", "-m", "512", "-smp", "1", "-display", "none", "-nic", "none", "-S",
-               "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
-               "-machine", "q35,memory-backend=mem",
-               "-device", "pcie-root-port,id=rp0,chassis=1",
-               "-chardev", "socket,id=vtpm,path=%s%s" % (sock, ",reconnect-ms=500" if hotplug else ""),
-               "-kernel", os.path.join(BUILD, "vmlinuz"), "-initrd", os.path.join(BUILD, "initramfs.cpio.gz"),
-               "-append", "console=ttyS0 panic=-1 quiet loglevel=3 vtpm.mode=migrate vtpm.virtio_id=%s vtpm.timeout_ms=%d"
-               % (VIRTIO_ID, TIMEOUT_MS),
-               "-serial", "unix:%s,server=on,wait=off" % self.serial_path,
-               "-monitor", "unix:%s,server=on,wait=off" % self.mon_path]
+        VuGuest.n += 1
+        args = ["-object", "memory-backend-memfd,id=mem,size=512M,share=on",
+                "-machine", "q35,memory-backend=mem",
+                "-device", "pcie-root-port,id=rp0,chassis=1",
+                "-chardev", "socket,id=vtpm,path=%s%s" % (sock, ",reconnect-ms=500" if hotplug else "")]
         if not hotplug:  # as qemu-configs/vhost-user-tpm.args has it
-            cmd += ["-device", "vhost-user-test-device-pci,chardev=vtpm,virtio-id=%s,num_vqs=1" % VIRTIO_ID]
-        self.p = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
-        procs.append(self.p)
-        wait_for(lambda: (os.path.exists(self.serial_path) and os.path.exists(self.mon_path)) or self.p.poll() is not None,
-                 30, "QEMU's sockets")
-        if self.p.poll() is not None:
-            raise RuntimeError("QEMU exited: " + open(self.log).read())
-        self.buf = ""
-        self.ser = socket.socket(socket.AF_UNIX)
-        self.ser.connect(self.serial_path)
-        self.mon = socket.socket(socket.AF_UNIX)
-        self.mon.connect(self.mon_path)
-        self.mon.settimeout(30)
-        self._mon_read()
-
-    def _mon_read(self):
-        out = b""
-        while not out.endswith(b"(qemu) "):
-            chunk = self.mon.recv(65536)
-            if not chunk:
-                break
-            out += chunk
-        return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out.decode(errors="replace"))
-
-    def hmp(self, line):
-        self.mon.sendall((line + "\n").encode())
-        out = self._mon_read()
-        # Drop the echoed command line and the prompt.
-        return "\n".join(l for l in out.replace("\r", "").split("\n") if l.strip() and not l.startswith("(qemu)")
-                         and l.strip() != line)
+            args += ["-device", "vhost-user-test-device-pci,chardev=vtpm,virtio-id=%s,num_vqs=1" % VIRTIO_ID]
+        super().__init__("guest %d" % VuGuest.n, os.path.join(WORK, "g%d" % VuGuest.n),
+                         os.path.join(LOGS, "vu-qemu-%d.log" % VuGuest.n), args, memory=512,
+                         append=" vtpm.virtio_id=%s vtpm.timeout_ms=%d" % (VIRTIO_ID, TIMEOUT_MS),
+                         paused=True, no_reboot=False)
 
     def add_device(self, add):
         """device_add, retried: vtpmd accepting the connection does not mean
@@ -151,41 +100,6 @@ class Guest:
             time.sleep(1)
         raise RuntimeError("device_add failed 10 times: %s" % errors[-1])
 
-    def read_until(self, marker, timeout):
-        self.ser.settimeout(1)
-        end = time.time() + timeout
-        while marker not in self.buf:
-            if time.time() > end:
-                raise RuntimeError("no '%s' on the serial console; got: %s" % (marker, self.buf[-800:]))
-            try:
-                chunk = self.ser.recv(65536)
-                if not chunk:
-                    raise RuntimeError("serial console closed")
-                self.buf += chunk.decode(errors="replace").replace("\r", "")
-            except socket.timeout:
-                pass
-        i = self.buf.index(marker)
-        out, self.buf = self.buf[:i], self.buf[i + len(marker):]
-        return out
-
-    def send(self, line):
-        self.ser.sendall((line + "\n").encode())
-
-    def run(self, line, timeout=120):
-        """Runs a shell line in the guest; returns its R:key=value results."""
-        self.send(line)
-        out = self.read_until("VTPM-CMD-DONE\n", timeout)
-        return dict(re.findall(r"^R:([\w-]+)=(.*)$", out, re.M))
-
-    def quit(self):
-        if self.p.poll() is None:
-            try:
-                self.mon.sendall(b"quit\n")
-                self.p.wait(10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.p.kill()
-                self.p.wait()
-
 
 PCR = "echo R:pcr=$(tpm2_pcrread sha256:16 | tail -n 1 | awk '{print $2}')"
 COUNT = "echo R:count=$(tpm2_nvread %s -C o 2>/dev/null | od -An -tx1 | tr -d ' \\n')" % NV
@@ -195,13 +109,14 @@ ZERO = "0x" + "0" * 64
 
 def main():
     os.makedirs(LOGS, exist_ok=True)
+    print("vhost-user-test: " + qemu_version(), flush=True)
     state = os.path.join(WORK, "state")
     os.makedirs(state)
     sock = os.path.join(WORK, "vu.sock")
     g = None
     try:
         v = Vtpmd(state, sock, 1)
-        g = Guest(sock)
+        g = VuGuest(sock)
         wait_for(lambda: "frontend connected" in v.logtext(), 20, "QEMU to connect to vtpmd")
         # The device is added once the chardev is up (see the docstring).
         add = "device_add vhost-user-test-device-pci,chardev=vtpm,virtio-id=%s,num_vqs=1,bus=rp0,id=vtpm0" % VIRTIO_ID
@@ -293,7 +208,7 @@ def main():
         # 5. A new guest on the same state: it works, then vtpmd is restarted
         # while the guest is stopped.
         v = Vtpmd(state, sock, 3)
-        g = Guest(sock)
+        g = VuGuest(sock)
         wait_for(lambda: "frontend connected" in v.logtext(), 20, "QEMU to connect to vtpmd")
         g.add_device(add)
         g.hmp("cont")
@@ -343,7 +258,7 @@ def main():
         # 6. The device on QEMU's command line, no reconnect-ms (the tested
         # configuration): vtpmd killed under a running guest.
         v = Vtpmd(state, sock, 5)
-        g = Guest(sock, hotplug=False)
+        g = VuGuest(sock, hotplug=False)
         g.hmp("cont")
         g.read_until("VTPM-READY\n", 180)
         r = g.run("%s; %s" % (WORKS, COUNT))
@@ -378,18 +293,10 @@ def main():
             print("--- serial console tail:\n" + g.buf[-1500:])
     finally:
         if g:
-            g.quit()
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    p.send_signal(signal.SIGCONT)
-                except OSError:
-                    pass
-                p.kill()
-                p.wait()
+            g.stop()
+        cleanup()
         shutil.rmtree(WORK, ignore_errors=True)
-    print("%d passed, %d failed" % tuple(results))
-    return 0 if results[1] == 0 else 1
+    return summary()
 
 
 if __name__ == "__main__":

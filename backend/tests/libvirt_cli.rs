@@ -160,60 +160,62 @@ fn encrypted_libvirt_domain_and_the_way_back_to_swtpm() {
     assert_eq!(sock_mode & 0o777, 0o600, "mode=0600 of --ctrl");
     assert_eq!(guest(t.path(), true), SECRET);
     finish(d);
-    let permall = t.path().join("state/tpm2-00.permall");
-    let raw = std::fs::read(&permall).unwrap();
-    assert!(raw.starts_with(b"VTPMSEAL"), "a new directory is sealed");
+    let slots = t.path().join("state/vtpmd-00.permall");
+    let raw = std::fs::read(&slots).unwrap();
+    assert!(
+        raw.windows(8).any(|w| w == b"VTPMSEAL"),
+        "a new directory is sealed"
+    );
     assert!(
         !raw.windows(16).any(|w| w == &SECRET[..16]),
         "plaintext on disk"
     );
-    let mode = std::fs::metadata(&permall).unwrap().permissions().mode();
+    let mode = std::fs::metadata(&slots).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "mode=0600 of --tpmstate");
 
-    // Back to swtpm: convert with the same passphrase, as libvirt passes it.
+    // Back to swtpm (docs/STORAGE.md): swtpm-export with the secret as
+    // libvirt passes it writes swtpm's encrypted files.
     let pw = t.path().join("pw");
-    std::fs::write(&pw, secret).unwrap();
-    let out = Command::new(&*VTPMD)
-        .args(["convert-state", "--to", "swtpm", "--tpmstate"])
-        .arg(format!("dir={}", t.path().join("state").display()))
-        .arg("--key")
-        .arg(format!("pwdfile={},mode=aes-256-cbc", pw.display()))
-        .output()
-        .unwrap();
+    let export = |pw_content: &[u8]| {
+        std::fs::write(&pw, pw_content).unwrap();
+        Command::new(&*VTPMD)
+            .args(["swtpm-export", "--tpmstate"])
+            .arg(format!("dir={}", t.path().join("state").display()))
+            .arg("--key")
+            .arg(format!("pwdfile={},mode=aes-256-cbc", pw.display()))
+            .output()
+            .unwrap()
+    };
+    // A wrong secret exports nothing and changes nothing.
+    let out = export(b"wrong");
+    assert_eq!(out.status.code(), Some(1));
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr).contains("authentication failed"),
+        "{out:?}"
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("permall"));
-    let raw = std::fs::read(&permall).unwrap();
-    assert_eq!(raw[5] & 0x09, 0x09, "swtpm's format, 256-bit key");
+    assert_eq!(std::fs::read(&slots).unwrap(), raw);
+    let out = export(secret);
+    assert!(out.status.success(), "{out:?}");
+    let permall = t.path().join("state/tpm2-00.permall");
+    assert_eq!(
+        std::fs::read(&permall).unwrap()[5] & 0x09,
+        0x09,
+        "swtpm's format, 256-bit key"
+    );
     let s = libvirt_domain("swtpm", t.path(), secret);
     assert_eq!(
         guest(t.path(), false),
         SECRET,
-        "swtpm reads the converted state"
+        "swtpm reads the exported state"
     );
     finish(s);
-    // And from a swtpm-made directory, vtpmd keeps swtpm's format.
+    // From a directory swtpm made, vtpmd keeps swtpm's encryption format.
     let d = libvirt_domain(&VTPMD, t.path(), secret);
     assert_eq!(guest(t.path(), false), SECRET);
     finish(d);
-    assert!(!std::fs::read(&permall).unwrap().starts_with(b"VTPMSEAL"));
-
-    // A wrong secret converts nothing.
-    std::fs::write(&pw, b"wrong").unwrap();
-    let before = std::fs::read(&permall).unwrap();
-    let out = Command::new(&*VTPMD)
-        .args(["convert-state", "--to", "sealed", "--tpmstate"])
-        .arg(format!("dir={}", t.path().join("state").display()))
-        .arg("--key")
-        .arg(format!("pwdfile={},mode=aes-256-cbc", pw.display()))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("authentication failed"));
-    assert_eq!(std::fs::read(&permall).unwrap(), before);
+    let raw = std::fs::read(&slots).unwrap();
+    assert!(!raw.windows(8).any(|w| w == b"VTPMSEAL"));
+    assert!(!raw.windows(16).any(|w| w == &SECRET[..16]));
 }
 
 /// Older libvirt: `swtpm socket --daemon ... --pid file=`; it reads the pid

@@ -3,6 +3,7 @@
 //! kill -9.
 
 use common::*;
+use std::process::Command;
 use std::time::Duration;
 use vtpm_test_support as common;
 
@@ -59,11 +60,10 @@ fn corrupt_state_is_refused_not_replaced() {
     let d = Daemon::start(t.path(), &[]);
     write_nv(&d, b"original", true);
     drop(d);
-    let permall = t.path().join("state/tpm2-00.permall");
+    let permall = t.path().join("state/vtpmd-00.permall");
     let good = std::fs::read(&permall).unwrap();
     let mut bad = good.clone();
-    let mid = bad.len() / 2;
-    bad[mid] ^= 0xff;
+    bad[0] ^= 0xff;
     bad.truncate(bad.len() - 100);
     std::fs::write(&permall, &bad).unwrap();
     let err = vtpmd_fails(t.path(), &[]);
@@ -98,8 +98,13 @@ fn encrypted_state_at_rest() {
     let secret = b"0123456789abcdef-very-secret-nv-contents";
     write_nv(&d, secret, true);
     drop(d);
-    let permall = std::fs::read(t.path().join("state/tpm2-00.permall")).unwrap();
-    assert!(permall.starts_with(b"VTPMSEAL"));
+    let file = t.path().join("state/vtpmd-00.permall");
+    let permall = std::fs::read(&file).unwrap();
+    assert!(permall.starts_with(b"VTPMSLOT"));
+    assert!(
+        permall.windows(8).any(|w| w == b"VTPMSEAL"),
+        "sealed records"
+    );
     assert!(
         !permall.windows(16).any(|w| w == &secret[..16]),
         "plaintext NV on disk"
@@ -109,12 +114,17 @@ fn encrypted_state_at_rest() {
     assert!(err.contains("wrong --key"), "{err}");
     let err = vtpmd_fails(t.path(), &[]);
     assert!(err.contains("no --key was given"), "{err}");
+    // Both slots tampered with: refused, never replaced by a blank TPM.
+    let slot = u32::from_le_bytes(permall[12..16].try_into().unwrap()) as usize;
     let mut tampered = permall.clone();
-    tampered[40] ^= 1;
-    std::fs::write(t.path().join("state/tpm2-00.permall"), &tampered).unwrap();
+    for at in [4096 + 200, 4096 + slot + 200] {
+        tampered[at] ^= 1;
+    }
+    std::fs::write(&file, &tampered).unwrap();
     let err = vtpmd_fails(t.path(), &["--key", &keyarg]);
-    assert!(err.contains("authentication failed"), "{err}");
-    std::fs::write(t.path().join("state/tpm2-00.permall"), &permall).unwrap();
+    assert!(err.contains("neither slot holds a valid record"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), tampered);
+    std::fs::write(&file, &permall).unwrap();
 
     let d = Daemon::start(t.path(), &["--key", &keyarg]);
     assert_eq!(read_nv(&d, secret.len() as u16), secret);
@@ -176,7 +186,7 @@ fn kill_9_during_nv_writes_never_loses_the_state() {
         last_acked = writer.join().unwrap();
         assert_ne!(
             t.path()
-                .join("state/tpm2-00.permall")
+                .join("state/vtpmd-00.permall")
                 .metadata()
                 .unwrap()
                 .len(),
@@ -196,4 +206,55 @@ fn kill_9_during_nv_writes_never_loses_the_state() {
     eprintln!(
         "{rounds} kill -9 rounds, {last_acked} acknowledged NV writes, state loaded every time"
     );
+}
+
+#[test]
+fn swtpm_state_moves_to_vtpmd_and_back_and_swtpm_refuses_vtpmd_files() {
+    let t = state_dir();
+    let s = Daemon::start_bin("swtpm", t.path(), &[]);
+    write_nv(&s, b"swtpm-01", true);
+    drop(s);
+    let d = Daemon::start(t.path(), &[]);
+    assert_eq!(read_nv(&d, 8), b"swtpm-01", "vtpmd reads swtpm's files");
+    write_nv(&d, b"vtpmd-02", false);
+    drop(d);
+    let stub = std::fs::read(t.path().join("state/tpm2-00.permall")).unwrap();
+    assert!(
+        stub.starts_with(b"VTPMD-STUB"),
+        "swtpm's name holds the stub"
+    );
+    // swtpm on vtpmd's files fails INIT instead of making a blank TPM.
+    let s = Daemon::start_bin("swtpm", t.path(), &[]);
+    let mut c = Ctrl::connect(&s.ctrl);
+    assert_ne!(c.result(0x02, &[0, 0, 0, 0]), 0, "swtpm started a TPM");
+    drop(c);
+    drop(s);
+    assert_eq!(
+        std::fs::read(t.path().join("state/tpm2-00.permall")).unwrap(),
+        stub,
+        "swtpm left the stub alone"
+    );
+    // The explicit way back.
+    let out = Command::new(&*VTPMD)
+        .args(["swtpm-export", "--tpmstate"])
+        .arg(format!("dir={}", t.path().join("state").display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!t.path().join("state/vtpmd-00.permall").exists());
+    let s = Daemon::start_bin("swtpm", t.path(), &[]);
+    assert_eq!(
+        read_nv(&s, 8),
+        b"vtpmd-02",
+        "swtpm reads the exported state"
+    );
+    drop(s);
+    // Nothing to export now is a clear error, not an empty success.
+    let out = Command::new(&*VTPMD)
+        .args(["swtpm-export", "--tpmstate"])
+        .arg(format!("dir={}", t.path().join("nowhere").display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
 }

@@ -179,11 +179,25 @@ fn swtpm_encrypted_state_opens_in_vtpmd_and_back() {
             &public,
             OTHER,
         );
-        let after = std::fs::read(permall(t.path())).unwrap();
+        let slots = std::fs::read(t.path().join("state/vtpmd-00.permall")).unwrap();
         assert!(
-            !after.starts_with(b"VTPMSEAL"),
-            "{what}: vtpmd changed the format"
+            !slots.windows(8).any(|w| w == b"VTPMSEAL"),
+            "{what}: vtpmd changed the encryption format"
         );
+        assert!(
+            !slots.windows(16).any(|w| w == &OTHER[..16]),
+            "{what}: plaintext in vtpmd's files"
+        );
+
+        // Back to swtpm's files with the same key (docs/STORAGE.md).
+        let (arg, _keep) = key_arg(t.path(), given, "k-export");
+        let out = std::process::Command::new(&*VTPMD)
+            .args(["swtpm-export", "--tpmstate"])
+            .arg(format!("dir={}", t.path().join("state").display()))
+            .args(["--key", &arg])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{what}: {out:?}");
         assert_eq!(
             flags(&permall(t.path())) & 0x09,
             f & 0x09,
@@ -354,6 +368,12 @@ fn remove_deletes_the_key_file_once_read_as_swtpm_does() {
         std::fs::write(&pw, PASS).unwrap();
         let arg = format!("pwdfile={},remove", pw.display());
         let d = Daemon::start_bin(bin, t.path(), &["--key", &arg]);
+        // swtpm reads its key after it bound the control socket: give it
+        // a moment (vtpmd reads it before).
+        let t0 = std::time::Instant::now();
+        while pw.exists() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(!pw.exists(), "{bin} left the passphrase file");
         provision(d);
         let raw = std::fs::read(permall(t.path())).unwrap();

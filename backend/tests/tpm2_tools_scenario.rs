@@ -4,62 +4,12 @@
 //! its state directory between the two halves.
 
 use std::collections::BTreeMap;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 use vtpm_test_support as common;
 
 fn scenario() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-tests/scenario/tpm2-scenario.sh")
-}
-
-struct Backend {
-    child: Child,
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `bin` with TCP data and control ports; tries other ports if taken.
-fn start(bin: &str, state: &Path, log: &Path) -> (Backend, u16) {
-    for attempt in 0..20u32 {
-        let port = 20000
-            + ((std::process::id() * 7 + attempt * 131 + bin.len() as u32 * 1000) % 9000) as u16;
-        let port = port - port % 2;
-        let child = Command::new(bin)
-            .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
-            .arg("--tpmstate")
-            .arg(format!("dir={}", state.display()))
-            .arg("--server")
-            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-            .arg("--ctrl")
-            .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-            .arg("--log")
-            .arg(format!("file={},level=1", log.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn backend");
-        let mut b = Backend { child };
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(_)) = b.child.try_wait() {
-                break; // port taken: try the next one
-            }
-            if TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && TcpStream::connect(("127.0.0.1", port + 1)).is_ok()
-            {
-                return (b, port);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    panic!("{bin} did not start on any port");
 }
 
 /// Runs one scenario mode; returns check results and INFO values.
@@ -117,7 +67,7 @@ fn scenario_against(bin: &str) -> Vec<String> {
     let mut failures = Vec::new();
     let mut infos = Vec::new();
     for mode in ["first", "second"] {
-        let (backend, port) = start(bin, &state, &t.path().join(format!("{mode}.log")));
+        let (backend, port) = common::start_tcp(bin, &state, &t.path().join(format!("{mode}.log")));
         let (tests, info, text) = run_mode(port, mode, &t.path().join(mode));
         drop(backend);
         for name in expected(mode) {

@@ -89,6 +89,9 @@ pub enum Phase {
     Exported,
     MigratedOut,
     DestinationLocked,
+    /// A source whose process stopped with a migration unresolved: the
+    /// TPM does not start until `vtpmctl complete` or `vtpmctl abort`.
+    AwaitingReceipt,
 }
 
 /// `status` and `abort`.
@@ -149,7 +152,7 @@ pub struct Tombstone {
     pub migration_id: String,
     pub destination_key: String,
     pub digest: String,
-    /// "receipt" or "shutdown-after-export".
+    /// "receipt" (the destination's signed receipt was checked).
     pub confirmed_by: String,
     pub unix_time: u64,
 }

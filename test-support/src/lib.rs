@@ -31,6 +31,81 @@ pub static VTPMD: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     })
 });
 
+/// vtpm-setup, from the same build as [`VTPMD`] (`$VTPM_SETUP_BIN` if set).
+pub static VTPM_SETUP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    std::env::var("VTPM_SETUP_BIN").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/vtpm-setup").to_string()
+    })
+});
+
+/// A backend serving TCP data and control ports (for tpm2-tss's swtpm
+/// TCTI), killed when dropped.
+pub struct TcpBackend {
+    pub child: Child,
+}
+
+impl Drop for TcpBackend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `bin socket` (vtpmd or swtpm) on `state` with TCP data port P and
+/// control port P+1 on 127.0.0.1, TPM started; tries other ports if taken.
+/// `TPM2TOOLS_TCTI=swtpm:host=127.0.0.1,port=P` then reaches it.
+pub fn start_tcp(bin: &str, state: &Path, log: &Path) -> (TcpBackend, u16) {
+    start_tcp_with(bin, state, log, &[])
+}
+
+/// [`start_tcp`] with extra arguments (e.g. `--key`).
+pub fn start_tcp_with(bin: &str, state: &Path, log: &Path, extra: &[String]) -> (TcpBackend, u16) {
+    use std::net::TcpStream;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Every call in this process gets its own ports (tests run in parallel).
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    for _ in 0..20u32 {
+        let n = CALLS.fetch_add(1, Ordering::SeqCst);
+        let port = 20000 + ((std::process::id() * 7 + n * 131) % 9000) as u16;
+        let port = port - port % 2;
+        let child = Command::new(bin)
+            .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
+            .arg("--tpmstate")
+            .arg(format!("dir={}", state.display()))
+            .arg("--server")
+            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+            .arg("--ctrl")
+            .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+            .arg("--log")
+            .arg(format!("file={},level=1", log.display()))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn backend");
+        let mut b = TcpBackend { child };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = b.child.try_wait() {
+                break; // port taken (or a start-up error): try the next one
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && TcpStream::connect(("127.0.0.1", port + 1)).is_ok()
+            {
+                // Someone else's server may own the ports while ours fails
+                // to bind and exits: only a child still running counts.
+                std::thread::sleep(Duration::from_millis(50));
+                if let Ok(None) = b.child.try_wait() {
+                    return (b, port);
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    panic!("{bin} did not start on any port");
+}
+
 /// A running backend process, killed when dropped.
 pub struct Daemon {
     pub child: Child,

@@ -1,15 +1,22 @@
 //! vtpmctl's library: the commands, on the admin protocol and host keys of
-//! `vtpm_common` (no libtpms is linked).
+//! `vtpm_common` (no libtpms is linked), and [`ioctl`], swtpm_ioctl's
+//! command line on a control socket.
 
 #![deny(unsafe_code)]
 
+pub mod ioctl;
+pub mod offline;
+
 use thiserror::Error;
 pub use vtpm_common::admin::{call, ClientError};
+use vtpm_common::statedir::StateDirError;
 
 #[derive(Debug, Error)]
 pub enum CtlError {
     #[error(transparent)]
     Admin(#[from] ClientError),
+    #[error(transparent)]
+    StateDir(#[from] StateDirError),
     #[error("{0}")]
     Input(String),
 }

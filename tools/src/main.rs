@@ -1,5 +1,7 @@
 //! `vtpmctl`: arguments → one admin request (or a local key operation) →
 //! JSON on stdout. Exit status 1 with `{"error": ...}` when refused.
+//! Started as `swtpm_ioctl` (a link of that name) or as `vtpmctl
+//! swtpm-ioctl ARGS`, it is swtpm_ioctl instead ([`vtpmctl::ioctl`]).
 
 #![deny(unsafe_code)]
 
@@ -10,7 +12,7 @@ use vtpm_common::admin::{
     IncomingInfo, KeysPreloaded, Prepared, Receipt, Request, Status, Tombstone,
 };
 use vtpm_common::hostkey::HostKey;
-use vtpmctl::{call, peer_key_pem, CtlError};
+use vtpmctl::{call, ioctl, offline, peer_key_pem, CtlError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -65,9 +67,8 @@ enum Cmd {
     },
     /// Lifecycle state, migration id and digest.
     Status {
-        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
-        #[arg(long, value_name = "SOCK")]
-        admin: PathBuf,
+        #[command(flatten)]
+        at: Target,
     },
     /// Destination, after the migration: write the signed receipt.
     Receipt {
@@ -80,19 +81,46 @@ enum Cmd {
     },
     /// Source: check the destination's receipt, then erase the local copy.
     Complete {
-        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
-        #[arg(long, value_name = "SOCK")]
-        admin: PathBuf,
+        #[command(flatten)]
+        at: Target,
         /// The receipt file `vtpmctl receipt` wrote on the destination.
         #[arg(long, value_name = "FILE")]
         receipt: PathBuf,
     },
-    /// Source: abandon a prepared or exported migration; the TPM carries on.
+    /// Source: abandon a prepared or exported migration; the TPM carries on
+    /// here. Only right if the VM does not run on the destination.
     Abort {
-        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
-        #[arg(long, value_name = "SOCK")]
-        admin: PathBuf,
+        #[command(flatten)]
+        at: Target,
     },
+    /// swtpm_ioctl's command line on a control socket, e.g.
+    /// `vtpmctl swtpm-ioctl --unix SOCK -s` (stop the TPM and vtpmd).
+    /// Plain text output as swtpm_ioctl's; `swtpm-ioctl --help` lists it.
+    /// vtpmctl started under the name `swtpm_ioctl` does the same.
+    #[command(disable_help_flag = true)]
+    SwtpmIoctl {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
+}
+
+/// A running vtpmd (its admin socket) or, when none runs, its state
+/// directory.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
+    #[arg(long, value_name = "SOCK")]
+    admin: Option<PathBuf>,
+    /// The state directory, while no vtpmd runs on it (after QEMU quit on
+    /// a migration source, vtpmd has exited and holds the state until the
+    /// receipt).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 fn read(path: &PathBuf) -> Result<String, CtlError> {
@@ -133,28 +161,50 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
                 migration_id,
             },
         )?),
-        Cmd::Status { admin } => json(call::<Status>(&admin, &Request::Status)?),
+        Cmd::Status { at } => match (at.admin, at.state_dir) {
+            (Some(admin), _) => json(call::<Status>(&admin, &Request::Status)?),
+            (None, Some(dir)) => offline::status(&dir),
+            (None, None) => unreachable!("clap requires one"),
+        },
         Cmd::Receipt { admin, out } => {
             let r = json(call::<Receipt>(&admin, &Request::Receipt)?)?;
             std::fs::write(&out, format!("{r:#}\n"))
                 .map_err(|e| CtlError::Input(format!("cannot write {}: {e}", out.display())))?;
             Ok(r)
         }
-        Cmd::Complete { admin, receipt } => {
+        Cmd::Complete { at, receipt } => {
             let r: Receipt = serde_json::from_str(&read(&receipt)?).map_err(|e| {
                 CtlError::Input(format!("{} is not a receipt: {e}", receipt.display()))
             })?;
-            json(call::<Tombstone>(
-                &admin,
-                &Request::Complete { receipt: r },
-            )?)
+            match (at.admin, at.state_dir) {
+                (Some(admin), _) => json(call::<Tombstone>(
+                    &admin,
+                    &Request::Complete { receipt: r },
+                )?),
+                (None, Some(dir)) => json(offline::complete(&dir, &r)?),
+                (None, None) => unreachable!("clap requires one"),
+            }
         }
-        Cmd::Abort { admin } => json(call::<Status>(&admin, &Request::Abort)?),
+        Cmd::Abort { at } => match (at.admin, at.state_dir) {
+            (Some(admin), _) => json(call::<Status>(&admin, &Request::Abort)?),
+            (None, Some(dir)) => offline::abort(&dir),
+            (None, None) => unreachable!("clap requires one"),
+        },
+        Cmd::SwtpmIoctl { .. } => unreachable!("handled in main"),
     }
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse().cmd) {
+    let mut args = std::env::args();
+    let argv0 = args.next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name() == Some("swtpm_ioctl".as_ref()) {
+        return ExitCode::from(ioctl::main(&args.collect::<Vec<_>>()));
+    }
+    let cmd = Cli::parse().cmd;
+    if let Cmd::SwtpmIoctl { args } = cmd {
+        return ExitCode::from(ioctl::main(&args));
+    }
+    match run(cmd) {
         Ok(v) => {
             println!("{v:#}");
             ExitCode::SUCCESS

@@ -257,7 +257,7 @@ fn sealed_migration_end_to_end_with_receipt_and_tombstone() {
         .collect();
     assert!(
         left.iter()
-            .all(|n| n == "vtpmd-tombstone.json" || n == ".lock"),
+            .all(|n| n == "vtpmd-tombstone.json" || n == ".lock" || n == "tpm2-00.permall"),
         "{left:?}"
     );
     // Restarting on the tombstoned directory fails with a clear message.
@@ -283,17 +283,125 @@ fn sealed_migration_end_to_end_with_receipt_and_tombstone() {
 }
 
 #[test]
-fn shutdown_after_export_erases_the_source() {
+fn shutdown_after_export_holds_the_source_until_the_receipt() {
+    let (_, ka, kb) = host_keys();
+    let mut src = node(ka, false);
+    let mut dst = node(kb, true);
+    let (mut c, _data, pcr) = running_source(&src);
+    let blobs = export_to(&src, &dst, &mut c);
+    // QEMU quits on the source: vtpmd exits, the state stays, marked.
+    assert_eq!(c.result(0x03, &[]), 0);
+    assert!(src.d.wait_exit(std::time::Duration::from_secs(5)).is_some());
+    let sdir = src._t.path().join("state");
+    let sdir_s = sdir.to_str().unwrap();
+    assert!(
+        !sdir.join("vtpmd-tombstone.json").exists(),
+        "no receipt yet"
+    );
+    assert!(sdir.join("vtpmd-00.permall").exists());
+    let (ok, v) = ctl(&["status", "--state-dir", sdir_s]);
+    assert!(
+        ok && v["state"] == "awaiting-receipt" && v["exported"] == true,
+        "{v}"
+    );
+    // A vtpmd started there holds the TPM and says how to resolve it.
+    let restarted = Daemon::start(src._t.path(), &["--admin", "path=/tmp/never-admin.sock"]);
+    let mut rc2 = Ctrl::connect(&restarted.ctrl);
+    assert_ne!(rc2.result(0x02, &[0, 0, 0, 0]), 0, "INIT refused");
+    assert!(
+        restarted.log_text().contains("vtpmctl complete"),
+        "{}",
+        restarted.log_text()
+    );
+    // While it runs, the offline command refuses (the lock is held).
+    let (ok, v) = ctl(&["abort", "--state-dir", sdir_s]);
+    assert!(
+        !ok && v["error"].as_str().unwrap().contains("in use"),
+        "{v}"
+    );
+    drop(rc2);
+    drop(restarted);
+    // The destination takes the state; its receipt erases the source.
+    let mut dc = Ctrl::connect(&dst.d.ctrl);
+    let (_, mut ddata) = dc.set_datafd();
+    assert_eq!(put_blobs(&mut dc, &blobs), 0);
+    assert_eq!(&cmd::pcr_value(&tpm(&mut ddata, &cmd::pcr_read(PCR))), &pcr);
+    let receipt = dst._t.path().join("receipt.json");
+    let (ok, v) = ctl(&[
+        "receipt",
+        "--admin",
+        dst.admin(),
+        "--out",
+        receipt.to_str().unwrap(),
+    ]);
+    assert!(ok, "{v}");
+    let bad = dst._t.path().join("bad.json");
+    let mut forged = v.clone();
+    forged["digest"] = serde_json::json!("00".repeat(32));
+    std::fs::write(&bad, forged.to_string()).unwrap();
+    let (ok, v2) = ctl(&[
+        "complete",
+        "--state-dir",
+        sdir_s,
+        "--receipt",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && v2["error"].as_str().unwrap().contains("receipt rejected"),
+        "{v2}"
+    );
+    assert!(
+        sdir.join("vtpmd-00.permall").exists(),
+        "a bad receipt erases nothing"
+    );
+    let (ok, t) = ctl(&[
+        "complete",
+        "--state-dir",
+        sdir_s,
+        "--receipt",
+        receipt.to_str().unwrap(),
+    ]);
+    assert!(ok, "{t}");
+    assert_eq!(t["confirmed_by"], "receipt");
+    assert!(sdir.join("vtpmd-tombstone.json").exists());
+    assert!(!sdir.join("vtpmd-00.permall").exists());
+    let (ok, v) = ctl(&["status", "--state-dir", sdir_s]);
+    assert!(ok && v["state"] == "migrated-out", "{v}");
+    dst.d.kill9();
+    src.d.kill9();
+}
+
+#[test]
+fn a_source_that_died_after_export_is_taken_back_by_offline_abort() {
     let (_, ka, kb) = host_keys();
     let mut src = node(ka, false);
     let dst = node(kb, true);
     let (mut c, _data, _) = running_source(&src);
     let _ = export_to(&src, &dst, &mut c);
-    assert_eq!(c.result(0x03, &[]), 0);
-    assert!(src.d.wait_exit(std::time::Duration::from_secs(5)).is_some());
+    src.d.kill9();
     let sdir = src._t.path().join("state");
-    assert!(sdir.join("vtpmd-tombstone.json").exists());
-    assert!(!sdir.join("tpm2-00.permall").exists());
+    let sdir_s = sdir.to_str().unwrap();
+    let (ok, v) = ctl(&["status", "--state-dir", sdir_s]);
+    assert!(ok && v["state"] == "awaiting-receipt", "{v}");
+    let (ok, v) = ctl(&["abort", "--state-dir", sdir_s]);
+    assert!(ok, "{v}");
+    let (ok, v) = ctl(&["abort", "--state-dir", sdir_s]);
+    assert!(
+        !ok && v["error"]
+            .as_str()
+            .unwrap()
+            .contains("no unresolved migration"),
+        "{v}"
+    );
+    // The TPM runs again with its NV.
+    let d = Daemon::start(src._t.path(), &[]);
+    let mut c = Ctrl::connect(&d.ctrl);
+    let mut data = c.qemu_start(4096);
+    assert_eq!(rc(&tpm(&mut data, &cmd::startup_clear())), 0);
+    assert_eq!(
+        cmd::nv_data(&tpm(&mut data, &cmd::nv_read(NV, 8))),
+        b"sealed!!"
+    );
 }
 
 #[test]

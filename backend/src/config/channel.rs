@@ -2,10 +2,10 @@
 //! with swtpm's syntax and defaults.
 //!
 //! ```text
-//! --ctrl   type=unixio,path=PATH[,mode=0660] | type=unixio,fd=N | type=unixio,clientfd=N
+//! --ctrl   type=unixio,path=PATH[,mode=0770] | type=unixio,fd=N | type=unixio,clientfd=N
 //!          type=tcp,port=P[,bindaddr=127.0.0.1] | type=tcp,fd=N          [,terminate]
 //! --server [type=tcp,]port=P[,bindaddr=127.0.0.1] | type=tcp,fd=N
-//!          type=unixio,path=PATH[,mode=0660] | type=unixio,fd=N
+//!          type=unixio,path=PATH[,mode=0770] | type=unixio,fd=N
 //! ```
 //!
 //! `fd=`/`clientfd=` name descriptors the parent left open; what they must
@@ -15,10 +15,8 @@ use super::{invalid, parse_fd, parse_kv, parse_mode, ConfigError};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
-/// Mode of a unix socket vtpmd creates without `mode=`: the owner and its
-/// group may connect. (swtpm's 0770 allows the same: execute bits mean
-/// nothing on a socket.)
-pub const DEFAULT_UNIX_MODE: u32 = 0o660;
+/// swtpm's default mode of a unix socket it creates.
+pub const DEFAULT_UNIX_MODE: u32 = 0o770;
 
 /// The socket family an inherited descriptor must have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,9 +250,9 @@ mod tests {
             ctrl("type=unixio,path=/x").unwrap(),
             Endpoint::Unix {
                 path: "/x".into(),
-                mode: 0o660
+                mode: 0o770
             },
-            "the owner and its group may connect"
+            "swtpm's default mode"
         );
         assert_eq!(
             server("port=2321").unwrap(),

@@ -11,7 +11,6 @@
 //!   vhost-user frontend (crosvm, cloud-hypervisor's generic device).
 
 pub mod channel;
-pub mod convert;
 pub mod key;
 pub mod swtpm;
 pub mod vhost_user;
@@ -72,10 +71,22 @@ pub enum Command {
     /// as crosvm defines it) to crosvm, cloud-hypervisor's generic
     /// vhost-user device or any vhost-user frontend.
     VhostUser(VhostUserArgs),
-    /// Rewrite an encrypted state directory in swtpm's `--key` format
-    /// (so swtpm opens it) or in vtpmd's sealed format. Stop the daemon
-    /// first; the directory lock keeps a running one out.
-    ConvertState(convert::ConvertArgs),
+    /// Write the state back in swtpm's file format (tpm2-00.permall,
+    /// tpm2-00.volatilestate) for a user returning to swtpm; vtpmd's own
+    /// files are removed. Run while no vtpmd serves the directory.
+    SwtpmExport(SwtpmExportArgs),
+}
+
+/// `vtpmd swtpm-export`.
+#[derive(Debug, Args)]
+pub struct SwtpmExportArgs {
+    /// State directory: dir=DIR (as for `vtpmd socket`).
+    #[arg(long, value_name = "dir=DIR")]
+    pub tpmstate: String,
+    /// The state's --key (swtpm syntax, as for `vtpmd socket`): the files
+    /// are then written in swtpm's encrypted format for the same key.
+    #[arg(long, value_name = "KEYSPEC")]
+    pub key: Option<String>,
 }
 
 /// Options every frontend shares: where the TPM state lives and how it is

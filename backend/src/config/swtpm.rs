@@ -16,14 +16,14 @@ pub struct SocketArgs {
     /// Emulate a TPM 2.0 (required: TPM 1.2 is not supported).
     #[arg(long)]
     pub tpm2: bool,
-    /// Control channel: type=unixio,path=PATH[,mode=0660],
+    /// Control channel: type=unixio,path=PATH[,mode=0770],
     /// type=tcp,port=PORT[,bindaddr=127.0.0.1], or an inherited socket:
     /// type=unixio|tcp,fd=N (listening) or type=unixio,clientfd=N (a
     /// connected client); [,terminate]: exit when the client disconnects.
     #[arg(long, value_name = "type=unixio|tcp,...")]
     pub ctrl: Option<String>,
     /// Data channel: [type=tcp,]port=PORT[,bindaddr=127.0.0.1],
-    /// type=unixio,path=PATH[,mode=0660], or an inherited socket fd=N
+    /// type=unixio,path=PATH[,mode=0770], or an inherited socket fd=N
     /// (listening: accepts clients; connected: the one data connection,
     /// vtpmd exits when it closes). QEMU does not need it (it passes its
     /// own socket with SET_DATAFD); tpm2-tss's swtpm TCTI does.
@@ -249,7 +249,7 @@ mod tests {
             c.ctrl,
             Some(Endpoint::Unix {
                 path: "/tmp/c.sock".into(),
-                mode: 0o660
+                mode: 0o770
             })
         );
         assert!(!c.not_need_init && !c.daemon && !c.terminate);

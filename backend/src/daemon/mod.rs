@@ -7,7 +7,6 @@
 //! imports it except `main.rs`.
 
 pub mod confine;
-pub mod convert;
 pub mod detach;
 pub mod keys;
 pub mod swtpm;
@@ -77,7 +76,7 @@ pub(crate) fn io_err(
 
 /// Mode of the control, data and vhost-user sockets unless `mode=` says
 /// otherwise: the owner and its group (a VMM running as another user in
-/// the group) may connect.
+/// the group) may connect. swtpm's default, 0770, for drop-in use.
 pub const DEFAULT_SOCKET_MODE: u32 = crate::config::channel::DEFAULT_UNIX_MODE;
 /// Mode of the pid file.
 const PID_FILE_MODE: u32 = 0o600;
@@ -149,12 +148,15 @@ impl Host {
             .map(HostKey::load)
             .transpose()?
             .map(Arc::new);
-        let session = Session::new(
+        let mut session = Session::new(
             host_key,
             cfg.trusted_peers.clone(),
             cfg.allow_plaintext_migration,
             cfg.incoming,
         );
+        if let Some(marker) = store.read_marker()? {
+            session.restore(&marker).map_err(InstanceError::Migration)?;
+        }
         if cfg.allow_plaintext_migration {
             log::warn!("--allow-plaintext-migration: the TPM state may be handed out unencrypted");
         }

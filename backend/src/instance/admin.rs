@@ -18,13 +18,36 @@ impl Vtpm {
             Request::Outgoing {
                 peer_key,
                 migration_id,
-            } => Reply::Prepared(st.session.prepare_outgoing(&peer_key, &migration_id)?),
+            } => {
+                let prepared = st.session.prepare_outgoing(&peer_key, &migration_id)?;
+                // Recorded before anything is handed out: if this process
+                // dies from here on, it does not come back as a live TPM
+                // without the operator's word.
+                let marker = st
+                    .session
+                    .marker()
+                    .expect("a prepared session has a marker");
+                if let Err(e) = self.store.write_marker(&marker) {
+                    let _ = st.session.abort();
+                    return Err(InstanceError::Handover(e));
+                }
+                Reply::Prepared(prepared)
+            }
             Request::Abort => {
                 st.session.abort()?;
                 self.store.set_fenced(false);
+                self.store
+                    .remove_marker()
+                    .map_err(InstanceError::Handover)?;
                 Reply::Status(st.session.status(running))
             }
-            Request::Receipt => Reply::Receipt(st.session.receipt()?),
+            Request::Receipt => {
+                // Signed only once the received state is on disk.
+                self.store
+                    .commit_deferred()
+                    .map_err(InstanceError::Persist)?;
+                Reply::Receipt(st.session.receipt()?)
+            }
             Request::Complete { receipt } => {
                 let t = st.session.complete(&receipt)?;
                 self.erase_for_migration(&t);

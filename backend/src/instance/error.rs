@@ -33,7 +33,7 @@ pub enum InstanceError {
     NotRunning,
     #[error("the TPM is running (send STOP first)")]
     Running,
-    #[error("the instance is {0:?}: it runs nothing until the migration completes or is aborted (vtpmctl status)")]
+    #[error("{}", locked_message(*.0))]
     Locked(Phase),
     #[error("locality {0} is out of range (0..=4)")]
     BadLocality(u8),
@@ -47,6 +47,8 @@ pub enum InstanceError {
     LockBusy(#[source] StorageError),
     #[error("could not persist the received permanent state: {0}")]
     Persist(#[source] StorageError),
+    #[error("recording the migration in the state directory failed: {0}")]
+    Handover(#[source] StorageError),
     #[error(transparent)]
     Migration(#[from] SessionError),
     #[error("no migration is prepared for this vTPM (run `vtpmctl outgoing` first); plaintext export needs --allow-plaintext-migration")]
@@ -67,4 +69,17 @@ pub enum InstanceError {
     NoInfo(u32),
     #[error("this instance is {0:?}, not waiting for an incoming migration (start it with --migration incoming); its TPM is left as it is")]
     NotIncoming(Phase),
+}
+
+fn locked_message(p: Phase) -> String {
+    match p {
+        Phase::AwaitingReceipt => "this vTPM was handed to a migration destination and is held until that is resolved: \
+            if the VM runs on the destination, run `vtpmctl complete --receipt FILE` with the destination's receipt \
+            (vtpmctl receipt there) to erase this copy; if it does not, run `vtpmctl abort` to take the TPM back \
+            (both also work with --state-dir DIR while no vtpmd runs; vtpmctl status shows the migration)"
+            .into(),
+        p => format!(
+            "the instance is {p:?}: it runs nothing until the migration completes or is aborted (vtpmctl status)"
+        ),
+    }
 }

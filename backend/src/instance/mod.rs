@@ -30,7 +30,7 @@ pub use error::InstanceError;
 
 use crate::engine::tpm2::{self, StartupType};
 use crate::engine::{BufferSizes, EngineControls, StateType, TpmEngine};
-use crate::migration::session::Session;
+use crate::migration::session::{Handover, Session};
 use crate::storage::swtpm_key::SwtpmKey;
 use crate::storage::{StateDir, PERMANENT, VOLATILE};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -138,7 +138,7 @@ impl Vtpm {
         opts: Options,
         session: Session,
     ) -> Result<Vtpm> {
-        if store.file_of(PERMANENT).exists() {
+        if store.has_blob(PERMANENT) {
             if let Err(rc) = tpm.validate_state(StateType::Permanent) {
                 return Err(InstanceError::BadState {
                     dir: store.path().display().to_string(),
@@ -294,6 +294,9 @@ impl Vtpm {
     fn unlock_destination(&self, st: &mut TpmState, flags: InitFlags) -> Result<()> {
         let (perm, vol, id) = st.session.take_verified()?;
         self.power_off_locked(st);
+        // Nothing touches the disk before INIT is answered: the state is
+        // made durable right after, and the receipt waits for that.
+        self.store.defer_writes();
         let set = st
             .tpm
             .set_state(StateType::Permanent, Some(&perm))
@@ -304,21 +307,43 @@ impl Vtpm {
         if let Err(r) = set {
             log::error!("the engine rejected the migrated state ({r:#x}); staying locked");
             st.session.relock_destination();
+            self.store.discard_deferred();
             return Err(InstanceError::Engine(r));
         }
         st.permanent_set = true;
         match self.power_on_locked(st, flags) {
             Ok(()) => {
-                log::info!(
-                    "migration {}: digest verified, destination unlocked",
-                    vtpm_common::hex::encode(&id)
-                );
+                let id = vtpm_common::hex::encode(&id);
+                log::info!("migration {id}: digest verified, destination unlocked");
+                self.make_durable_soon(id);
                 Ok(())
             }
             Err(e) => {
                 st.session.relock_destination();
+                self.store.discard_deferred();
                 Err(e)
             }
+        }
+    }
+
+    /// Writes the received state to disk on a thread of its own, right
+    /// after INIT was answered (or inline if no thread can be started).
+    fn make_durable_soon(&self, id: String) {
+        fn commit(store: &StateDir, id: &str) {
+            match store.commit_deferred() {
+                Ok(()) => log::info!("migration {id}: the received state is durable"),
+                Err(e) => log::error!(
+                    "migration {id}: making the received state durable failed: {e}; no receipt is issued until it succeeds (vtpmctl receipt retries)"
+                ),
+            }
+        }
+        let store = self.store.clone();
+        let tid = id.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vtpmd-durable".into())
+            .spawn(move || commit(&store, &tid));
+        if spawned.is_err() {
+            commit(&self.store, &id);
         }
     }
 
@@ -413,14 +438,33 @@ impl Vtpm {
     }
 
     /// The VMM is quitting (CMD_SHUTDOWN). After a completed sealed export
-    /// this is the end of a successful migration, so the source copy is
-    /// erased and the tombstone left.
+    /// the state stays, locked and marked, until the destination's receipt
+    /// (`vtpmctl complete`) erases it: never a second live TPM, never an
+    /// erase before the destination's copy is durable.
     pub fn shutdown(&self) {
         let mut st = self.lock();
-        if let Some(t) = st.session.shutdown_after_export() {
-            self.erase_for_migration(&t);
+        match st.session.on_vmm_quit() {
+            Handover::Keep(marker) => match self.store.write_marker(&marker) {
+                Ok(()) => log::warn!(
+                    "migration {}: the VMM quit after the export; this copy stays locked until `vtpmctl complete --receipt FILE` (erase it) or `vtpmctl abort` (the VM did not resume on the destination)",
+                    marker.migration_id
+                ),
+                Err(e) => log::error!(
+                    "migration {}: recording the hand-over failed: {e}",
+                    marker.migration_id
+                ),
+            },
+            Handover::Forget => self.forget_handover(),
+            Handover::Nothing => {}
         }
         self.power_off_locked(&mut st);
+    }
+
+    /// The prepared migration is off: the state directory forgets it.
+    fn forget_handover(&self) {
+        if let Err(e) = self.store.remove_marker() {
+            log::error!("removing the migration marker failed: {e}");
+        }
     }
 
     /// A guest reset reported by a frontend that has no CMD_INIT
@@ -569,6 +613,7 @@ impl Vtpm {
         if self.lock().session.resume_source() {
             // The VM resumed here after a failed migration: carry on.
             self.store.set_fenced(false);
+            self.forget_handover();
         }
         let mut attempt = 0;
         loop {

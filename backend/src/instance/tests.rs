@@ -6,10 +6,12 @@
 use super::*;
 use crate::engine::fake::{FakeEngine, Probe, CC_NV_WRITE, MAGIC};
 use crate::migration::piece::test_keys::keys;
-use crate::storage::{blob, TOMBSTONE};
+use crate::storage::slots::{self, SlotFile};
+use crate::storage::{blob, STUB_MAGIC, TOMBSTONE};
 use std::path::Path;
 use vtpm_common::admin::{Reply, Request};
 use vtpm_common::hostkey::HostKey;
+use vtpm_common::statedir::MARKER;
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -23,8 +25,22 @@ impl Fixture {
     }
 
     fn on_disk(&self) -> Option<Vec<u8>> {
-        let raw = std::fs::read(self.path().join("tpm2-00.permall")).ok()?;
-        Some(blob::decode_plain(&raw).unwrap())
+        self.blob_on_disk("permall")
+    }
+
+    /// A blob as a fresh process would find it in the directory.
+    fn blob_on_disk(&self, name: &str) -> Option<Vec<u8>> {
+        let path = self.path().join(format!("vtpmd-00.{name}"));
+        let (_, rec) = SlotFile::open(&path, false).unwrap()?;
+        (rec.flags & slots::FLAG_DELETED == 0).then(|| rec.payload.to_vec())
+    }
+
+    /// Only the tombstone and stubs are left.
+    fn erased(&self) -> bool {
+        let stub = std::fs::read(self.path().join("tpm2-00.permall")).unwrap_or_default();
+        !self.path().join("vtpmd-00.permall").exists()
+            && !self.path().join("vtpmd-00.volatilestate").exists()
+            && stub.starts_with(STUB_MAGIC)
     }
 }
 
@@ -42,7 +58,10 @@ fn fixture_in(
 ) -> Fixture {
     let store = Arc::new(StateDir::open(dir.path(), 0o600, None).unwrap());
     let (engine, probe) = FakeEngine::new(store.clone());
-    let session = Session::new(host.cloned().map(Arc::new), None, allow_plain, incoming);
+    let mut session = Session::new(host.cloned().map(Arc::new), None, allow_plain, incoming);
+    if let Some(m) = store.read_marker().unwrap() {
+        session.restore(&m).unwrap();
+    }
     let vtpm = Vtpm::new(Box::new(engine), store, opts, session).unwrap();
     Fixture {
         _dir: dir,
@@ -160,12 +179,13 @@ fn nv_writes_reach_the_state_directory() {
     );
     assert!(f.on_disk().unwrap().ends_with(b"hello"));
     f.vtpm.store_volatile().unwrap();
-    assert!(f.path().join("tpm2-00.volatilestate").exists());
+    assert!(f.blob_on_disk("volatilestate").is_some());
     f.vtpm
         .power_on(InitFlags {
             delete_volatile: true,
         })
         .unwrap();
+    assert!(f.blob_on_disk("volatilestate").is_none());
     assert!(!f.path().join("tpm2-00.volatilestate").exists());
 }
 
@@ -346,10 +366,6 @@ fn sealed_migration_locks_source_unlocks_destination_and_erases_on_receipt() {
     dst.vtpm.import_all(&refs).unwrap();
     assert!(dst.vtpm.is_running());
     assert_eq!(dst.vtpm.phase(), Phase::Running);
-    assert!(
-        dst.on_disk().unwrap().ends_with(b"secret-nv"),
-        "persisted at INIT"
-    );
     assert_eq!(rc_of(&dst.vtpm, &cmd(0x17b, &[])), tpm2::RC_SUCCESS);
     // Replaying into the now-running destination is refused, untouched.
     assert!(matches!(
@@ -359,12 +375,16 @@ fn sealed_migration_locks_source_unlocks_destination_and_erases_on_receipt() {
     let Reply::Receipt(r) = admin(&dst.vtpm, Request::Receipt).unwrap() else {
         panic!()
     };
+    assert!(
+        dst.on_disk().unwrap().ends_with(b"secret-nv"),
+        "durable before the receipt"
+    );
     let Reply::Tombstone(t) = admin(&src.vtpm, Request::Complete { receipt: r }).unwrap() else {
         panic!()
     };
     assert_eq!(t.confirmed_by, "receipt");
     assert!(src.path().join(TOMBSTONE).exists());
-    assert!(!src.path().join("tpm2-00.permall").exists());
+    assert!(src.erased());
     let Reply::Status(s) = admin(&src.vtpm, Request::Status).unwrap() else {
         panic!()
     };
@@ -425,17 +445,76 @@ fn source_resumes_after_abort_or_lock_storage() {
     ));
 }
 
+/// The source's process as a restart would find it (marker restored).
+fn reopen(f: Fixture, host: &HostKey) -> Fixture {
+    let Fixture { _dir, vtpm, .. } = f;
+    drop(vtpm);
+    fixture_in(_dir, Some(host), false, false, Options::default())
+}
+
 #[test]
-fn shutdown_after_export_erases_and_leaves_tombstone() {
-    let (src, _dst) = prepared_pair();
-    src.vtpm.export_all().unwrap();
+fn shutdown_after_export_holds_the_state_until_receipt_or_abort() {
+    let (ka, _) = keys();
+    let (src, dst) = prepared_pair();
+    assert!(src.path().join(MARKER).exists(), "marked when prepared");
+    let blobs = src.vtpm.export_all().unwrap();
     src.vtpm.shutdown();
     assert!(!src.vtpm.is_running());
-    let t = std::fs::read_to_string(src.path().join(TOMBSTONE)).unwrap();
-    assert!(t.contains("shutdown-after-export"), "{t}");
-    assert!(!src.path().join("tpm2-00.permall").exists());
-    // A tombstoned directory refuses to open again.
-    assert!(StateDir::open(src.path(), 0o600, None).is_err());
+    assert!(
+        !src.path().join(TOMBSTONE).exists(),
+        "no erase without receipt"
+    );
+    assert!(src.on_disk().unwrap().ends_with(b"secret-nv"));
+    // A restarted source holds the TPM and says how to resolve it.
+    let src = reopen(src, ka);
+    assert_eq!(src.vtpm.phase(), Phase::AwaitingReceipt);
+    let e = src.vtpm.power_on(InitFlags::default()).unwrap_err();
+    assert!(e.to_string().contains("vtpmctl complete"), "{e}");
+    assert!(e.to_string().contains("vtpmctl abort"), "{e}");
+    assert_eq!(rc_of(&src.vtpm, &cmd(0x17b, &[])), tpm2::RC_FAILURE);
+    // The destination's receipt completes it, even in the new process.
+    let refs: Vec<(BlobKind, &[u8])> = blobs.iter().map(|(k, b)| (*k, &b[..])).collect();
+    dst.vtpm.import_all(&refs).unwrap();
+    let Reply::Receipt(r) = admin(&dst.vtpm, Request::Receipt).unwrap() else {
+        panic!()
+    };
+    let mut forged = r.clone();
+    forged.signature = "00".repeat(384);
+    assert!(admin(&src.vtpm, Request::Complete { receipt: forged }).is_err());
+    assert!(src.on_disk().is_some(), "a bad receipt erases nothing");
+    let Reply::Tombstone(t) = admin(&src.vtpm, Request::Complete { receipt: r }).unwrap() else {
+        panic!()
+    };
+    assert_eq!(t.confirmed_by, "receipt");
+    assert!(src.erased());
+    assert!(!src.path().join(MARKER).exists());
+    let Fixture { _dir, vtpm, .. } = src;
+    drop(vtpm);
+    assert!(
+        StateDir::open(_dir.path(), 0o600, None).is_err(),
+        "tombstoned"
+    );
+}
+
+#[test]
+fn an_unresolved_migration_is_taken_back_by_abort() {
+    let (ka, _) = keys();
+    let (src, _dst) = prepared_pair();
+    src.vtpm.export_all().unwrap();
+    // The process dies without SHUTDOWN: the marker from `outgoing` holds.
+    let src = reopen(src, ka);
+    assert_eq!(src.vtpm.phase(), Phase::AwaitingReceipt);
+    assert!(src.vtpm.power_on(InitFlags::default()).is_err());
+    admin(&src.vtpm, Request::Abort).unwrap();
+    assert!(!src.path().join(MARKER).exists());
+    started(&src);
+    assert!(src.on_disk().unwrap().ends_with(b"secret-nv"));
+    // A prepared migration that handed nothing out is forgotten at SHUTDOWN.
+    let (src, _dst) = prepared_pair();
+    src.vtpm.shutdown();
+    assert!(!src.path().join(MARKER).exists());
+    let src = reopen(src, ka);
+    assert_eq!(src.vtpm.phase(), Phase::Running);
 }
 
 #[test]

@@ -4,7 +4,10 @@
 //! source:      running ─outgoing─▶ prepared ─1st GET_STATEBLOB─▶ source-locked
 //!                 ▲                                                  │ all 3 fetched
 //!                 └──── LOCK_STORAGE / abort ◀── exported ◀──────────┘
-//!                                                  │ receipt (complete) or SHUTDOWN
+//!                 ▲                                │ SHUTDOWN (QEMU quits)
+//!                 │ abort                          ▼
+//!                 └──────────────────────── awaiting-receipt (also after a restart)
+//!                                                  │ receipt (complete)
 //!                                                  ▼
 //!                                            migrated-out (state erased, tombstone)
 //! destination: destination-locked ─incoming-info─▶ (id issued) ─SET ×3, digest ok, INIT─▶ running
@@ -13,6 +16,10 @@
 //! A locked instance executes no TPM command. The destination unlocks only
 //! when the digest it recomputed equals the one carried in the final piece;
 //! its migration id is then consumed, so the same stream cannot load twice.
+//! The source erases its copy only on the destination's signed receipt,
+//! which the destination issues once the received state is durable; until
+//! then a marker in the state directory ([`PendingHandover`]) keeps the
+//! source from starting again, even across a restart.
 
 use super::piece::{Exporter, Importer, MigrationId, PieceError, PreloadedKeys, ID_LEN};
 use crate::engine::TpmResult;
@@ -25,6 +32,7 @@ use vtpm_common::admin::{
 };
 use vtpm_common::hex;
 use vtpm_common::hostkey::{self as keys, HostKey, KeyError};
+use vtpm_common::statedir::{self, PendingHandover};
 use zeroize::Zeroizing;
 
 #[derive(Debug, Error)]
@@ -83,13 +91,19 @@ pub enum SessionError {
     Piece(#[from] PieceError),
     #[error("receipt rejected: {0}")]
     Receipt(&'static str),
+    #[error("the migration marker in the state directory is damaged: {0} (inspect it; `vtpmctl abort --state-dir DIR` forgets it if the VM does not run elsewhere)")]
+    BadMarker(&'static str),
 }
 
-fn receipt_message(id: &[u8], digest: &[u8]) -> Vec<u8> {
-    let mut m = b"vtpmd-receipt-v1".to_vec();
-    m.extend_from_slice(id);
-    m.extend_from_slice(digest);
-    m
+/// What the state directory must record when the VMM quits.
+#[derive(Debug)]
+pub enum Handover {
+    /// The state was handed out: keep it, locked, until the receipt.
+    Keep(PendingHandover),
+    /// A prepared migration never handed the whole state out: forget it.
+    Forget,
+    /// Nothing to record.
+    Nothing,
 }
 
 enum State {
@@ -97,6 +111,7 @@ enum State {
     Prepared {
         id: MigrationId,
         peer: RsaPublicKey,
+        peer_pem: String,
         /// Instance keys made and wrapped at preparation, so the RSA work
         /// happens before the VM stops rather than in its downtime.
         exporter: Box<Exporter>,
@@ -104,9 +119,17 @@ enum State {
     Source {
         id: MigrationId,
         peer: RsaPublicKey,
+        peer_pem: String,
         digest: [u8; 32],
         blobs: Vec<Vec<u8>>,
         fetched: [bool; 3],
+    },
+    /// The hand-over happened (or may have) and awaits the receipt.
+    Held {
+        id: MigrationId,
+        peer: RsaPublicKey,
+        peer_pem: String,
+        digest: Option<[u8; 32]>,
     },
     MigratedOut {
         id: MigrationId,
@@ -182,7 +205,66 @@ impl Session {
             State::Source { .. } => Phase::SourceLocked,
             State::MigratedOut { .. } => Phase::MigratedOut,
             State::Destination { .. } => Phase::DestinationLocked,
+            State::Held { .. } => Phase::AwaitingReceipt,
         }
+    }
+
+    /// The marker the state directory keeps while a migration is
+    /// unresolved (prepared, handed out or awaiting the receipt).
+    pub fn marker(&self) -> Option<PendingHandover> {
+        let (id, peer_pem, digest, exported) = match &self.state {
+            State::Prepared { id, peer_pem, .. } => (id, peer_pem, None, false),
+            State::Source {
+                id,
+                peer_pem,
+                digest,
+                fetched,
+                ..
+            } => (id, peer_pem, Some(*digest), fetched.iter().all(|f| *f)),
+            State::Held {
+                id,
+                peer_pem,
+                digest,
+                ..
+            } => (id, peer_pem, *digest, digest.is_some()),
+            _ => return None,
+        };
+        Some(PendingHandover {
+            migration_id: hex::encode(id),
+            peer_key: peer_pem.clone(),
+            digest: digest.filter(|_| exported).map(|d| hex::encode(&d)),
+            exported,
+        })
+    }
+
+    /// Start-up with a marker in the state directory: the previous process
+    /// stopped with a migration unresolved, so this one holds the TPM
+    /// until the receipt or an abort.
+    pub fn restore(&mut self, m: &PendingHandover) -> Result<(), SessionError> {
+        let id = parse_id(&m.migration_id).map_err(|_| SessionError::BadMarker("migration id"))?;
+        let peer = keys::parse_public(&m.peer_key, "peer key")
+            .map_err(|_| SessionError::BadMarker("peer key"))?;
+        let digest = match &m.digest {
+            None => None,
+            Some(d) => Some(
+                hex::decode(d)
+                    .ok()
+                    .and_then(|v| v.try_into().ok())
+                    .ok_or(SessionError::BadMarker("digest"))?,
+            ),
+        };
+        log::warn!(
+            "migration {} to {} is unresolved: the TPM stays stopped until `vtpmctl complete` (with the destination's receipt) or `vtpmctl abort`",
+            m.migration_id,
+            keys::fingerprint(&peer)
+        );
+        self.state = State::Held {
+            id,
+            peer,
+            peer_pem: m.peer_key.clone(),
+            digest,
+        };
+        Ok(())
     }
 
     /// Whether TPM commands and ordinary INITs may run.
@@ -268,7 +350,12 @@ impl Session {
         let fpr = keys::fingerprint(&peer);
         let exporter = Box::new(Exporter::new(id, &peer)?);
         let wrapped = hex::encode(exporter.wrapped_key());
-        self.state = State::Prepared { id, peer, exporter };
+        self.state = State::Prepared {
+            id,
+            peer,
+            peer_pem: peer_pem.to_string(),
+            exporter,
+        };
         Ok(Prepared {
             state: Phase::Prepared,
             migration_id: hex::encode(&id),
@@ -293,6 +380,7 @@ impl Session {
             let State::Prepared {
                 id,
                 peer,
+                peer_pem,
                 mut exporter,
             } = std::mem::replace(&mut self.state, State::Running)
             else {
@@ -313,6 +401,7 @@ impl Session {
             self.state = State::Source {
                 id,
                 peer,
+                peer_pem,
                 digest: exporter.digest(),
                 blobs,
                 fetched: [false; 3],
@@ -400,10 +489,12 @@ impl Session {
         }
     }
 
-    /// Admin abort: also forgets a prepared migration.
+    /// Admin abort: also forgets a prepared migration, or one a previous
+    /// process left unresolved (the operator knows the VM did not resume
+    /// on the destination).
     pub fn abort(&mut self) -> Result<(), SessionError> {
         match self.state {
-            State::Prepared { .. } => {
+            State::Prepared { .. } | State::Held { .. } => {
                 self.state = State::Running;
                 Ok(())
             }
@@ -415,75 +506,70 @@ impl Session {
         }
     }
 
-    fn tombstone(&self, by: &str) -> Option<Tombstone> {
-        match &self.state {
-            State::Source {
-                id, peer, digest, ..
-            } => Some(Tombstone {
-                migrated_out: true,
-                migration_id: hex::encode(id),
-                destination_key: keys::fingerprint(peer),
-                digest: hex::encode(digest),
-                confirmed_by: by.into(),
-                unix_time: now(),
-            }),
-            _ => None,
-        }
-    }
-
     /// Source, `vtpmctl complete`: checks the destination's receipt; the
     /// caller then erases the state and writes the tombstone.
     pub fn complete(&mut self, r: &Receipt) -> Result<Tombstone, SessionError> {
-        let State::Source {
-            id, peer, digest, ..
-        } = &self.state
-        else {
-            return Err(SessionError::NotExported(self.phase()));
+        let (id, peer, digest) = match &self.state {
+            State::Source {
+                id, peer, digest, ..
+            } if self.phase() == Phase::Exported => (*id, peer, Some(*digest)),
+            State::Source { .. } => return Err(SessionError::ExportUnfinished),
+            State::Held {
+                id, peer, digest, ..
+            } => (*id, peer, *digest),
+            _ => return Err(SessionError::NotExported(self.phase())),
         };
-        if self.phase() != Phase::Exported {
-            return Err(SessionError::ExportUnfinished);
-        }
-        if r.migration_id != hex::encode(id) {
-            return Err(SessionError::Receipt("it is for another migration"));
-        }
-        if r.digest != hex::encode(digest) {
-            return Err(SessionError::Receipt(
-                "its digest differs from the exported state's",
-            ));
-        }
-        if r.destination_key != keys::fingerprint(peer) {
-            return Err(SessionError::Receipt("it is signed by another host"));
-        }
-        let sig =
-            hex::decode(&r.signature).map_err(|_| SessionError::Receipt("signature is not hex"))?;
-        if !keys::verify(peer, &receipt_message(id, digest), &sig) {
-            return Err(SessionError::Receipt("bad signature"));
-        }
-        let t = self
-            .tombstone("receipt")
-            .ok_or(SessionError::NotExported(Phase::Running))?;
-        self.state = State::MigratedOut { id: *id };
+        statedir::verify_receipt(&id, peer, digest.as_ref().map(|d| &d[..]), r)
+            .map_err(SessionError::Receipt)?;
+        let t = Tombstone {
+            migrated_out: true,
+            migration_id: hex::encode(&id),
+            destination_key: keys::fingerprint(peer),
+            digest: r.digest.clone(),
+            confirmed_by: "receipt".into(),
+            unix_time: now(),
+        };
+        self.state = State::MigratedOut { id };
         Ok(t)
     }
 
-    /// Source, SHUTDOWN: after a completed export QEMU's SHUTDOWN means the
-    /// migration succeeded; returns the tombstone to write then.
-    pub fn shutdown_after_export(&mut self) -> Option<Tombstone> {
-        if self.phase() != Phase::Exported {
-            return None;
+    /// Source, SHUTDOWN (the VMM quits): after a completed export the
+    /// state stays, locked, until the receipt; a migration that never
+    /// handed the whole state out is forgotten.
+    pub fn on_vmm_quit(&mut self) -> Handover {
+        match self.phase() {
+            Phase::Exported => {
+                let State::Source {
+                    id,
+                    peer,
+                    peer_pem,
+                    digest,
+                    ..
+                } = std::mem::replace(&mut self.state, State::Running)
+                else {
+                    unreachable!("Exported is a Source state");
+                };
+                self.state = State::Held {
+                    id,
+                    peer,
+                    peer_pem,
+                    digest: Some(digest),
+                };
+                self.marker().map_or(Handover::Nothing, Handover::Keep)
+            }
+            Phase::Prepared | Phase::SourceLocked => {
+                self.state = State::Running;
+                Handover::Forget
+            }
+            _ => Handover::Nothing,
         }
-        let t = self.tombstone("shutdown-after-export")?;
-        if let State::Source { id, .. } = &self.state {
-            self.state = State::MigratedOut { id: *id };
-        }
-        Some(t)
     }
 
     /// Destination, `vtpmctl receipt`.
     pub fn receipt(&self) -> Result<Receipt, SessionError> {
         let (id, digest) = self.imported.ok_or(SessionError::NoCompletedIncoming)?;
         let host = self.host()?;
-        let sig = host.sign(&receipt_message(&id, &digest))?;
+        let sig = host.sign(&statedir::receipt_message(&id, &digest))?;
         Ok(Receipt {
             migration_id: hex::encode(&id),
             digest: hex::encode(&digest),
@@ -499,6 +585,9 @@ impl Session {
                 id, peer, digest, ..
             } => (Some(*id), Some(*digest), Some(keys::fingerprint(peer))),
             State::MigratedOut { id } => (Some(*id), None, None),
+            State::Held {
+                id, peer, digest, ..
+            } => (Some(*id), *digest, Some(keys::fingerprint(peer))),
             State::Destination { issued, .. } => (*issued, None, None),
             State::Running => (self.imported.map(|i| i.0), self.imported.map(|i| i.1), None),
         };
@@ -580,7 +669,7 @@ mod tests {
         let _ = migrate(&mut src, &mut dst);
         assert!(src.resume_source());
         assert_eq!(src.phase(), Phase::Running);
-        assert!(src.shutdown_after_export().is_none());
+        assert!(matches!(src.on_vmm_quit(), Handover::Nothing));
     }
 
     #[test]

@@ -4,12 +4,12 @@
 //! * Reading: each file is recognised by its first bytes, vtpmd's sealed
 //!   format ([`super::sealing`], `VTPMSEAL`) or swtpm's ([`super::swtpm_crypt`],
 //!   a blob header with the ENCRYPTED flag), and opened with the same key.
-//! * Writing follows the directory: once a state file in swtpm's format has
-//!   been read, every file is written in swtpm's format, so a directory made
-//!   by swtpm stays one swtpm can open again (switching back needs nothing).
-//!   A directory without encrypted state yet gets the sealed format, which
-//!   binds each file to its blob name and derives separate cipher and MAC
-//!   keys. `vtpmd convert-state` rewrites a directory into either format.
+//! * Writing follows the directory: once a state in swtpm's format has been
+//!   read, records are sealed in swtpm's format (inside vtpmd's slot files,
+//!   docs/STORAGE.md), so `vtpmd swtpm-export --key ...` can hand swtpm its
+//!   files back unchanged in kind. A directory without encrypted state yet
+//!   gets the sealed format, which binds each record to its blob name and
+//!   derives separate cipher and MAC keys.
 
 use super::sealing::{self, SealError, StateKey};
 use super::swtpm_crypt;

@@ -1,6 +1,7 @@
 //! Creating files an attacker on the same host cannot redirect: every file
 //! vtpmd creates (state temporaries, tombstone, pid file) goes through
-//! [`create_new`], and the log through [`open_append`].
+//! [`create_new`], the log through [`open_append`], lock files through
+//! [`open_lock_file`].
 //!
 //! * A planted symlink is never followed (`O_NOFOLLOW`), and a planted file
 //!   or hard link is never written through: whatever sits at the path is
@@ -14,20 +15,19 @@ use std::io::{self, ErrorKind};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-/// Creates `path` afresh with `mode`, replacing whatever entry was there.
-pub fn create_new(path: &Path, mode: u32) -> io::Result<File> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let f = OpenOptions::new()
+pub use vtpm_common::statedir::create_new;
+
+/// Opens (creating it 0600 if absent) a lock file, never through a link;
+/// its content is left alone.
+pub fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
         .write(true)
-        .create_new(true)
-        .mode(mode)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
-    f.set_permissions(fs::Permissions::from_mode(mode))?;
-    Ok(f)
+        .open(path)
 }
 
 /// Opens `path` for appending (or truncates it), creating it with `mode`;
@@ -68,26 +68,7 @@ pub fn open_append(path: &Path, mode: u32, truncate: bool) -> io::Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
     use std::os::unix::fs::symlink;
-
-    #[test]
-    fn planted_symlink_and_hard_link_are_not_written_through() {
-        let d = tempfile::tempdir().unwrap();
-        let victim = d.path().join("victim");
-        fs::write(&victim, b"precious").unwrap();
-        let link = d.path().join("pid.tmp");
-        symlink(&victim, &link).unwrap();
-        let mut f = create_new(&link, 0o600).unwrap();
-        f.write_all(b"123").unwrap();
-        assert_eq!(fs::read(&victim).unwrap(), b"precious");
-        let hard = d.path().join("state.tmp");
-        fs::hard_link(&victim, &hard).unwrap();
-        create_new(&hard, 0o600).unwrap().write_all(b"x").unwrap();
-        assert_eq!(fs::read(&victim).unwrap(), b"precious");
-        let mode = fs::metadata(&hard).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-    }
 
     #[test]
     fn log_refuses_symlinks_and_sets_its_mode() {

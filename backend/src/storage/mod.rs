@@ -1,10 +1,19 @@
 //! The state directory: where a vTPM's persistent state lives on disk.
 //!
-//! * File names follow swtpm (`tpm2-00.permall`, `tpm2-00.volatilestate`,
-//!   `.lock`), and unencrypted files use swtpm's container ([`blob`]), so a
-//!   directory can be handed between swtpm and vtpmd.
-//! * Every write is atomic: temporary file, fsync, rename, fsync of the
-//!   directory. A crash at any instant leaves the old or the new file.
+//! ```text
+//!  vtpmd-00.permall        the TPM's permanent state, two-slot file ([`slots`])
+//!  vtpmd-00.volatilestate  its volatile state (written at CMD_STORE_VOLATILE)
+//!  tpm2-00.permall         a stub that swtpm refuses to load (see STUB_TEXT)
+//!  .lock                   the lock both vtpmd and swtpm take
+//! ```
+//!
+//! * A commit is one write and one device flush, and a crash at any
+//!   instant (kill -9 or power loss) leaves the last acknowledged state or
+//!   the one in flight ([`slots`], docs/STORAGE.md).
+//! * A directory made by swtpm (`tpm2-00.*` in swtpm's container,
+//!   [`blob`]) is read as it is; the first write moves it to slot files.
+//!   `vtpmd swtpm-export` writes swtpm's files back for a user returning
+//!   to swtpm.
 //! * An exclusive lock (an open-file-description lock on `.lock`, which also
 //!   conflicts with swtpm's fcntl lock) keeps a second daemon out.
 //! * With `--key`, files are encrypted ([`at_rest`]: vtpmd's [`sealing`]
@@ -15,27 +24,31 @@ pub mod at_rest;
 pub mod blob;
 pub mod files;
 pub mod sealing;
+pub mod slots;
 pub mod swtpm_crypt;
 pub mod swtpm_key;
 
 use crate::engine::{NvError, NvStore};
 use at_rest::AtRestKey;
 use sealing::SealError;
-use std::fs::{self, File, OpenOptions};
+use slots::{SlotError, SlotFile};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
 /// The blobs libtpms stores.
 pub const PERMANENT: &str = "permall";
 pub const VOLATILE: &str = "volatilestate";
-/// Left behind by a vTPM that migrated away.
-pub const TOMBSTONE: &str = "vtpmd-tombstone.json";
+use vtpm_common::statedir::{self as layout, PendingHandover, StateDirError, STUB_TEXT};
+pub use vtpm_common::statedir::{SLOT_PREFIX, STUB_MAGIC, TOMBSTONE};
+
+/// Writes held in memory while deferred (`None`: deleted).
+type Deferred = BTreeMap<String, Option<Zeroizing<Vec<u8>>>>;
 
 #[derive(Debug, Error)]
 pub enum StorageError {
@@ -72,6 +85,14 @@ pub enum StorageError {
     NotEmpty(String),
     #[error("state directory {0} was removed or replaced while vtpmd ran; refusing to write state into whatever is there now (restore the directory and restart vtpmd)")]
     Replaced(String),
+    #[error("state file {path}: {source} (restore it from a backup; vtpmd will not start a blank TPM over it)")]
+    Slot { path: String, source: SlotError },
+    #[error("{path} is vtpmd's stub, but vtpmd's state file {slot} is missing (restore it from a backup; vtpmd will not start a blank TPM here)")]
+    StubOnly { path: String, slot: String },
+    #[error("state directory {0} holds no TPM state to export")]
+    NothingToExport(String),
+    #[error(transparent)]
+    Layout(#[from] StateDirError),
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StorageError + 'a {
@@ -92,6 +113,10 @@ pub struct StateDir {
     lock: Mutex<Option<File>>,
     fenced: AtomicBool,
     last_failure: Mutex<Option<String>>,
+    /// Slot files opened for writing, by blob name.
+    slots: Mutex<HashMap<String, SlotFile>>,
+    deferred: Mutex<Option<Deferred>>,
+    writer: Mutex<()>,
 }
 
 impl StateDir {
@@ -138,6 +163,9 @@ impl StateDir {
             lock: Mutex::new(None),
             fenced: AtomicBool::new(false),
             last_failure: Mutex::new(None),
+            slots: Mutex::new(HashMap::new()),
+            deferred: Mutex::new(None),
+            writer: Mutex::new(()),
         };
         Ok(sd)
     }
@@ -155,40 +183,26 @@ impl StateDir {
         self.dir.join(format!("tpm2-00.{name}"))
     }
 
+    /// File name of a blob's slot file.
+    pub fn slot_file_of(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{SLOT_PREFIX}.{name}"))
+    }
+
     /// Takes the directory lock; succeeds at once if already held.
     pub fn lock(&self) -> Result<(), StorageError> {
         let mut held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         if held.is_some() {
             return Ok(());
         }
-        let path = self.dir.join(".lock");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(io("open", &path))?;
-        let fl = libc::flock {
-            l_type: libc::F_WRLCK as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: 0,
-            l_len: 0,
-            l_pid: 0,
-        };
-        match nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)) {
-            Ok(_) => {
+        match layout::lock(&self.dir) {
+            Ok(f) => {
                 *held = Some(f);
                 Ok(())
             }
-            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => {
-                Err(StorageError::Locked {
-                    dir: self.dir.display().to_string(),
-                })
-            }
-            Err(e) => Err(io("lock", &path)(e.into())),
+            Err(StateDirError::Locked(_)) => Err(StorageError::Locked {
+                dir: self.dir.display().to_string(),
+            }),
+            Err(e) => Err(StorageError::Layout(e)),
         }
     }
 
@@ -215,8 +229,43 @@ impl StateDir {
         self.fenced.load(Ordering::SeqCst)
     }
 
-    /// Reads blob `name`: `Ok(None)` only if its file does not exist.
+    /// Reads blob `name`: `Ok(None)` only if it was never written or was
+    /// deleted. vtpmd's slot file wins; without one, swtpm's file is read
+    /// (a directory made by swtpm).
     pub fn read_blob(&self, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StorageError> {
+        if let Some(pending) = self.deferred_lock().as_ref().and_then(|m| m.get(name)) {
+            return Ok(pending.clone());
+        }
+        let path = self.slot_file_of(name);
+        let opened = SlotFile::open(&path, false).map_err(|source| StorageError::Slot {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let Some((_, rec)) = opened else {
+            return self.read_swtpm_file(name);
+        };
+        if rec.flags & slots::FLAG_DELETED != 0 {
+            return Ok(None);
+        }
+        let shown = || path.display().to_string();
+        let sealed = rec.flags & slots::FLAG_SEALED != 0;
+        match (&self.key, sealed) {
+            (Some(key), true) => {
+                key.open(name, &rec.payload)
+                    .map(Some)
+                    .map_err(|source| StorageError::Sealed {
+                        path: shown(),
+                        source,
+                    })
+            }
+            (None, true) => Err(StorageError::NeedKey { path: shown() }),
+            (Some(_), false) => Err(StorageError::UnexpectedPlaintext { path: shown() }),
+            (None, false) => Ok(Some(rec.payload)),
+        }
+    }
+
+    /// Reads swtpm's file for blob `name`.
+    fn read_swtpm_file(&self, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StorageError> {
         let path = self.file_of(name);
         let bytes = match fs::read(&path) {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
@@ -224,6 +273,12 @@ impl StateDir {
             Ok(b) => Zeroizing::new(b),
         };
         let shown = || path.display().to_string();
+        if bytes.starts_with(STUB_MAGIC) {
+            return Err(StorageError::StubOnly {
+                path: shown(),
+                slot: self.slot_file_of(name).display().to_string(),
+            });
+        }
         match (&self.key, at_rest::is_encrypted(&bytes)) {
             (Some(key), true) => {
                 key.open(name, &bytes)
@@ -244,6 +299,18 @@ impl StateDir {
         }
     }
 
+    /// Whether the directory holds blob `name` (in either format; swtpm's
+    /// stub counts, since it says the state is vtpmd's).
+    pub fn has_blob(&self, name: &str) -> bool {
+        let slot = self.slot_file_of(name);
+        match SlotFile::open(&slot, false) {
+            Ok(Some((_, rec))) => rec.flags & slots::FLAG_DELETED == 0,
+            // Unreadable: something is there, and it is not ours to replace.
+            Err(_) => true,
+            Ok(None) => self.file_of(name).exists(),
+        }
+    }
+
     /// Fails unless `path` still names the directory opened and locked at
     /// start-up (it may have been removed, or renamed and replaced).
     fn check_same_dir(&self) -> Result<(), StorageError> {
@@ -258,41 +325,96 @@ impl StateDir {
         }
     }
 
-    /// Writes blob `name` atomically and durably.
-    pub fn write_blob(&self, name: &str, state: &[u8]) -> Result<(), StorageError> {
+    fn check_writable(&self, name: &str) -> Result<(), StorageError> {
         if self.is_fenced() {
             return Err(StorageError::Fenced(name.into()));
         }
-        if let Err(e) = self.check_same_dir() {
-            self.note_failure(&e);
-            return Err(e);
-        }
-        let bytes = match &self.key {
-            Some(key) => key
-                .seal(name, state)
-                .map_err(|source| StorageError::Sealed {
-                    path: self.file_of(name).display().to_string(),
-                    source,
-                })?,
-            None => blob::encode_file(state),
-        };
-        let tmp = self.dir.join(format!("TMP2-00.{name}"));
-        let dst = self.file_of(name);
-        let r = self.write_then_rename(&tmp, &dst, &bytes);
-        if r.is_err() {
-            // A full disk or an I/O error must not leave a partial file.
-            let _ = fs::remove_file(&tmp);
-        }
-        r.inspect_err(|e| self.note_failure(e))
+        self.check_same_dir().inspect_err(|e| self.note_failure(e))
     }
 
-    fn write_then_rename(&self, tmp: &Path, dst: &Path, bytes: &[u8]) -> Result<(), StorageError> {
-        let mut f = files::create_new(tmp, self.file_mode).map_err(io("create", tmp))?;
-        f.write_all(bytes).map_err(io("write", tmp))?;
-        f.sync_all().map_err(io("fsync", tmp))?;
-        drop(f);
-        fs::rename(tmp, dst).map_err(io("rename", dst))?;
+    /// Writes blob `name` durably: one write and one device flush
+    /// ([`slots`]), or held in memory while writes are deferred.
+    pub fn write_blob(&self, name: &str, state: &[u8]) -> Result<(), StorageError> {
+        let _serial = self.writer_lock();
+        self.write_blob_locked(name, state)
+    }
+
+    fn write_blob_locked(&self, name: &str, state: &[u8]) -> Result<(), StorageError> {
+        self.check_writable(name)?;
+        if let Some(m) = self.deferred_lock().as_mut() {
+            m.insert(name.to_string(), Some(Zeroizing::new(state.to_vec())));
+            return Ok(());
+        }
+        let (flags, payload) = match &self.key {
+            Some(key) => (
+                slots::FLAG_SEALED,
+                Zeroizing::new(
+                    key.seal(name, state)
+                        .map_err(|source| StorageError::Sealed {
+                            path: self.slot_file_of(name).display().to_string(),
+                            source,
+                        })?,
+                ),
+            ),
+            None => (0, Zeroizing::new(state.to_vec())),
+        };
+        self.commit(name, flags, &payload)
+            .inspect_err(|e| self.note_failure(e))
+    }
+
+    /// Commits a record to `name`'s slot file, creating or growing it.
+    fn commit(&self, name: &str, flags: u32, payload: &[u8]) -> Result<(), StorageError> {
+        let path = self.slot_file_of(name);
+        let slot_err = |source| StorageError::Slot {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut open = self.slots_lock();
+        if !open.contains_key(name) {
+            if let Some((f, _)) = SlotFile::open(&path, true).map_err(slot_err)? {
+                open.insert(name.to_string(), f);
+            }
+        }
+        let generation = match open.get_mut(name) {
+            Some(f) if f.fits(payload.len()) => return f.commit(flags, payload).map_err(slot_err),
+            Some(f) => f.generation() + 1,
+            None => 1,
+        };
+        open.remove(name);
+        let tmp = self.dir.join(format!("TMP2-00.{name}"));
+        let f = SlotFile::create(&path, &tmp, self.file_mode, flags, generation, payload)
+            .map_err(slot_err)?;
+        open.insert(name.to_string(), f);
+        drop(open);
+        if generation == 1 {
+            // From now on the state lives in the slot file: swtpm's file
+            // becomes a stub that swtpm refuses to load, so a swtpm started
+            // here cannot bring back the old state or make a blank TPM.
+            self.replace_swtpm_file(name, STUB_TEXT.as_bytes())?;
+        }
         self.dir_handle.sync_all().map_err(io("fsync", &self.dir))
+    }
+
+    /// Puts `content` at swtpm's file name for `name` (permanent state) or
+    /// removes swtpm's file (other blobs). The caller syncs the directory.
+    fn replace_swtpm_file(&self, name: &str, content: &[u8]) -> Result<(), StorageError> {
+        let dst = self.file_of(name);
+        if name != PERMANENT {
+            return match fs::remove_file(&dst) {
+                Err(e) if e.kind() != ErrorKind::NotFound => Err(io("remove", &dst)(e)),
+                _ => Ok(()),
+            };
+        }
+        let tmp = self.dir.join(format!("TMP2-00.{name}.stub"));
+        let mut f = files::create_new(&tmp, self.file_mode).map_err(io("create", &tmp))?;
+        let r = f
+            .write_all(content)
+            .and_then(|()| f.sync_all())
+            .and_then(|()| fs::rename(&tmp, &dst));
+        if r.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        r.map_err(io("write", &dst))
     }
 
     /// Remembers why storage last failed, so a start-up that fails inside
@@ -309,12 +431,22 @@ impl StateDir {
             .take()
     }
 
-    /// Removes blob `name`; a missing file is not an error.
+    /// Removes blob `name`; a missing blob is not an error. In a slot file
+    /// this is a commit of a "deleted" record (one flush, no rename).
     pub fn remove_blob(&self, name: &str) -> Result<(), StorageError> {
-        if self.is_fenced() {
-            return Err(StorageError::Fenced(name.into()));
+        let _serial = self.writer_lock();
+        self.remove_blob_locked(name)
+    }
+
+    fn remove_blob_locked(&self, name: &str) -> Result<(), StorageError> {
+        self.check_writable(name)?;
+        if let Some(m) = self.deferred_lock().as_mut() {
+            m.insert(name.to_string(), None);
+            return Ok(());
         }
-        self.check_same_dir()?;
+        if self.slots_lock().contains_key(name) || self.slot_file_of(name).exists() {
+            return self.commit(name, slots::FLAG_DELETED, &[]);
+        }
         let path = self.file_of(name);
         match fs::remove_file(&path) {
             // Nothing was there: the directory did not change.
@@ -324,32 +456,152 @@ impl StateDir {
         }
     }
 
+    /// From now on writes and deletions are held in memory (and read back
+    /// from there) until [`StateDir::commit_deferred`]: a migration
+    /// destination loads its state without waiting for the disk.
+    pub fn defer_writes(&self) {
+        self.deferred_lock().get_or_insert_with(BTreeMap::new);
+    }
+
+    pub fn has_deferred(&self) -> bool {
+        self.deferred_lock().is_some()
+    }
+
+    /// Writes everything held since [`StateDir::defer_writes`] durably and
+    /// ends the deferral. On failure the writes stay held.
+    pub fn commit_deferred(&self) -> Result<(), StorageError> {
+        let _serial = self.writer_lock();
+        let Some(held) = self.deferred_lock().take() else {
+            return Ok(());
+        };
+        for (name, blob) in &held {
+            let r = match blob {
+                Some(b) => self.write_blob_locked(name, b),
+                None => self.remove_blob_locked(name),
+            };
+            if let Err(e) = r {
+                *self.deferred_lock() = Some(held);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops writes held since [`StateDir::defer_writes`] (the state they
+    /// belonged to was refused) and ends the deferral.
+    pub fn discard_deferred(&self) {
+        let _serial = self.writer_lock();
+        self.deferred_lock().take();
+    }
+
+    /// Removes every state file, vtpmd's and swtpm's (a provisioning that
+    /// failed, or `--overwrite`): the directory then holds no TPM.
+    pub fn wipe(&self) -> Result<(), StorageError> {
+        let _serial = self.writer_lock();
+        self.check_writable(PERMANENT)?;
+        self.slots_lock().clear();
+        self.deferred_lock().take();
+        for name in [PERMANENT, VOLATILE, "savestate"] {
+            for p in [self.slot_file_of(name), self.file_of(name)] {
+                match fs::remove_file(&p) {
+                    Err(e) if e.kind() != ErrorKind::NotFound => return Err(io("remove", &p)(e)),
+                    _ => {}
+                }
+            }
+        }
+        self.dir_handle.sync_all().map_err(io("fsync", &self.dir))
+    }
+
     /// Fails if the directory already holds TPM state.
     pub fn require_empty(&self) -> Result<(), StorageError> {
-        if self.file_of(PERMANENT).exists() {
+        if self.has_blob(PERMANENT) {
             return Err(StorageError::NotEmpty(self.dir.display().to_string()));
         }
         Ok(())
     }
 
     /// After a completed outgoing migration: writes the tombstone, then
-    /// removes the state. Bypasses the fence: this is the fence's purpose.
+    /// removes the state, leaving a stub at swtpm's file name that swtpm
+    /// refuses to load. Bypasses the fence: this is the fence's purpose.
     pub fn erase_with_tombstone(&self, tombstone: &[u8]) -> Result<(), StorageError> {
         self.check_same_dir()?;
-        let tmp = self.dir.join(format!("{TOMBSTONE}.tmp"));
-        let dst = self.dir.join(TOMBSTONE);
-        let mut f = files::create_new(&tmp, 0o600).map_err(io("create", &tmp))?;
-        f.write_all(tombstone).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("fsync", &tmp))?;
-        fs::rename(&tmp, &dst).map_err(io("rename", &dst))?;
+        self.slots_lock().clear();
+        self.deferred_lock().take();
+        Ok(layout::erase_with_tombstone(&self.dir, tombstone)?)
+    }
+
+    /// The unresolved migration hand-over recorded here, if any.
+    pub fn read_marker(&self) -> Result<Option<PendingHandover>, StorageError> {
+        Ok(layout::read_marker(&self.dir)?)
+    }
+
+    /// Records a migration hand-over durably (bypasses the fence).
+    pub fn write_marker(&self, m: &PendingHandover) -> Result<(), StorageError> {
+        self.check_same_dir()?;
+        Ok(layout::write_marker(&self.dir, m)?)
+    }
+
+    /// Forgets the hand-over durably (bypasses the fence).
+    pub fn remove_marker(&self) -> Result<(), StorageError> {
+        self.check_same_dir()?;
+        Ok(layout::remove_marker(&self.dir)?)
+    }
+
+    /// Writes the state back in swtpm's format (`vtpmd swtpm-export`): the
+    /// swtpm files first, durably, then the slot files go. With a key
+    /// (forced to swtpm's format) the files are in swtpm's `--key` format.
+    pub fn convert_to_swtpm(&self) -> Result<Vec<String>, StorageError> {
+        let mut written = Vec::new();
+        let mut found = Vec::new();
         for name in [PERMANENT, VOLATILE] {
-            let p = self.file_of(name);
+            if let Some(b) = self.read_blob(name)? {
+                found.push((name, b));
+            }
+        }
+        if found.is_empty() {
+            return Err(StorageError::NothingToExport(
+                self.dir.display().to_string(),
+            ));
+        }
+        self.check_same_dir()?;
+        for (name, state) in &found {
+            let dst = self.file_of(name);
+            let tmp = self.dir.join(format!("TMP2-00.{name}"));
+            let mut f = files::create_new(&tmp, self.file_mode).map_err(io("create", &tmp))?;
+            let bytes = match &self.key {
+                // The key writes swtpm's encrypted format (AtRestKey::forced).
+                Some(key) => key
+                    .seal(name, state)
+                    .map_err(|source| StorageError::Sealed {
+                        path: dst.display().to_string(),
+                        source,
+                    })?,
+                None => blob::encode_file(state),
+            };
+            let r = f
+                .write_all(&bytes)
+                .and_then(|()| f.sync_all())
+                .and_then(|()| fs::rename(&tmp, &dst));
+            if r.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            r.map_err(io("write", &dst))?;
+            written.push(dst.display().to_string());
+        }
+        self.dir_handle.sync_all().map_err(io("fsync", &self.dir))?;
+        self.slots_lock().clear();
+        for name in [PERMANENT, VOLATILE] {
+            if !found.iter().any(|(n, _)| *n == name) {
+                let _ = fs::remove_file(self.file_of(name));
+            }
+            let p = self.slot_file_of(name);
             match fs::remove_file(&p) {
                 Err(e) if e.kind() != ErrorKind::NotFound => return Err(io("remove", &p)(e)),
                 _ => {}
             }
         }
-        self.dir_handle.sync_all().map_err(io("fsync", &self.dir))
+        self.dir_handle.sync_all().map_err(io("fsync", &self.dir))?;
+        Ok(written)
     }
 
     /// The blobs present and their file sizes (for --print-states).
@@ -357,10 +609,27 @@ impl StateDir {
         [PERMANENT, VOLATILE, "savestate"]
             .iter()
             .filter_map(|n| {
-                let m = fs::metadata(dir.join(format!("tpm2-00.{n}"))).ok()?;
+                let slot = dir.join(format!("{SLOT_PREFIX}.{n}"));
+                let m = fs::metadata(slot)
+                    .or_else(|_| fs::metadata(dir.join(format!("tpm2-00.{n}"))))
+                    .ok()?;
                 Some((n.to_string(), m.len()))
             })
             .collect()
+    }
+
+    fn slots_lock(&self) -> MutexGuard<'_, HashMap<String, SlotFile>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serialises writers, so that committing deferred writes and a new
+    /// write cannot reorder on disk.
+    fn writer_lock(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn deferred_lock(&self) -> MutexGuard<'_, Option<Deferred>> {
+        self.deferred.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -414,23 +683,116 @@ mod tests {
     }
 
     #[test]
-    fn write_read_remove_plain_in_swtpm_format() {
+    fn write_read_remove_in_slot_files_with_a_stub_for_swtpm() {
         let d = tempfile::tempdir().unwrap();
         let s = StateDir::open(d.path(), 0o640, None).unwrap();
         assert!(s.read_blob(PERMANENT).unwrap().is_none());
+        assert!(!s.has_blob(PERMANENT));
         s.write_blob(PERMANENT, b"abc").unwrap();
-        let raw = fs::read(d.path().join("tpm2-00.permall")).unwrap();
-        assert_eq!(raw, blob::encode_file(b"abc"));
-        let mode = fs::metadata(d.path().join("tpm2-00.permall"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o640);
-        assert_eq!(&s.read_blob(PERMANENT).unwrap().unwrap()[..], b"abc");
+        s.write_blob(PERMANENT, b"abcd").unwrap();
+        let stub = fs::read(d.path().join("tpm2-00.permall")).unwrap();
+        assert!(stub.starts_with(STUB_MAGIC), "swtpm's name holds the stub");
+        let mode = |n: &str| fs::metadata(d.path().join(n)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("vtpmd-00.permall"), 0o640);
+        assert_eq!(&s.read_blob(PERMANENT).unwrap().unwrap()[..], b"abcd");
         s.remove_blob(PERMANENT).unwrap();
         s.remove_blob(PERMANENT).unwrap();
         assert!(s.read_blob(PERMANENT).unwrap().is_none());
-        assert!(!d.path().join("TMP2-00.permall").exists());
+        s.remove_blob(VOLATILE).unwrap();
+        assert!(
+            !d.path().join("vtpmd-00.volatilestate").exists(),
+            "nothing to delete"
+        );
+        let leftovers: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("TMP2"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_swtpm_directory_is_read_then_moved_to_slots_and_exported_back() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("tpm2-00.permall"), blob::encode_file(b"perm")).unwrap();
+        fs::write(
+            d.path().join("tpm2-00.volatilestate"),
+            blob::encode_file(b"vol"),
+        )
+        .unwrap();
+        let s = StateDir::open(d.path(), 0o600, None).unwrap();
+        assert!(s.has_blob(PERMANENT));
+        assert_eq!(&s.read_blob(PERMANENT).unwrap().unwrap()[..], b"perm");
+        s.write_blob(PERMANENT, b"perm2").unwrap();
+        s.write_blob(VOLATILE, b"vol2").unwrap();
+        assert!(
+            !d.path().join("tpm2-00.volatilestate").exists(),
+            "no stale copy"
+        );
+        assert!(fs::read(d.path().join("tpm2-00.permall"))
+            .unwrap()
+            .starts_with(STUB_MAGIC));
+        let written = s.convert_to_swtpm().unwrap();
+        assert_eq!(written.len(), 2);
+        assert!(!d.path().join("vtpmd-00.permall").exists());
+        assert_eq!(
+            blob::decode_plain(&fs::read(d.path().join("tpm2-00.permall")).unwrap()).unwrap(),
+            b"perm2"
+        );
+        assert_eq!(&s.read_blob(VOLATILE).unwrap().unwrap()[..], b"vol2");
+        // The stub alone (state file lost) is an error, never a blank TPM.
+        fs::write(d.path().join("tpm2-00.permall"), STUB_TEXT).unwrap();
+        assert!(matches!(
+            s.read_blob(PERMANENT),
+            Err(StorageError::StubOnly { .. })
+        ));
+        // A corrupt slot file is an error too, not "absent".
+        fs::write(d.path().join("vtpmd-00.permall"), b"junk").unwrap();
+        assert!(matches!(
+            s.read_blob(PERMANENT),
+            Err(StorageError::Slot { .. })
+        ));
+    }
+
+    #[test]
+    fn deferred_writes_stay_in_memory_until_committed() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path(), 0o600, None).unwrap();
+        s.write_blob(VOLATILE, b"old").unwrap();
+        s.defer_writes();
+        s.write_blob(PERMANENT, b"p").unwrap();
+        s.remove_blob(VOLATILE).unwrap();
+        assert_eq!(&s.read_blob(PERMANENT).unwrap().unwrap()[..], b"p");
+        assert!(s.read_blob(VOLATILE).unwrap().is_none());
+        assert!(
+            !d.path().join("vtpmd-00.permall").exists(),
+            "not on disk yet"
+        );
+        assert!(s.has_deferred());
+        s.commit_deferred().unwrap();
+        assert!(!s.has_deferred());
+        drop(s);
+        let s = StateDir::open(d.path(), 0o600, None).unwrap();
+        assert_eq!(&s.read_blob(PERMANENT).unwrap().unwrap()[..], b"p");
+        assert!(s.read_blob(VOLATILE).unwrap().is_none());
+    }
+
+    #[test]
+    fn erase_leaves_tombstone_and_stub() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path(), 0o600, None).unwrap();
+        s.write_blob(PERMANENT, b"p").unwrap();
+        s.write_blob(VOLATILE, b"v").unwrap();
+        s.erase_with_tombstone(b"{}").unwrap();
+        assert!(!d.path().join("vtpmd-00.permall").exists());
+        assert!(!d.path().join("vtpmd-00.volatilestate").exists());
+        let stub = fs::read_to_string(d.path().join("tpm2-00.permall")).unwrap();
+        assert!(stub.contains("migrated away"), "{stub}");
+        drop(s);
+        assert!(matches!(
+            StateDir::open(d.path(), 0o600, None),
+            Err(StorageError::Tombstoned { .. })
+        ));
     }
 
     #[test]
@@ -439,6 +801,8 @@ mod tests {
         let s = StateDir::open(d.path(), 0o600, Some(test_key(1))).unwrap();
         s.write_blob(PERMANENT, b"secret").unwrap();
         assert_eq!(&s.read_blob(PERMANENT).unwrap().unwrap()[..], b"secret");
+        let raw = fs::read(d.path().join("vtpmd-00.permall")).unwrap();
+        assert!(!raw.windows(6).any(|w| w == b"secret"));
         drop(s);
         let wrong = StateDir::open(d.path(), 0o600, Some(test_key(2))).unwrap();
         assert!(matches!(
@@ -451,10 +815,13 @@ mod tests {
             none.read_blob(PERMANENT),
             Err(StorageError::NeedKey { .. })
         ));
-        none.set_fenced(false);
-        fs::write(
-            d.path().join("tpm2-00.permall"),
-            blob::encode_file(b"swapped"),
+        // A plaintext state swapped in is refused when a key is set.
+        let other = tempfile::tempdir().unwrap();
+        let plain = StateDir::open(other.path(), 0o600, None).unwrap();
+        plain.write_blob(PERMANENT, b"swapped").unwrap();
+        fs::copy(
+            other.path().join("vtpmd-00.permall"),
+            d.path().join("vtpmd-00.permall"),
         )
         .unwrap();
         drop(none);

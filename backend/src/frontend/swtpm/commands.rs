@@ -18,9 +18,7 @@ use crate::instance::{BlobKind, InitFlags, InstanceError, Vtpm};
 use crate::migration::session::SessionError;
 use crate::storage::blob::BlobError;
 use crate::storage::swtpm_crypt::CryptError;
-
-/// GET_INFO hands out JSON in chunks of at most this size.
-const INFO_CHUNK: usize = 3072;
+use vtpm_common::ctrl::INFO_CHUNK;
 
 /// The swtpm result code for an instance error (swtpm's own code for the
 /// same fault where it has one).
@@ -51,6 +49,7 @@ pub fn result_code(e: &InstanceError) -> u32 {
         | InstanceError::Storage(_)
         | InstanceError::LockBusy(_)
         | InstanceError::Persist(_)
+        | InstanceError::Handover(_)
         | InstanceError::Migration(_)
         | InstanceError::ExportNotPrepared
         | InstanceError::ExportEncrypted

@@ -10,28 +10,7 @@
 use thiserror::Error;
 use vtpm_common::reader::ByteReader;
 
-/// Command codes.
-pub mod cmd {
-    pub const GET_CAPABILITY: u32 = 0x01;
-    pub const INIT: u32 = 0x02;
-    pub const SHUTDOWN: u32 = 0x03;
-    pub const GET_TPMESTABLISHED: u32 = 0x04;
-    pub const SET_LOCALITY: u32 = 0x05;
-    pub const HASH_START: u32 = 0x06;
-    pub const HASH_DATA: u32 = 0x07;
-    pub const HASH_END: u32 = 0x08;
-    pub const CANCEL_TPM_CMD: u32 = 0x09;
-    pub const STORE_VOLATILE: u32 = 0x0a;
-    pub const RESET_TPMESTABLISHED: u32 = 0x0b;
-    pub const GET_STATEBLOB: u32 = 0x0c;
-    pub const SET_STATEBLOB: u32 = 0x0d;
-    pub const STOP: u32 = 0x0e;
-    pub const GET_CONFIG: u32 = 0x0f;
-    pub const SET_DATAFD: u32 = 0x10;
-    pub const SET_BUFFERSIZE: u32 = 0x11;
-    pub const GET_INFO: u32 = 0x12;
-    pub const LOCK_STORAGE: u32 = 0x13;
-}
+pub use vtpm_common::ctrl::cmd;
 
 /// Result codes (TPM 1.2 values, as swtpm uses them for TPM 2 too).
 pub mod rc {
@@ -67,8 +46,7 @@ pub mod blob_type {
 pub const STATE_FLAG_DECRYPTED: u32 = 1;
 /// `state_flags` bit: the blob's inner layer is still encrypted.
 pub const STATE_FLAG_ENCRYPTED: u32 = 2;
-/// INIT flag: delete the volatile state after loading it.
-pub const INIT_FLAG_DELETE_VOLATILE: u32 = 1;
+pub use vtpm_common::ctrl::INIT_FLAG_DELETE_VOLATILE;
 
 /// A decoded control request. Streamed data (SET_STATEBLOB, HASH_DATA)
 /// follows the fixed part and is read by the server.

@@ -1,0 +1,724 @@
+#!/usr/bin/env python3
+"""vtpmd under a real libvirt daemon: Debian's libvirtd 9.0 started here,
+without systemd, in a private mount namespace (its own /etc/libvirt, /run,
+/var/lib, /var/log, /var/cache, /usr/local and /etc/systemd/system, all
+tmpfs: the host's libvirt, if any, and the host's files are not touched),
+running TCG domains with direct kernel boot of the kernel-tests guest.
+
+1. External backend, following README "libvirt: external backend" word for
+   word: `make install`, the by-hand commands (checked against the installed
+   vtpmd@.service), qemu-configs/libvirt-external.xml. The guest sees the
+   TPM through QEMU running as libvirt-qemu; NV and a persistent key survive
+   `virsh destroy` / `start`; a socket only root can open is refused.
+2. Emulator backend, following README "libvirt: emulator backend": `make
+   install`, `vtpm-libvirt enable`, libvirtd restarted with the drop-in's
+   PATH. libvirt provisions with vtpm-setup, runs vtpmd, stops it with
+   vtpmctl as swtpm_ioctl. The EK and platform certificates read in the
+   guest verify against the local CA (openssl); a guest reboot and `virsh
+   destroy` / `start` keep NV and the persistent key; an <active_pcr_banks>
+   change is applied at the next start; an <encryption secret=...> domain
+   works across restarts and its state files hold no plaintext of the NV
+   secret the guest wrote (the plain domain's do: the search works).
+
+Guests boot one at a time; each boot serves several checks. Prints
+"PASS: ..." / "FAIL: ..." per check and "N passed, M failed" last.
+Logs (libvirtd, QEMU, backends, consoles) are copied to
+KT_LOGS/libvirt-* at the end.
+"""
+import base64, glob, os, re, shlex, shutil, socket, subprocess, sys, tempfile, time
+import xml.etree.ElementTree as ET
+from ktlib import GuestShell, check, summary, wait_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.environ.get("KT_BUILD", os.path.join(ROOT, "build", "kernel-tests"))
+LOGS = os.environ.get("KT_LOGS", os.path.join(BUILD, "logs"))
+README = os.path.join(ROOT, "README.md")
+NS_MARK = "VTPM_LIBVIRT_TEST_NS"
+URI = "qemu:///system"
+# A root shell's PATH: the README's commands run with it.
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+IMAGES = "/var/lib/libvirt/images"
+CONSOLES = "/run/vtpm-test"
+# NV index, persistent key handle, TPM-side locations of the provisioned EK.
+NV = "0x1500016"
+PERSIST = "0x81000101"
+EK_RSA, EK_CERT_NV, PLATFORM_CERT_NV = "0x81010001", "0x1c00002", "0x1c08000"
+CA_DIR = "/var/lib/swtpm-localca"
+
+
+def sh(cmd, **kw):
+    """Runs a command (list or shell string) and returns CompletedProcess."""
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    return subprocess.run(cmd, shell=isinstance(cmd, str), **kw)
+
+
+# ---------------------------------------------------------------- namespace
+
+def enter_namespace():
+    """Re-runs this script in a private mount namespace (first call), then
+    gives libvirt and the README's paths fresh tmpfs directories."""
+    if os.environ.get(NS_MARK) != "1":
+        # The guest kernel and initramfs (cached), outside the namespace.
+        for script in ("fetch-kernel.sh", "build-initramfs.sh"):
+            subprocess.run(["bash", os.path.join(ROOT, "kernel-tests", script)], check=True, stdout=subprocess.DEVNULL)
+        os.environ[NS_MARK] = "1"
+        os.execvp("unshare", ["unshare", "--mount", "--propagation", "private",
+                              sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
+    keep = {f: open(f).read() for f in glob.glob("/etc/libvirt/*.conf")}
+    for d in ("/run", "/var/lib", "/var/log", "/var/cache", "/usr/local", "/etc/systemd/system", "/etc/libvirt"):
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", d], check=True)
+    for f, text in keep.items():  # the client configuration libvirt-clients ships
+        open(f, "w").write(text)
+    # QEMU's output goes to files (no virtlogd); TPM and command logging.
+    open("/etc/libvirt/qemu.conf", "w").write('stdio_handler = "file"\n')
+    open("/etc/libvirt/libvirtd.conf", "w").write(
+        'log_outputs = "1:file:/var/log/libvirt/libvirtd.log"\n'
+        'log_filters = "1:qemu.qemu_tpm 1:util.tpm 1:util.command 1:qemu.qemu_extdevice 3:*"\n')
+    # As swtpm-tools' package creates it: the local CA's directory, for tss.
+    os.makedirs(CA_DIR, mode=0o750)
+    shutil.chown(CA_DIR, "tss", "root")
+    os.makedirs(IMAGES)
+    os.makedirs(CONSOLES)
+    os.makedirs("/var/log/libvirt/qemu")
+    os.makedirs("/run/libvirt")
+    for src, dst in (("vmlinuz", "vtpm-guest-vmlinuz"), ("initramfs.cpio.gz", "vtpm-guest-initramfs.cpio.gz")):
+        shutil.copy(os.path.join(BUILD, src), os.path.join(IMAGES, dst))
+
+
+# ---------------------------------------------------------------- libvirtd
+
+class Libvirtd:
+    PIDFILE = "/run/libvirt/libvirtd.pid"
+
+    def __init__(self):
+        self.pid = None
+
+    def start(self, path):
+        env = dict(os.environ, PATH=path)
+        r = sh(["libvirtd", "--daemon", "--pid-file", self.PIDFILE], env=env)
+        if r.returncode != 0:
+            raise RuntimeError("libvirtd did not start: " + r.stderr)
+        self.pid = int(wait_for(lambda: os.path.exists(self.PIDFILE) and open(self.PIDFILE).read().strip(), 30,
+                                "libvirtd's pid file"))
+        wait_for(lambda: virsh("version").returncode == 0, 60, "libvirtd to answer")
+        self.path = path
+
+    def stop(self):
+        if self.pid is None:
+            return
+        try:
+            os.kill(self.pid, 15)
+            wait_for(lambda: not os.path.exists("/proc/%d" % self.pid) or
+                     open("/proc/%d/stat" % self.pid).read().split()[2] == "Z", 30, "libvirtd to stop")
+        except (ProcessLookupError, RuntimeError):
+            pass
+        self.pid = None
+
+    def environ_path(self):
+        """PATH as the running daemon has it (/proc/PID/environ)."""
+        env = open("/proc/%d/environ" % self.pid, "rb").read().split(b"\0")
+        return next((e[5:].decode() for e in env if e.startswith(b"PATH=")), "")
+
+
+def virsh(*args, **kw):
+    return sh(["virsh", "-c", URI, *args], **kw)
+
+
+# ---------------------------------------------------------------- guests
+
+class Console(GuestShell):
+    """A domain and its guest's serial console, a unix socket libvirt binds
+    (and logs); the guest runs in vtpm.mode=shell (guest-init)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.path = os.path.join(CONSOLES, name + ".sock")
+        self.log = "/var/log/libvirt/qemu/%s-console.log" % name
+        self.ser = None
+        self.buf = ""
+
+    def connect(self):
+        self.ser = socket.socket(socket.AF_UNIX)
+        wait_for(lambda: self.ser.connect_ex(self.path) == 0, 20, self.name + " console socket")
+        self.buf = ""
+
+    def wait_ready(self, timeout=180):
+        # Output before the test connected is only in the log file.
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                self.read_until("VTPM-READY\n", 2)
+                return
+            except RuntimeError as e:
+                if "console closed" in str(e):
+                    raise
+            if self.boots() > self.seen_boots:
+                self.buf = ""
+                return
+        raise RuntimeError(self.name + ": guest never became ready")
+
+    def boots(self):
+        try:
+            return open(self.log, errors="replace").read().count("VTPM-READY")
+        except OSError:
+            return 0
+
+    def start(self):
+        """virsh start, then the console up to the guest's shell."""
+        self.seen_boots = self.boots()
+        r = virsh("start", self.name)
+        if r.returncode != 0:
+            raise RuntimeError("virsh start %s: %s" % (self.name, r.stderr.strip()))
+        self.connect()
+        self.wait_ready()
+
+    def device_checks(self):
+        """The guest's own VTPM-TEST lines of its latest boot (from the log)."""
+        text = open(self.log, errors="replace").read().replace("\r", "")
+        last = text.rsplit("VTPM-BOOT", 1)[-1]
+        return dict(re.findall(r"^VTPM-TEST (\S+) (PASS|FAIL.*)$", last, re.M))
+
+    def reboot(self):
+        self.seen_boots = self.boots()
+        self.send("reboot -f")
+        self.buf = ""
+        self.wait_ready()
+
+
+def domain_xml(template, shell_console=True, banks=None, secret=None, name=None):
+    """The domain in qemu-configs/TEMPLATE with the test's changes: the
+    guest in shell mode on a unix-socket console (logged), and optionally
+    PCR banks and an encryption secret for an emulator backend."""
+    tree = ET.parse(os.path.join(ROOT, "qemu-configs", template))
+    dom = tree.getroot()
+    if name:
+        dom.find("name").text = name
+    name = dom.find("name").text
+    known = virsh("domuuid", name)
+    if known.returncode == 0:  # redefining keeps the domain (and its TPM state)
+        ET.SubElement(dom, "uuid").text = known.stdout.strip()
+    cmdline = dom.find("os/cmdline")
+    cmdline.text = re.sub(r"vtpm\.mode=\S+", "vtpm.mode=shell", cmdline.text) + " quiet loglevel=3"
+    devices = dom.find("devices")
+    if shell_console:
+        for tag in ("serial", "console"):
+            for e in devices.findall(tag):
+                devices.remove(e)
+        serial = ET.SubElement(devices, "serial", type="unix")
+        ET.SubElement(serial, "source", mode="bind", path=os.path.join(CONSOLES, name + ".sock"))
+        ET.SubElement(serial, "log", file="/var/log/libvirt/qemu/%s-console.log" % name, append="on")
+    backend = devices.find("tpm/backend")
+    if banks:
+        b = ET.SubElement(backend, "active_pcr_banks")
+        for bank in banks:
+            ET.SubElement(b, bank)
+    if secret:
+        ET.SubElement(backend, "encryption", secret=secret)
+    path = "/run/vtpm-test/%s.xml" % name
+    tree.write(path)
+    return path
+
+
+def define(path):
+    r = virsh("define", "--validate", path)  # against libvirt's schema
+    if r.returncode != 0:
+        raise RuntimeError("virsh define: " + r.stderr.strip())
+
+
+def boot(xml, name, who):
+    """Defines the domain and starts it up to the guest's shell; None (and
+    a failure) if libvirt or the guest does not get there."""
+    con = Console(name)
+    try:
+        define(xml)
+        con.start()
+        return con
+    except RuntimeError as e:
+        check(False, "%s: virsh define and start %s" % (who, name), e)
+        return None
+
+
+def destroy(name):
+    return virsh("destroy", name)
+
+
+def cmdlines(this_namespace=True):
+    """pid -> (argv, uid, exe) of every process in this mount namespace
+    (the host's other processes are none of this test's business), or of
+    all (libvirt starts QEMU in a mount namespace of its own)."""
+    out = {}
+    mine = os.readlink("/proc/self/ns/mnt")
+    for d in glob.glob("/proc/[0-9]*"):
+        try:
+            if this_namespace and os.readlink(d + "/ns/mnt") != mine:
+                continue
+            argv = open(d + "/cmdline", "rb").read().split(b"\0")
+            uid = int(re.search(r"^Uid:\s+(\d+)", open(d + "/status").read(), re.M).group(1))
+            exe = os.readlink(d + "/exe")
+        except (OSError, AttributeError):
+            continue
+        out[int(d[6:])] = ([a.decode(errors="replace") for a in argv if a], uid, exe)
+    return out
+
+
+def processes_with(fragment):
+    return {pid: v for pid, v in cmdlines().items() if any(fragment in a for a in v[0])}
+
+
+def qemu_user(name):
+    import pwd
+    for pid, (argv, uid, exe) in cmdlines(this_namespace=False).items():
+        if "qemu-system" in exe and "guest=%s,debug-threads=on" % name in argv:
+            return pwd.getpwuid(uid).pw_name
+    return None
+
+
+# ---------------------------------------------------------------- guest scripts
+
+WRITE = ("tpm2_getrandom -o /tmp/s 32 >/dev/null && tpm2_nvdefine {nv} -C o -s 32 -a 'ownerread|ownerwrite' >/dev/null && "
+         "tpm2_nvwrite {nv} -C o -i /tmp/s && echo R:secret=$(od -An -tx1 -v /tmp/s | tr -d ' \\n'); "
+         "tpm2_createprimary -Q -C o -G ecc256 -c /tmp/p.ctx && "
+         "tpm2_create -Q -C /tmp/p.ctx -G ecc256 -a 'fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign' "
+         "-u /tmp/k.pub -r /tmp/k.priv && tpm2_load -Q -C /tmp/p.ctx -u /tmp/k.pub -r /tmp/k.priv -c /tmp/k.ctx && "
+         "tpm2_evictcontrol -Q -C o -c /tmp/k.ctx {key} && "
+         "echo R:keyname=$(tpm2_readpublic -c {key} | awk '/^name:/ {{print $2}}'); "
+         "tpm2_pcrextend 16:sha256=$(printf extended | sha256sum | cut -d' ' -f1) && "
+         "echo R:pcr16=$(tpm2_pcrread sha256:16 | tail -n 1 | awk '{{print $2}}')").format(nv=NV, key=PERSIST)
+
+READ = ("tpm2_nvread {nv} -C o -s 32 -o /tmp/n 2>/dev/null && echo R:secret=$(od -An -tx1 -v /tmp/n | tr -d ' \\n'); "
+        "echo R:keyname=$(tpm2_readpublic -c {key} 2>/dev/null | awk '/^name:/ {{print $2}}'); "
+        "printf signed > /tmp/m && tpm2_sign -c {key} -g sha256 -o /tmp/sig /tmp/m && "
+        "tpm2_verifysignature -c {key} -g sha256 -m /tmp/m -s /tmp/sig && echo R:signs=yes; "
+        "echo R:pcr16=$(tpm2_pcrread sha256:16 | tail -n 1 | awk '{{print $2}}'); "
+        "echo R:banks=$(tpm2_getcap pcrs | awk '/- [a-z0-9]+: \\[ [0-9]/ {{sub(\":\", \"\", $2); printf \"%s,\", $2}}')"
+        ).format(nv=NV, key=PERSIST)
+
+CERTS = ("hex() {{ od -An -tx1 -v \"$1\" | tr -d ' \\n'; }}; "
+         "tpm2_nvread {ek} -C o -o /tmp/ek.der 2>/dev/null && echo R:ekcert=$(hex /tmp/ek.der); "
+         "tpm2_nvread {pc} -C o -o /tmp/pc.der 2>/dev/null && echo R:platcert=$(hex /tmp/pc.der); "
+         "tpm2_getekcertificate -o /tmp/ek2.der >/dev/null 2>&1 && echo R:getek=$(hex /tmp/ek2.der); "
+         "echo R:ekmod=$(tpm2_readpublic -c {rsa} 2>/dev/null | awk '/^rsa:/ {{print $2}}'); "
+         "echo R:eklocked=$(tpm2_nvreadpublic {ek} | grep -c writelocked)"
+         ).format(ek=EK_CERT_NV, pc=PLATFORM_CERT_NV, rsa=EK_RSA)
+
+ZERO_PCR = "0x" + "0" * 64
+
+
+def write_state(con, who):
+    w = con.run(WRITE)
+    check(len(w.get("secret", "")) == 64 and w.get("keyname") and len(w.get("pcr16", "")) == 66,
+          "%s: guest wrote an NV secret, made a persistent key, extended PCR 16" % who, w)
+    return w
+
+
+def same_state(con, who, before, when, banks=None):
+    r = con.run(READ)
+    check(r.get("secret") == before.get("secret") and r.get("secret"), "%s: NV secret intact after %s" % (who, when),
+          (before.get("secret"), r.get("secret")))
+    check(r.get("keyname") == before.get("keyname") and r.get("signs") == "yes",
+          "%s: persistent key intact after %s (same name, signs)" % (who, when), r)
+    check(r.get("pcr16") == ZERO_PCR, "%s: PCR 16 reset by the %s (the TPM was reset, not kept running)" % (who, when),
+          r.get("pcr16"))
+    return r
+
+
+def guest_sees_tpm(con, who):
+    dev = con.device_checks()
+    check(dev and all(v == "PASS" for v in dev.values()) and len(dev) == 3,
+          "%s: guest sees the TPM (/dev/tpm0, /dev/tpmrm0, TPM 2.0)" % who, dev)
+
+
+# ---------------------------------------------------------------- README
+
+def readme_block(marker):
+    """The fenced block after `<!-- libvirt-test: MARKER -->` in README.md,
+    continuation lines joined: one command per entry."""
+    text = open(README).read()
+    m = re.search(r"<!-- libvirt-test: %s -->\s*```\w*\n(.*?)```" % re.escape(marker), text, re.S)
+    if not m:
+        raise RuntimeError("README.md has no block marked libvirt-test: " + marker)
+    return [l.strip() for l in m.group(1).replace("\\\n", " ").splitlines() if l.strip() and not l.strip().startswith("#")]
+
+
+def run_readme(commands, what):
+    """Runs README commands as a root shell would, `make` in the source
+    tree. Left out: systemctl (no systemd here: the caller does what it
+    would) and `make build` (make kernel-tests built the tree already, and
+    its dependency check needs the host's /var/lib/dpkg)."""
+    for c in commands:
+        c = re.sub(r"\s+#.*$", "", c)
+        if c.startswith(("systemctl", "make build")):
+            continue
+        log = open(os.path.join(LOGS, "libvirt-readme.log"), "a")
+        log.write("$ %s\n" % c)
+        log.flush()
+        r = subprocess.run(c, shell=True, cwd=ROOT, env=dict(os.environ, PATH=SYSTEM_PATH), stdout=log, stderr=log)
+        if r.returncode != 0:
+            raise RuntimeError("%s: README command failed (%d): %s (see %s)" % (what, r.returncode, c, log.name))
+
+
+def unit_file():
+    return "/usr/local/lib/systemd/system/vtpmd@.service"
+
+
+def unit_value(key):
+    return [l.split("=", 1)[1] for l in open(unit_file()).read().splitlines() if l.startswith(key + "=")]
+
+
+# ---------------------------------------------------------------- 1. external
+
+def external_part():
+    print("== external backend (README word for word, vtpmd as the unit runs it)", flush=True)
+    by_hand = readme_block("external-by-hand")
+    # The README's by-hand commands are the unit's, instance vm1.
+    exec_start = unit_value("ExecStart")[0].replace("%i", "vm1")
+    readme_vtpmd = next((c.rstrip(" &") for c in by_hand if c.startswith("vtpmd ")), "")
+    check(shlex.split(exec_start)[1:] == shlex.split(readme_vtpmd)[1:] and exec_start.startswith("/usr/local/bin/vtpmd "),
+          "README's vtpmd command is the installed vtpmd@.service's ExecStart (%i=vm1)", (exec_start, readme_vtpmd))
+    run_readme(by_hand, "external")
+    sock = "/run/vtpm/vm1/ctrl.sock"
+    try:
+        wait_for(lambda: os.path.exists(sock), 10, "vtpmd's socket")
+    except RuntimeError as e:
+        check(False, "vtpmd started from the README's command", e)
+        return
+    # What RuntimeDirectory/StateDirectory/LogsDirectory would give.
+    expect = {"/run/vtpm/vm1": (unit_value("RuntimeDirectoryMode")[0], "kvm"),
+              "/var/lib/vtpm/vm1": (unit_value("StateDirectoryMode")[0], None),
+              "/var/log/vtpm": (unit_value("LogsDirectoryMode")[0], None)}
+    got = {d: ("%04o" % (os.stat(d).st_mode & 0o7777), os.stat(d).st_gid) for d in expect}
+    import grp
+    kvm = grp.getgrnam("kvm").gr_gid
+    check(all(got[d][0] == m and (g is None or got[d][1] == kvm) for d, (m, g) in expect.items()),
+          "README's directories have the unit's modes (run dir group kvm)", got)
+    st = os.stat(sock)
+    check(st.st_mode & 0o777 == 0o660 and st.st_gid == kvm, "control socket is root:kvm 0660",
+          "%o gid %d" % (st.st_mode & 0o777, st.st_gid))
+
+    con = boot(domain_xml("libvirt-external.xml"), "vm1", "external")
+    if not con:
+        return
+    check(qemu_user("vm1") == "libvirt-qemu", "external: QEMU runs as libvirt-qemu (and reached the socket)", qemu_user("vm1"))
+    guest_sees_tpm(con, "external")
+    before = write_state(con, "external")
+    destroy("vm1")
+    check(gone(sock), "external: vtpmd exited by itself after virsh destroy (QEMU's SHUTDOWN)")
+    # As Restart=always would: the README's commands again.
+    run_readme(by_hand, "external restart")
+    wait_for(lambda: os.path.exists(sock), 10, "vtpmd's socket again")
+    con.start()
+    guest_sees_tpm(con, "external, after destroy/start")
+    same_state(con, "external", before, "virsh destroy / start")
+    destroy("vm1")
+    gone(sock)
+
+    # The friction this fixes: a socket only root can open.
+    old = shlex.split(readme_vtpmd.replace("mode=0660", "mode=0600"))
+    p = subprocess.Popen(old, env=dict(os.environ, PATH=SYSTEM_PATH), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: os.path.exists(sock), 10, "vtpmd's 0600 socket")
+    r = virsh("start", "vm1")
+    check(r.returncode != 0 and "Permission denied" in r.stderr,
+          "external: a 0600 root socket is refused to QEMU (\"Permission denied\"), as the old README's was",
+          r.stderr.strip()[-300:])
+    p.terminate()
+    p.wait()
+    virsh("undefine", "vm1")
+
+
+def gone(fragment, timeout=10):
+    """True once no process has FRAGMENT in its arguments (within TIMEOUT)."""
+    try:
+        wait_for(lambda: not processes_with(fragment), timeout, "processes with " + fragment)
+        return True
+    except RuntimeError:
+        return False
+
+
+# ---------------------------------------------------------------- 2. emulator
+
+DROPIN = "/etc/systemd/system/libvirtd.service.d/50-vtpmd.conf"
+LINKS = "/usr/local/lib/vtpmd/swtpm"
+
+
+def dropin_path():
+    """PATH from the drop-in vtpm-libvirt wrote, as systemd would set it."""
+    for line in open(DROPIN).read().splitlines():
+        if line.startswith("Environment="):
+            for assignment in shlex.split(line[len("Environment="):]):
+                if assignment.startswith("PATH="):
+                    return assignment[5:]
+    raise RuntimeError(DROPIN + " sets no PATH")
+
+
+def tpm_process(name):
+    """(argv, user, exe) of the TPM process libvirt runs for domain NAME."""
+    import pwd
+    for pid, (argv, uid, exe) in cmdlines().items():
+        if any(a.endswith("-%s-swtpm.sock,mode=0600" % name) for a in argv):
+            return argv, pwd.getpwuid(uid).pw_name, exe
+    return None
+
+
+def tpm_socket(name):
+    proc = tpm_process(name)
+    ctrl = next((a for a in proc[0] if a.startswith("type=unixio,path=")), "") if proc else ""
+    return ctrl[len("type=unixio,path="):].split(",")[0]
+
+
+def libvirtd_ran(tool, *words):
+    """Lines of libvirtd's log where it ran TOOL with all of WORDS."""
+    lines = [l for l in open("/var/log/libvirt/libvirtd.log", errors="replace").read().splitlines()
+             if "%s/%s " % (LINKS, tool) in l and all(w in l for w in words)]
+    return lines
+
+
+def der_to_pem(hexstr, path):
+    der = os.path.join("/run/vtpm-test", os.path.basename(path) + ".der")
+    open(der, "wb").write(bytes.fromhex(hexstr))
+    r = sh(["openssl", "x509", "-inform", "DER", "-in", der, "-out", path])
+    return r.returncode == 0
+
+
+def verify_certs(certs, who):
+    root = os.path.join(CA_DIR, "swtpm-localca-rootca-cert.pem")
+    issuer = os.path.join(CA_DIR, "issuercert.pem")
+    ek, plat = "/run/vtpm-test/%s-ek.pem" % who, "/run/vtpm-test/%s-platform.pem" % who
+    ok_ek = bool(certs.get("ekcert")) and der_to_pem(certs["ekcert"], ek)
+    ok_plat = bool(certs.get("platcert")) and der_to_pem(certs["platcert"], plat)
+    check(ok_ek and ok_plat, "%s: guest read the EK certificate (NV %s) and the platform certificate (NV %s)"
+          % (who, EK_CERT_NV, PLATFORM_CERT_NV), {k: v[:40] for k, v in certs.items()})
+    check(certs.get("getek") == certs.get("ekcert"), "%s: tpm2_getekcertificate in the guest returns the same EK certificate" % who)
+    if not (ok_ek and ok_plat):
+        return
+    r = sh(["openssl", "verify", "-CAfile", root, "-untrusted", issuer, ek, plat])
+    check(r.returncode == 0 and r.stdout.count(": OK") == 2,
+          "%s: both certificates verify against the local CA (openssl verify, root %s)" % (who, root), r.stdout + r.stderr)
+    mod = sh(["openssl", "x509", "-in", ek, "-noout", "-modulus"]).stdout.strip().split("=")[-1]
+    check(mod and mod.lower() == certs.get("ekmod", "").lower(),
+          "%s: the EK certificate certifies the TPM's RSA EK at %s (same modulus)" % (who, EK_RSA),
+          (mod[:32], certs.get("ekmod", "")[:32]))
+    check(certs.get("eklocked") == "1", "%s: EK certificate NV index is write-locked (--lock-nvram)" % who, certs.get("eklocked"))
+
+
+def state_files(name):
+    uuid = virsh("domuuid", name).stdout.strip()
+    d = "/var/lib/libvirt/swtpm/%s/tpm2" % uuid
+    return {f: open(os.path.join(d, f), "rb").read() for f in os.listdir(d) if os.path.isfile(os.path.join(d, f))}
+
+
+def holds(files, hexstr):
+    needle = bytes.fromhex(hexstr)
+    return sorted(f for f, data in files.items() if needle in data)
+
+
+def stop_guest(con, name):
+    """The guest powers off (QEMU quits, libvirt stops the TPM)."""
+    con.send("poweroff")
+    wait_for(lambda: "shut off" in virsh("domstate", name).stdout, 120, name + " to shut off")
+
+
+def emulator_part(daemon):
+    print("== emulator backend (README: vtpm-libvirt enable; libvirt runs vtpm-setup, vtpmd, vtpmctl)", flush=True)
+    run_readme(readme_block("emulator-enable"), "emulator")
+    # What `systemctl try-restart libvirtd` does with the drop-in.
+    daemon.stop()
+    daemon.start(dropin_path())
+    check(daemon.environ_path().startswith(LINKS + ":"), "libvirtd restarted with the drop-in's PATH (%s first)" % LINKS,
+          daemon.environ_path())
+    st = sh(["vtpm-libvirt", "status"], env=dict(os.environ, PATH=SYSTEM_PATH)).stdout
+    check("backend: enabled" in st and "(/usr/local/bin/vtpmd)" in st and "(/usr/local/bin/vtpm-setup)" in st
+          and "(/usr/local/bin/vtpmctl)" in st, "vtpm-libvirt status: swtpm, swtpm_setup, swtpm_ioctl are vtpmd's", st)
+
+    con = boot(domain_xml("libvirt-emulator.xml"), "vm2", "emulator")
+    if not con:
+        return
+    check(libvirtd_ran("swtpm_setup", "--create-ek-cert", "--create-platform-cert", "--lock-nvram", "--not-overwrite"),
+          "emulator: libvirt provisioned the state with swtpm_setup = vtpm-setup (EK, certificates, --lock-nvram)")
+    proc = tpm_process("vm2")
+    check(proc and proc[2] == "/usr/local/bin/vtpmd" and proc[1] == "tss",
+          "emulator: the TPM process libvirt started is vtpmd, running as tss", proc)
+    guest_sees_tpm(con, "emulator")
+    verify_certs(con.run(CERTS), "emulator")
+    before = write_state(con, "emulator")
+    check(before.get("keyname") and con.run(READ).get("banks") == "sha256,",
+          "emulator: PCR banks as provisioned: sha256 only (swtpm_setup.conf's default)")
+    con.reboot()
+    guest_sees_tpm(con, "emulator, after the guest rebooted")
+    same_state(con, "emulator", before, "guest reboot")
+    # libvirt runs swtpm_ioctl only for a TPM process that outlived QEMU
+    # (QEMU's SHUTDOWN normally ends it first); the link is exercised here.
+    sock = tpm_socket("vm2")
+    r = sh([LINKS + "/swtpm_ioctl", "--unix", sock, "-c"])
+    check(r.returncode == 0 and r.stdout.startswith("ptm capability is 0x"),
+          "emulator: %s/swtpm_ioctl --unix SOCK -c answers from libvirt's vtpmd" % LINKS, r.stdout + r.stderr)
+    destroy("vm2")
+    check(gone("-vm2-swtpm.sock"), "emulator: vtpmd stopped after virsh destroy")
+
+    # <active_pcr_banks>: applied at the next start (swtpm_setup --reconfigure).
+    define(domain_xml("libvirt-emulator.xml", banks=["sha256", "sha384"]))
+    con.start()
+    check(libvirtd_ran("swtpm_setup", "--pcr-banks", "sha256,sha384", "--reconfigure"),
+          "emulator: libvirt ran swtpm_setup --pcr-banks sha256,sha384 --reconfigure (vtpm-setup)")
+    r = same_state(con, "emulator", before, "virsh destroy, PCR bank change, start")
+    check(r.get("banks") == "sha256,sha384,", "emulator: <active_pcr_banks> sha256+sha384 applied: the guest's TPM has those banks",
+          r.get("banks"))
+    stop_guest(con, "vm2")
+    check(gone("-vm2-swtpm.sock"), "emulator: vtpmd exited when the guest powered off")
+    plain = state_files("vm2")
+    check(holds(plain, before["secret"]) != [],
+          "emulator: the unencrypted state holds the guest's NV secret in clear (so the search below can find it)",
+          sorted(plain))
+    virsh("undefine", "vm2", "--tpm")
+    return before
+
+
+SECRET_UUID = "5e3a9c1e-7d7e-4a8b-9c71-0b6f5a2d4e11"
+
+
+def define_secret():
+    """The libvirt secret (usage vtpm) the encrypted domains name."""
+    path = "/run/vtpm-test/secret.xml"
+    open(path, "w").write("<secret ephemeral='no' private='yes'><uuid>%s</uuid>"
+                          "<usage type='vtpm'><name>vtpm-test</name></usage></secret>" % SECRET_UUID)
+    r = virsh("secret-define", path)
+    r2 = virsh("secret-set-value", "--secret", SECRET_UUID, "--base64",
+               base64.b64encode(b"correct horse battery staple").decode())
+    return check(r.returncode == 0 and r2.returncode == 0, "libvirt secret (usage vtpm) defined", r.stderr + r2.stderr)
+
+
+def encrypted_part():
+    print("== emulator backend with <encryption secret=...>", flush=True)
+    uuid = SECRET_UUID
+    con = boot(domain_xml("libvirt-emulator.xml", secret=uuid, name="vm3"), "vm3", "encrypted")
+    if not con:
+        return
+    check(libvirtd_ran("swtpm_setup", "--pwdfile-fd", "--cipher", "aes-256-cbc"),
+          "encrypted: libvirt provisioned with swtpm_setup --pwdfile-fd N --cipher aes-256-cbc (vtpm-setup)")
+    proc = tpm_process("vm3")
+    check(proc and proc[2] == "/usr/local/bin/vtpmd" and any(a.startswith("pwdfd=") for a in proc[0]),
+          "encrypted: vtpmd runs with --key pwdfd=N (and --migration-key)", proc and proc[0])
+    guest_sees_tpm(con, "encrypted")
+    certs = con.run(CERTS)
+    verify_certs(certs, "encrypted")
+    before = write_state(con, "encrypted")
+    # (Restarts of an encrypted domain on vtpmd: switch_part.)
+    # libvirt's way to stop a TPM process that outlived QEMU.
+    r = sh([LINKS + "/swtpm_ioctl", "--unix", tpm_socket("vm3"), "-s"])
+    check(r.returncode == 0 and gone("-vm3-swtpm.sock"),
+          "encrypted: swtpm_ioctl --unix SOCK -s (libvirt's stop command) ends libvirt's vtpmd", r.stderr)
+    destroy("vm3")
+    files = state_files("vm3")
+    check(files and not holds(files, before["secret"]),
+          "encrypted: no state file holds the guest's NV secret (searched %s)" % ", ".join(sorted(files)), holds(files, before["secret"]))
+    check(certs.get("ekcert") and not holds(files, certs["ekcert"]),
+          "encrypted: no state file holds the EK certificate in clear either")
+    virsh("undefine", "vm3", "--tpm")
+
+
+# ---------------------------------------------------------------- 3. switching
+
+REWRITE = ("tpm2_getrandom -o /tmp/s2 32 >/dev/null && tpm2_nvwrite {nv} -C o -i /tmp/s2 && "
+           "echo R:secret=$(od -An -tx1 -v /tmp/s2 | tr -d ' \\n')").format(nv=NV)
+
+
+def swtpm_made_domain():
+    """Before `vtpm-libvirt enable`: an encrypted domain that libvirt
+    provisions with swtpm_setup and runs on swtpm, as existing hosts have
+    them. Returns what its guest wrote."""
+    print("== an encrypted domain made by swtpm (before vtpm-libvirt enable)", flush=True)
+    con = boot(domain_xml("libvirt-emulator.xml", secret=SECRET_UUID, name="vm4"), "vm4", "switch")
+    if not con:
+        return None
+    proc = tpm_process("vm4")
+    check(proc and proc[2] == "/usr/bin/swtpm", "switch: before opting in, libvirt runs swtpm", proc and proc[2])
+    before = write_state(con, "switch, on swtpm")
+    stop_guest(con, "vm4")
+    gone("-vm4-swtpm.sock")
+    return before
+
+
+def switch_part(daemon, before):
+    """vtpmd takes over the swtpm-made encrypted state, then `vtpm-libvirt
+    disable` hands it back to swtpm."""
+    print("== the swtpm-made domain under vtpmd, then back to swtpm (vtpm-libvirt disable)", flush=True)
+    con = boot(domain_xml("libvirt-emulator.xml", secret=SECRET_UUID, name="vm4"), "vm4", "switch")
+    if not con:
+        return
+    proc = tpm_process("vm4")
+    check(proc and proc[2] == "/usr/local/bin/vtpmd" and any(a.startswith("pwdfd=") for a in proc[0]),
+          "switch: libvirt now runs vtpmd (--key pwdfd=N) on the state swtpm made", proc)
+    same_state(con, "switch, swtpm -> vtpmd", before, "the move to vtpmd")
+    again = con.run(REWRITE)
+    check(len(again.get("secret", "")) == 64, "switch: the guest wrote a new NV secret through vtpmd", again)
+    stop_guest(con, "vm4")
+    gone("-vm4-swtpm.sock")
+    files = state_files("vm4")
+    check(files and not holds(files, again.get("secret", "00")) and not holds(files, before["secret"]),
+          "switch: vtpmd kept the state encrypted (neither NV secret in clear)", sorted(files))
+
+    run_readme(readme_block("emulator-disable"), "disable")
+    check(not os.path.exists(DROPIN), "vtpm-libvirt disable removed the drop-in")
+    daemon.stop()
+    daemon.start(SYSTEM_PATH)  # systemd's PATH without the drop-in
+    con = boot(domain_xml("libvirt-emulator.xml", secret=SECRET_UUID, name="vm4"), "vm4", "switch back")
+    if not con:
+        return
+    proc = tpm_process("vm4")
+    check(proc and proc[2] == "/usr/bin/swtpm", "switch back: after disable, libvirt runs swtpm again", proc and proc[2])
+    r = con.run(READ)
+    check(r.get("secret") == again.get("secret") and r.get("keyname") == before.get("keyname") and r.get("signs") == "yes",
+          "switch back: swtpm reads what vtpmd wrote (new NV secret, same persistent key that signs)", r)
+    stop_guest(con, "vm4")
+    virsh("undefine", "vm4", "--tpm")
+
+
+# ---------------------------------------------------------------- main
+
+def collect_logs():
+    for pattern, prefix in (("/var/log/libvirt/libvirtd.log", "libvirt-"), ("/var/log/libvirt/qemu/*", "libvirt-qemu-"),
+                            ("/var/log/swtpm/libvirt/qemu/*", "libvirt-swtpm-"), ("/var/log/vtpm/*", "libvirt-vtpm-")):
+        for f in glob.glob(pattern):
+            try:
+                shutil.copy(f, os.path.join(LOGS, prefix + os.path.basename(f)))
+            except OSError:
+                pass
+
+
+def main():
+    os.makedirs(LOGS, exist_ok=True)
+    enter_namespace()
+    for f in glob.glob(os.path.join(LOGS, "libvirt-*")):
+        os.remove(f)
+    daemon = Libvirtd()
+    try:
+        run_readme(readme_block("install"), "install")
+        daemon.start(SYSTEM_PATH)
+        version = virsh("version").stdout
+        check(re.search(r"Running hypervisor: QEMU \d", version) and "libvirt" in version,
+              "libvirtd started without systemd in a private namespace; virsh reaches its QEMU driver (%s)"
+              % " / ".join(l.strip() for l in version.splitlines() if l.strip()), version)
+        external_part()
+        made = swtpm_made_domain() if define_secret() else None
+        emulator_part(daemon)
+        encrypted_part()
+        if made:
+            switch_part(daemon, made)
+        virsh("secret-undefine", SECRET_UUID)
+    except Exception as e:  # a crashed step is a failure, not a pass
+        import traceback
+        traceback.print_exc()
+        check(False, "libvirt test aborted", e)
+    finally:
+        for line in virsh("list", "--name").stdout.split():
+            destroy(line)
+        daemon.stop()
+        for pid, (argv, uid, exe) in cmdlines().items():
+            if exe.endswith(("/vtpmd", "/swtpm", "qemu-system-x86_64")):
+                os.kill(pid, 9)
+        collect_logs()
+    return summary()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
