@@ -47,11 +47,15 @@ kernel-tests: build
 	python3 kernel-tests/libvirt-test.py
 	TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-qemu11-tests.sh
 
-# vtpmd vs swtpm vs in-process libtpms, side by side (not a timed test).
+# vtpmd vs swtpm 0.7.1 (the system's) and swtpm 0.10 (Debian sid, from a
+# root under build/swtpm-sid made once) vs in-process libtpms, side by side
+# (not a timed test).
 bench: build
+	bash bench/prepare-swtpm-sid.sh
 	./target/release/vtpm-bench
 
-# A few iterations of every benchmark row, so the harness cannot rot.
+# A few iterations of every benchmark row, so the harness cannot rot (sid's
+# swtpm only if its root is already there).
 bench-smoke: build
 	./target/release/vtpm-bench --smoke
 

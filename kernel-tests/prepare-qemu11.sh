@@ -84,45 +84,11 @@ if [ -z "${QEMU11_REFETCH:-}" ] && [ -f "$stamp" ] && [ -x "$root/usr/bin/qemu-s
   echo "prepare-qemu11: cached root does not run a QEMU >= $min; rebuilding"
 fi
 
-command -v debootstrap >/dev/null || die "prepare-qemu11: debootstrap missing (bash scripts/install-deps.sh)"
-
-# The host's Debian mirror: the first http(s) URI of a "debian" archive in
-# the apt sources (one-line or deb822 format) that is not the security one.
-mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null |
-  grep -v '^[[:space:]]*#' | grep -o 'https\?://[^[:space:]]*/debian/\?' | grep -v -e security -e ports | head -n 1 || true)
-mirror=${QEMU11_MIRROR:-${mirror:-http://deb.debian.org/debian}}
-
+source "$KT_ROOT/scripts/debian-root.sh"
 log="$dir/prepare.log"
 start=$(date +%s)
-mkdir -p "$dir"
-if [ -n "${QEMU11_REFETCH:-}" ] || [ ! -f "$root/.vtpm-debootstrapped" ]; then
-  echo "prepare-qemu11: debootstrap --variant=minbase $suite $root $mirror"
-  rm -rf "$root"
-  if ! debootstrap --variant=minbase "$suite" "$root" "$mirror" > "$log" 2>&1; then
-    tail -n 30 "$log" >&2
-    die "prepare-qemu11: debootstrap failed (log: $log)"
-  fi
-  touch "$root/.vtpm-debootstrapped"
-else
-  echo "prepare-qemu11: reusing the $suite root from an earlier debootstrap"
-fi
-
-# apt inside the root; a private mount namespace so nothing stays mounted.
-# Check-Valid-Until=false: a registry may serve a frozen snapshot of the
-# archive whose Release file has passed its Valid-Until date (the case on
-# the machines this was written on); signatures are still checked.
-echo "prepare-qemu11: installing qemu-system-x86 in the $suite root"
-cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
-printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"   # start no services
-chmod 755 "$root/usr/sbin/policy-rc.d"
-if ! unshare --mount --propagation private -- sh -c '
-  set -e
-  mount --rbind /dev "$1/dev"; mount -t proc proc "$1/proc"; mount -t sysfs sysfs "$1/sys"
-  chroot "$1" env DEBIAN_FRONTEND=noninteractive sh -c "apt-get -o Acquire::Check-Valid-Until=false update -q && apt-get install -y -q --no-install-recommends qemu-system-x86 && apt-get clean"
-' prepare "$root" >> "$log" 2>&1; then
-  tail -n 30 "$log" >&2
-  die "prepare-qemu11: installing qemu-system-x86 in $root failed (log: $log)"
-fi
+debian_root prepare-qemu11 "$root" "$suite" "$log" "${QEMU11_REFETCH:-}" "${QEMU11_MIRROR:-}" qemu-system-x86 ||
+  die "prepare-qemu11: no QEMU root"
 
 write_wrapper
 "$wrapper" --version > "$dir/version" 2>&1 || true

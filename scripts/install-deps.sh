@@ -11,7 +11,8 @@ PACKAGES=(
   qemu-system-x86                 # boots the test guests (TCG)
   busybox-static cpio             # guest initramfs
   iproute2 procps                 # ss/pgrep used by test scripts
-  debootstrap                     # kernel-tests/prepare-qemu11.sh: QEMU 11 in a sid root
+  debootstrap                     # sid roots: QEMU 11 (kernel-tests/prepare-qemu11.sh), swtpm 0.10 (bench/prepare-swtpm-sid.sh)
+  strace                          # the bench counts device flushes per NV_Write
   make gcc-12 libelf1             # kernel-tests/virtio-tpm-driver: the guest module (libelf1: objtool)
   # kernel-tests/libvirt-test.py: the libvirt
   # daemon (libvirtd 9.0), its QEMU driver and virsh. Not

@@ -1,8 +1,9 @@
 //! The socket frontend's transport: one connection type over unix and TCP
-//! streams, one listener with one accept loop, one timeout test.
+//! streams, one listener type, one accept loop for all of a process's
+//! listeners, one timeout test.
 //!
 //! ```text
-//!  Listener::{bind_unix, bind_tcp} ──serve(name, handler)──▶ Stream per connection
+//!  Listener::{bind_unix, bind_tcp} ──serve(acceptors, wake, stop)──▶ Stream per connection
 //!  Stream::recv(buf, fds)   unix: SCM_RIGHTS descriptors collected; TCP: none
 //!  Slots::admit(stream)     at most `max` connections; when full, the one idle
 //!                           longest (not pinned, not mid-request) is closed
@@ -17,10 +18,11 @@
 //! connection is merely idle.
 
 use crate::fdpass;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::fs;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -147,19 +149,174 @@ impl Listener {
         }
     }
 
-    /// The accept loop: hands every connection to `handler`, for ever.
-    /// Accept errors (a client that left the backlog, descriptor
-    /// exhaustion) are logged and paced, never fatal.
-    pub fn serve(self, name: &str, mut handler: impl FnMut(Stream)) {
-        loop {
-            match self.accept() {
-                Ok(s) => handler(s),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+    fn set_nonblocking(&self) -> io::Result<()> {
+        match self {
+            Listener::Unix(l) => l.set_nonblocking(true),
+            Listener::Tcp(l) => l.set_nonblocking(true),
+        }
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Unix(l) => l.as_fd(),
+            Listener::Tcp(l) => l.as_fd(),
+        }
+    }
+}
+
+/// A listener and what to do with each connection it accepts (the handler
+/// must not block: it starts a connection's thread).
+pub struct Acceptor {
+    pub name: &'static str,
+    pub listener: Listener,
+    pub handler: Box<dyn FnMut(Stream) + Send>,
+}
+
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acceptor")
+            .field("name", &self.name)
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The accept loop for all of a process's listeners, on the calling thread
+/// (an idle daemon then needs no other thread): waits until a listener has
+/// a connection, which goes to its handler, or `wake` (a non-blocking
+/// socket signal handlers and exit reports write to) is readable, which is
+/// drained before `stop()` decides whether to return. Accept errors (a
+/// client that left the backlog, descriptor exhaustion) are logged and
+/// paced, never fatal.
+pub fn serve(acceptors: &mut [Acceptor], wake: &UnixStream, mut stop: impl FnMut() -> bool) {
+    for a in acceptors.iter() {
+        // Readiness can go stale (the client gave up): accept must not
+        // then block the loop.
+        if let Err(e) = a.listener.set_nonblocking() {
+            log::warn!("{}: cannot make the listener non-blocking: {e}", a.name);
+        }
+    }
+    loop {
+        let mut fds: Vec<PollFd> = acceptors
+            .iter()
+            .map(|a| PollFd::new(a.listener.as_fd(), PollFlags::POLLIN))
+            .chain(std::iter::once(PollFd::new(
+                wake.as_fd(),
+                PollFlags::POLLIN,
+            )))
+            .collect();
+        if let Err(e) = poll(&mut fds, PollTimeout::NONE) {
+            if e != nix::errno::Errno::EINTR {
+                log::warn!("waiting for connections failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            continue;
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if ready[acceptors.len()] {
+            let mut sink = [0u8; 64];
+            while matches!((&*wake).read(&mut sink), Ok(n) if n > 0) {}
+            if stop() {
+                return;
+            }
+        }
+        for (a, _) in acceptors.iter_mut().zip(&ready).filter(|(_, r)| **r) {
+            match a.listener.accept() {
+                Ok(s) => (a.handler)(s),
+                Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock) => {}
                 Err(e) => {
-                    log::warn!("{name}: accept failed: {e}");
+                    log::warn!("{}: accept failed: {e}", a.name);
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
+        }
+    }
+}
+
+/// How long a connection thread waits for the next connection after its
+/// own ended, before it exits.
+pub const LINGER: Duration = Duration::from_millis(250);
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The threads that serve one kind of connection. A thread whose
+/// connection ended waits [`LINGER`] for the next one before it exits, so
+/// a client that opens a connection per command (tpm2-tss) does not pay
+/// for a new thread each time, while an idle daemon goes back to its one
+/// thread.
+#[derive(Debug)]
+pub struct Workers {
+    name: &'static str,
+    /// Threads waiting for a connection, by id, each with its job inbox.
+    idle: Mutex<Vec<(u64, std::sync::mpsc::Sender<Job>)>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Workers {
+    pub fn new(name: &'static str) -> Arc<Workers> {
+        Arc::new(Workers {
+            name,
+            idle: Mutex::new(Vec::new()),
+            next_id: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<(u64, std::sync::mpsc::Sender<Job>)>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `job` on a waiting thread, or on a new one.
+    pub fn run(self: &Arc<Self>, job: impl FnOnce() + Send + 'static) -> io::Result<()> {
+        let mut job: Job = Box::new(job);
+        {
+            let mut idle = self.idle();
+            // Handed over under the lock: a thread finds its inbox gone
+            // from the list only once its next job is already in it.
+            while let Some((_, inbox)) = idle.pop() {
+                match inbox.send(job) {
+                    Ok(()) => return Ok(()),
+                    Err(back) => job = back.0,
+                }
+            }
+        }
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name(self.name.into())
+            .spawn(move || me.serve(job))
+            .map(drop)
+    }
+
+    fn serve(&self, mut job: Job) {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, inbox) = std::sync::mpsc::channel();
+        loop {
+            job();
+            self.idle().push((id, tx.clone()));
+            job = match inbox.recv_timeout(LINGER) {
+                Ok(next) => next,
+                Err(_) => {
+                    let mut idle = self.idle();
+                    match idle.iter().position(|(i, _)| *i == id) {
+                        Some(at) => {
+                            idle.swap_remove(at);
+                            return;
+                        }
+                        // Taken just now: the job is in the inbox.
+                        None => match inbox.try_recv() {
+                            Ok(next) => next,
+                            Err(_) => return,
+                        },
+                    }
+                }
+            };
         }
     }
 }
@@ -321,6 +478,43 @@ mod tests {
     fn pair() -> (Stream, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
         (Stream::Unix(a), b)
+    }
+
+    #[test]
+    fn a_worker_serves_the_next_job_then_leaves_when_idle() {
+        use std::sync::mpsc::channel;
+        let w = Workers::new("test");
+        let (tx, rx) = channel();
+        let t = tx.clone();
+        w.run(move || t.send(std::thread::current().id()).unwrap())
+            .unwrap();
+        let first = rx.recv().unwrap();
+        // Wait until the thread is back in the idle list, then the next job
+        // goes to it instead of a new thread.
+        while w.idle().is_empty() {
+            std::thread::yield_now();
+        }
+        let t = tx.clone();
+        w.run(move || t.send(std::thread::current().id()).unwrap())
+            .unwrap();
+        assert_eq!(rx.recv().unwrap(), first, "the waiting thread took the job");
+        // Two jobs at once get two threads.
+        let gate = Arc::new(std::sync::Barrier::new(2));
+        for _ in 0..2 {
+            let (t, g) = (tx.clone(), gate.clone());
+            w.run(move || {
+                g.wait();
+                t.send(std::thread::current().id()).unwrap();
+            })
+            .unwrap();
+        }
+        assert_ne!(rx.recv().unwrap(), rx.recv().unwrap());
+        // Idle past LINGER, every thread has left.
+        let start = Instant::now();
+        while !w.idle().is_empty() {
+            assert!(start.elapsed() < LINGER * 40, "threads did not leave");
+            std::thread::sleep(LINGER / 4);
+        }
     }
 
     #[test]

@@ -187,6 +187,40 @@ fn data_channel_garbage_truncated_oversized() {
 }
 
 #[test]
+fn data_channel_commands_sharing_a_write_are_answered_in_order() {
+    let (_t, mut d, _c, mut data, pcr) = prepared();
+    // Two commands in one write: two responses, in order.
+    let mut two = cmd::get_random(8);
+    two.extend_from_slice(&cmd::pcr_read(PCR));
+    data.write_all(&two).unwrap();
+    let first = read_response(&mut data);
+    assert_eq!((rc(&first), first.len()), (0, 20), "GetRandom(8)");
+    assert_eq!(cmd::pcr_value(&read_response(&mut data)), pcr);
+    // An oversized command whose body starts in the write of its header
+    // and ends in the write of the next command: only the body is dropped.
+    let size = 8192u32;
+    let mut big = vec![0x80, 0x01];
+    big.extend_from_slice(&size.to_be_bytes());
+    big.extend_from_slice(&[0, 0, 1, 0x7b]);
+    big.extend_from_slice(&[0x55; 100]);
+    data.write_all(&big).unwrap();
+    let mut rest = vec![0x55; size as usize - big.len()];
+    rest.extend_from_slice(&cmd::get_random(8));
+    data.write_all(&rest).unwrap();
+    assert_eq!(rc(&read_response(&mut data)), 0x142, "oversized");
+    let r = read_response(&mut data);
+    assert_eq!((rc(&r), r.len()), (0, 20), "the command after it");
+    // A header announcing less than a header, then a command, in one
+    // write: the bad header alone is dropped.
+    let mut short = vec![0x80, 0x01, 0, 0, 0, 5, 0, 0, 1, 0x7b];
+    short.extend_from_slice(&cmd::pcr_read(PCR));
+    data.write_all(&short).unwrap();
+    assert_eq!(rc(&read_response(&mut data)), 0x142);
+    assert_eq!(cmd::pcr_value(&read_response(&mut data)), pcr);
+    assert_intact(&mut d, &mut data, &pcr);
+}
+
+#[test]
 fn data_server_survives_bad_clients() {
     let t = state_dir();
     let port = 20000 + (std::process::id() % 9000) as u16;

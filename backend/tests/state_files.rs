@@ -258,3 +258,26 @@ fn swtpm_state_moves_to_vtpmd_and_back_and_swtpm_refuses_vtpmd_files() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
 }
+
+#[test]
+fn installed_as_swtpm_it_leaves_swtpms_files_at_a_clean_exit() {
+    let t = state_dir();
+    let link = t.path().join("swtpm");
+    std::os::unix::fs::symlink(&*VTPMD, &link).unwrap();
+    let mut d = Daemon::start_bin(link.to_str().unwrap(), t.path(), &[]);
+    write_nv(&d, b"as-swtpm", true);
+    assert!(
+        t.path().join("state/vtpmd-00.permall").exists(),
+        "slot files while it runs"
+    );
+    let mut c = Ctrl::connect(&d.ctrl);
+    assert_eq!(c.result(0x03, &[]), 0, "CMD_SHUTDOWN");
+    assert!(d.wait_exit(Duration::from_secs(5)).is_some());
+    assert!(!t.path().join("state/vtpmd-00.permall").exists());
+    let s = Daemon::start_bin("swtpm", t.path(), &[]);
+    assert_eq!(
+        read_nv(&s, 8),
+        b"as-swtpm",
+        "swtpm takes the state over as it is"
+    );
+}

@@ -1,12 +1,14 @@
-//! The rows: per-command latency, start-up, sealed and plain migration,
-//! density. Each row times vtpmd and swtpm alternately.
+//! The latency rows: per command over each transport, start-up, sealed and
+//! plain migration. Each row times vtpmd and every reference swtpm
+//! alternately (and libtpms in process where it applies).
 
-use crate::report::{stat, us, Row, Stat};
-use crate::targets::{connect, free_port, rss_of, smaps_kib, InProcess, Remote, Target};
+use crate::durability::Floor;
+use crate::report::{one, stat, us, Row, Stat};
+use crate::targets::{connect, free_port, workdir, InProcess, Remote, Target};
 use crate::{n, Opts};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vtpm_common::admin::{self, IncomingInfo, KeysPreloaded, Prepared, Request};
 use vtpm_test_support::blobs;
@@ -54,158 +56,251 @@ pub(crate) fn flush_created(t: &mut dyn Target, r: &[u8]) {
     t.cmd(&c::flush(c::handle(r)));
 }
 
-pub(crate) fn command_rows(
-    o: &Opts,
-    vt: &mut Remote,
-    sw: &mut Remote,
-    ip: &mut InProcess,
-) -> Vec<Row> {
-    let mut rows = Vec::new();
-    let mut targets: Vec<&mut dyn Target> = vec![vt, sw, ip];
-    let define_nv = |t: &mut dyn Target| {
-        let r = t.cmd(&c::nv_define(0x0150_0100, 64));
-        assert!(
-            c::rc(&r) == 0 || c::rc(&r) == 0x14c,
-            "NV define: {:#x}",
-            c::rc(&r)
-        );
-        let _ = t.cmd(&c::nv_write(0x0150_0100, &[0; 64]));
-        0
-    };
-    let signing_key = |t: &mut dyn Target| {
-        let r = t.cmd(&c::create_primary("sign", 7));
-        assert_eq!(c::rc(&r), 0, "signing key");
-        c::handle(&r)
-    };
-    type Make = Box<dyn Fn(usize, u32) -> Vec<u8>>;
-    type Setup = Box<dyn Fn(&mut dyn Target) -> u32>;
-    type After = Box<dyn Fn(&mut dyn Target, &[u8])>;
-    let specs: Vec<(&str, usize, Setup, Make, After)> = vec![
-        (
+/// The NV index the command rows write and read.
+pub(crate) const NV_INDEX: u32 = 0x0150_0100;
+
+pub(crate) fn define_nv(t: &mut dyn Target) -> u32 {
+    let r = t.cmd(&c::nv_define(NV_INDEX, 64));
+    assert!(
+        c::rc(&r) == 0 || c::rc(&r) == 0x14c,
+        "NV define: {:#x}",
+        c::rc(&r)
+    );
+    let _ = t.cmd(&c::nv_write(NV_INDEX, &[0; 64]));
+    0
+}
+
+fn signing_key(t: &mut dyn Target) -> u32 {
+    let r = t.cmd(&c::create_primary("sign", 7));
+    assert_eq!(c::rc(&r), 0, "signing key");
+    c::handle(&r)
+}
+
+type Make = Box<dyn Fn(usize, u32) -> Vec<u8>>;
+type Setup = Box<dyn Fn(&mut dyn Target) -> u32>;
+type After = Box<dyn Fn(&mut dyn Target, &[u8])>;
+
+/// One command row: name, full iteration count, and how to run it.
+pub(crate) struct Spec {
+    pub(crate) name: &'static str,
+    iters: usize,
+    setup: Setup,
+    make: Make,
+    after: After,
+}
+
+fn spec(name: &'static str, iters: usize, setup: Setup, make: Make, after: After) -> Spec {
+    Spec {
+        name,
+        iters,
+        setup,
+        make,
+        after,
+    }
+}
+
+/// The cheap commands: transport and dispatch cost, next to no TPM work.
+pub(crate) fn cheap() -> Vec<Spec> {
+    vec![
+        spec(
             "GetRandom(32)",
             2000,
             Box::new(nothing),
             Box::new(|_, _| c::get_random(32)),
             Box::new(no_after),
         ),
-        (
+        spec(
             "PCR_Read",
             2000,
             Box::new(nothing),
             Box::new(|_, _| c::pcr_read(16)),
             Box::new(no_after),
         ),
-        (
+        spec(
             "PCR_Extend(sha256)",
             2000,
             Box::new(nothing),
             Box::new(|i, _| c::pcr_extend(16, &[i as u8; 32])),
             Box::new(no_after),
         ),
-        (
+        spec(
             "Hash(sha256, 64 B)",
             2000,
             Box::new(nothing),
             Box::new(|_, _| c::hash(&[0x33; 64])),
             Box::new(no_after),
         ),
-        (
-            "NV_Write 64 B (state write)",
-            300,
-            Box::new(define_nv),
-            Box::new(|i, _| c::nv_write(0x0150_0100, &[(i % 251) as u8 + 1; 64])),
-            Box::new(no_after),
-        ),
-        (
+        spec(
             "NV_Read 64 B",
             2000,
             Box::new(define_nv),
-            Box::new(|_, _| c::nv_read(0x0150_0100, 64)),
+            Box::new(|_, _| c::nv_read(NV_INDEX, 64)),
             Box::new(no_after),
         ),
-        (
-            "CreatePrimary ECC P-256",
-            100,
-            Box::new(nothing),
-            Box::new(|i, _| c::create_primary("ecc", i as u8)),
-            Box::new(flush_created),
-        ),
-        (
-            "CreatePrimary RSA-2048",
-            12,
-            Box::new(nothing),
-            Box::new(|i, _| c::create_primary("rsa", i as u8)),
-            Box::new(flush_created),
-        ),
-        (
-            "ECDSA sign (loaded key)",
-            300,
-            Box::new(signing_key),
-            Box::new(|_, h| c::sign_ecdsa(h)),
-            Box::new(no_after),
-        ),
-        (
+        spec(
             "StartAuthSession + FlushContext",
             1000,
             Box::new(nothing),
             Box::new(|_, _| c::start_auth_session()),
             Box::new(flush_created),
         ),
-    ];
-    let only = std::env::var("VTPM_BENCH_ONLY").ok();
-    for (name, full, setup, make, after) in specs {
-        if only.as_deref().is_some_and(|f| !name.contains(f)) {
+    ]
+}
+
+pub(crate) const NV_WRITE: &str = "NV_Write 64 B (state write)";
+
+/// The commands that do TPM work: a state write and the crypto-bound ones.
+pub(crate) fn heavy() -> Vec<Spec> {
+    vec![
+        spec(
+            NV_WRITE,
+            300,
+            Box::new(define_nv),
+            Box::new(|i, _| c::nv_write(NV_INDEX, &[(i % 251) as u8 + 1; 64])),
+            Box::new(no_after),
+        ),
+        spec(
+            "CreatePrimary ECC P-256",
+            100,
+            Box::new(nothing),
+            Box::new(|i, _| c::create_primary("ecc", i as u8)),
+            Box::new(flush_created),
+        ),
+        spec(
+            "CreatePrimary RSA-2048",
+            12,
+            Box::new(nothing),
+            Box::new(|i, _| c::create_primary("rsa", i as u8)),
+            Box::new(flush_created),
+        ),
+        spec(
+            "ECDSA sign (loaded key)",
+            300,
+            Box::new(signing_key),
+            Box::new(|_, h| c::sign_ecdsa(h)),
+            Box::new(no_after),
+        ),
+    ]
+}
+
+/// Whether `VTPM_BENCH_ONLY` (if set) selects `name`.
+pub(crate) fn wanted(name: &str) -> bool {
+    match std::env::var("VTPM_BENCH_ONLY") {
+        Ok(f) => name.contains(&f),
+        Err(_) => true,
+    }
+}
+
+/// One row per spec, named `prefix` + the spec's name, on vtpmd, every
+/// reference and libtpms in process. With `floor`, a durability floor
+/// commit is timed alternately with the NV_Write row and shown beside it.
+pub(crate) fn command_rows(
+    o: &Opts,
+    prefix: &str,
+    specs: Vec<Spec>,
+    vt: &mut dyn Target,
+    refs: &mut [&mut dyn Target],
+    ip: &mut InProcess,
+    mut floor: Option<&mut Floor>,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for s in specs {
+        let name = format!("{prefix}{}", s.name);
+        if !wanted(&name) {
             continue;
         }
-        let iters = n(o, full);
+        let iters = n(o, s.iters);
         eprintln!("  {name} x{iters}");
-        let mut st = latency_row(name, iters, &mut targets, &*setup, &*make, &*after);
-        let ip = st.pop().unwrap();
-        let sw = st.pop().unwrap();
-        let vt = st.pop().unwrap();
+        let mut targets: Vec<&mut dyn Target> = vec![&mut *vt];
+        targets.extend(refs.iter_mut().map(|r| &mut **r as &mut dyn Target));
+        targets.push(&mut *ip);
+        let with_floor = s.name == NV_WRITE && floor.is_some();
+        if with_floor {
+            targets.push(floor.as_deref_mut().unwrap());
+        }
+        let mut st = latency_row(&name, iters, &mut targets, &*s.setup, &*s.make, &*s.after);
+        let mut extra = Vec::new();
+        if with_floor {
+            extra.push(("durability floor".to_string(), st.pop().unwrap()));
+        }
+        extra.insert(0, ("in-process".into(), st.pop().unwrap()));
+        let vtpmd = st.remove(0);
         rows.push(Row {
-            name: name.into(),
+            name,
             unit: "us",
-            vtpmd: vt,
-            swtpm: sw,
-            extra: vec![("in-process".into(), ip)],
+            vtpmd,
+            refs: st,
+            extra,
         });
     }
     rows
 }
 
+/// One backend start until GET_CAPABILITY answers on its TCP control port.
+fn start_once(bin: &str, seed: u32) -> f64 {
+    let dir = workdir();
+    let port = free_port(seed);
+    let start = Instant::now();
+    let mut child = Command::new(bin)
+        .args(["socket", "--tpm2", "--tpmstate"])
+        .arg(format!("dir={}", dir.path().display()))
+        .arg("--ctrl")
+        .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut s = connect(port, Duration::from_secs(5)).expect("ctrl port");
+    let caps = blobs::ctrl_cmd(&mut s, 1, &[], 8);
+    let ms = us(start.elapsed()) / 1000.0;
+    assert_eq!(&caps[..4], &[0, 0, 0, 0]);
+    let _ = child.kill();
+    let _ = child.wait();
+    ms
+}
+
 pub(crate) fn startup_row(o: &Opts) -> Row {
     let iters = n(o, 20);
-    let mut samples = [Vec::new(), Vec::new()];
+    let bins: Vec<&str> = std::iter::once(o.vtpmd.as_str())
+        .chain(o.anchors.iter().map(|a| a.bin.as_str()))
+        .collect();
+    let mut samples = vec![Vec::new(); bins.len()];
+    let mut wrapper = Vec::new();
     for i in 0..iters {
-        for (k, bin) in [o.vtpmd.as_str(), "swtpm"].iter().enumerate() {
-            let dir = tempfile::tempdir().unwrap();
-            let port = free_port(500 + i as u32 * 2 + k as u32);
-            let start = Instant::now();
-            let mut child = Command::new(bin)
-                .args(["socket", "--tpm2", "--tpmstate"])
-                .arg(format!("dir={}", dir.path().display()))
-                .arg("--ctrl")
-                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut s = connect(port, Duration::from_secs(5)).expect("ctrl port");
-            let caps = blobs::ctrl_cmd(&mut s, 1, &[], 8);
-            samples[k].push(us(start.elapsed()) / 1000.0);
-            assert_eq!(&caps[..4], &[0, 0, 0, 0]);
-            let _ = child.kill();
-            let _ = child.wait();
+        for (k, bin) in bins.iter().enumerate() {
+            samples[k].push(start_once(bin, 500 + i as u32 * 8 + k as u32));
+        }
+        // The sid swtpm's start includes its chroot wrapper (a mount
+        // namespace and a bind mount): timed alone with /bin/true.
+        if let Some(w) = o
+            .anchors
+            .iter()
+            .find(|a| a.bin.ends_with("swtpm-sid/swtpm"))
+        {
+            let t = Instant::now();
+            let st = Command::new(&w.bin)
+                .env("SWTPM_SID_EXEC", "/bin/true")
+                .status()
+                .expect("wrapper");
+            assert!(
+                st.success(),
+                "{} with SWTPM_SID_EXEC=/bin/true: {st}",
+                w.bin
+            );
+            wrapper.push(us(t.elapsed()) / 1000.0);
         }
     }
-    let [a, b] = samples;
+    let vtpmd = stat(samples.remove(0));
+    let mut extra = Vec::new();
+    if !wrapper.is_empty() {
+        extra.push(("sid chroot wrapper alone".into(), stat(wrapper)));
+    }
     Row {
         name: "start-up until GET_CAPABILITY answers".into(),
         unit: "ms",
-        vtpmd: stat(a),
-        swtpm: stat(b),
-        extra: vec![],
+        vtpmd,
+        refs: samples.into_iter().map(stat).collect(),
+        extra,
     }
 }
 
@@ -242,31 +337,17 @@ pub(crate) fn populate(t: &mut Remote) {
 }
 
 pub(crate) fn ctrl_of(t: &Remote) -> TcpStream {
-    let port = t.data.peer_addr().unwrap().port() + 1;
-    connect(port, Duration::from_secs(2)).unwrap()
+    connect(t.port.expect("TCP backend") + 1, Duration::from_secs(2)).unwrap()
 }
 
-pub(crate) fn migration_rows(o: &Opts, keys: &Path) -> Row {
-    let iters = n(o, 30);
-    // swtpm plain and swtpm with a migration key.
-    let mkey = keys.join("migration.key");
-    std::fs::write(
-        &mkey,
-        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
-    )
-    .unwrap();
-    let mk = format!("file={},format=hex,mode=aes-256-cbc", mkey.display());
+/// swtpm's plain cycle, and with `--migration-key` (a static AES key).
+fn swtpm_migrations(bin: &str, iters: usize, mk: &str, seed: u32) -> (Stat, Stat) {
     let mut results = Vec::new();
-    for (label, extra) in [
-        ("swtpm plain", vec![]),
-        (
-            "swtpm --migration-key",
-            vec!["--migration-key", mk.as_str()],
-        ),
-    ] {
-        let mut src = Remote::start("swtpm", "swtpm", &extra, 700 + results.len() as u32);
+    for (k, extra) in [vec![], vec!["--migration-key", mk]].iter().enumerate() {
+        let seed = seed + 2 * k as u32;
+        let mut src = Remote::start("swtpm", bin, extra, seed);
         populate(&mut src);
-        let dst = Remote::start("swtpm", "swtpm", &extra, 710 + results.len() as u32);
+        let dst = Remote::start("swtpm", bin, extra, seed + 1);
         let (mut sc, mut dc) = (ctrl_of(&src), ctrl_of(&dst));
         let mut v = Vec::new();
         for _ in 0..iters {
@@ -274,12 +355,32 @@ pub(crate) fn migration_rows(o: &Opts, keys: &Path) -> Row {
             migrate_once(&mut sc, &mut dc);
             v.push(us(t.elapsed()));
         }
-        results.push((label.to_string(), stat(v)));
+        results.push(stat(v));
+    }
+    let keyed = results.pop().unwrap();
+    (results.pop().unwrap(), keyed)
+}
+
+pub(crate) fn migration_rows(o: &Opts, keys: &Path) -> Row {
+    let iters = n(o, 30);
+    let mkey = keys.join("migration.key");
+    std::fs::write(
+        &mkey,
+        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+    )
+    .unwrap();
+    let mk = format!("file={},format=hex,mode=aes-256-cbc", mkey.display());
+    let mut refs = Vec::new();
+    let mut extra = Vec::new();
+    for (k, a) in o.anchors.iter().enumerate() {
+        let (plain, keyed) = swtpm_migrations(&a.bin, iters, &mk, 700 + 10 * k as u32);
+        refs.push(plain);
+        extra.push((format!("{} --migration-key", a.label), keyed));
     }
     // vtpmd sealed: a fresh destination per migration (its id is single use).
     let mut samples = Vec::new();
     let mut unloaded = Vec::new();
-    let kd = tempfile::tempdir().unwrap();
+    let kd = workdir();
     for h in ["a", "b"] {
         let st = Command::new(&o.vtpmctl)
             .args(["keygen", "--out"])
@@ -297,7 +398,7 @@ pub(crate) fn migration_rows(o: &Opts, keys: &Path) -> Row {
         format!("path={}", src_admin.display()),
     ];
     let sa: Vec<&str> = src_args.iter().map(String::as_str).collect();
-    let mut src = Remote::start("vtpmd", &o.vtpmd, &sa, 720);
+    let mut src = Remote::start("vtpmd", &o.vtpmd, &sa, 760);
     populate(&mut src);
     let mut sc = ctrl_of(&src);
     for i in 0..iters {
@@ -311,7 +412,14 @@ pub(crate) fn migration_rows(o: &Opts, keys: &Path) -> Row {
             "incoming".into(),
         ];
         let da: Vec<&str> = dst_args.iter().map(String::as_str).collect();
-        let dst = Remote::start_with("vtpmd", &o.vtpmd, &da, 730 + i as u32, false);
+        let dst = Remote::start_with(
+            "vtpmd",
+            &o.vtpmd,
+            crate::targets::Transport::Tcp,
+            &da,
+            770 + i as u32,
+            false,
+        );
         let info: IncomingInfo = admin::call(&dst_admin, &Request::IncomingInfo).unwrap();
         let out: Prepared = admin::call(
             &src_admin,
@@ -345,93 +453,28 @@ pub(crate) fn migration_rows(o: &Opts, keys: &Path) -> Row {
         // The source resumes, as after QEMU's LOCK_STORAGE.
         assert_eq!(blobs::ctrl_cmd(&mut sc, 0x13, &[0, 0, 0, 1], 4), vec![0; 4]);
     }
-    let mut row = Row {
+    extra.push(("vtpmd without incoming-key".into(), stat(unloaded)));
+    Row {
         name: "migration: GET x3 + SET x3 + INIT".into(),
         unit: "us",
         vtpmd: stat(samples),
-        swtpm: results[0].1.clone(),
-        extra: vec![],
-    };
-    row.extra.push(results.remove(1));
-    row.extra
-        .push(("vtpmd without incoming-key".into(), stat(unloaded)));
-    row
+        refs,
+        extra,
+    }
 }
 
-pub(crate) fn density_row(o: &Opts) -> Row {
-    let count = n(o, 50);
-    let mut per = Vec::new();
-    let mut rss = Vec::new();
-    let mut private = Vec::new();
-    for bin in [o.vtpmd.as_str(), "swtpm"] {
-        let dirs: Vec<tempfile::TempDir> =
-            (0..count).map(|_| tempfile::tempdir().unwrap()).collect();
-        let mut children: Vec<Child> = dirs
-            .iter()
-            .map(|d| {
-                Command::new(bin)
-                    .args(["socket", "--tpm2", "--tpmstate"])
-                    .arg(format!("dir={}", d.path().display()))
-                    .arg("--ctrl")
-                    .arg(format!(
-                        "type=unixio,path={}",
-                        d.path().join("c.sock").display()
-                    ))
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
-        for d in &dirs {
-            let start = Instant::now();
-            while !d.path().join("c.sock").exists() && start.elapsed() < Duration::from_secs(10) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        // PSS: the binary's and libraries' pages are in memory once for
-        // all 50, and PSS charges each instance its share of them. RSS
-        // would charge every instance the whole binary.
-        per.push(stat(
-            children
-                .iter()
-                .map(|c| smaps_kib(c.id(), "Pss") as f64)
-                .collect(),
-        ));
-        rss.push(stat(
-            children.iter().map(|c| rss_of(c.id()) as f64).collect(),
-        ));
-        private.push(stat(
-            children
-                .iter()
-                .map(|c| smaps_kib(c.id(), "Private_Dirty") as f64)
-                .collect(),
-        ));
-        let total: u64 = children.iter().map(|c| smaps_kib(c.id(), "Pss")).sum();
-        eprintln!(
-            "  {bin}: {count} idle instances, {} MiB in total (sum of PSS)",
-            total / 1024
-        );
-        for ch in children.iter_mut() {
-            let _ = ch.kill();
-            let _ = ch.wait();
-        }
+/// The RSS row after the command mix, with private memory beside it.
+pub(crate) fn rss_row(vt: &Remote, refs: &[Remote], labels: &[String]) -> Row {
+    let private = |r: &Remote| one(crate::targets::smaps_kib(r.child.id(), "Private_Dirty") as f64);
+    let mut extra = vec![("vtpmd private".to_string(), private(vt))];
+    for (r, l) in refs.iter().zip(labels) {
+        extra.push((format!("{l} private"), private(r)));
     }
-    let sw = per.pop().unwrap();
-    let vt = per.pop().unwrap();
-    let (sw_rss, vt_rss) = (rss.pop().unwrap(), rss.pop().unwrap());
-    let (sw_priv, vt_priv) = (private.pop().unwrap(), private.pop().unwrap());
     Row {
-        name: format!("memory (PSS) per idle instance, {count} side by side"),
+        name: "resident memory (RSS) after the command mix".into(),
         unit: "KiB",
-        vtpmd: vt,
-        swtpm: sw,
-        extra: vec![
-            ("vtpmd RSS".into(), vt_rss),
-            ("swtpm RSS".into(), sw_rss),
-            ("vtpmd private".into(), vt_priv),
-            ("swtpm private".into(), sw_priv),
-        ],
+        vtpmd: one(vt.rss_kib() as f64),
+        refs: refs.iter().map(|r| one(r.rss_kib() as f64)).collect(),
+        extra,
     }
 }

@@ -98,6 +98,9 @@ pub const ALLOWED: &[libc::c_long] = &[
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
     libc::SYS_sigaltstack,
+    // the kernel resuming a timed wait (poll, futex, nanosleep) that a stop
+    // signal or a tracer interrupted (SIGSTOP/SIGCONT, strace, gdb)
+    libc::SYS_restart_syscall,
     // files (state writes, log, pid removal)
     libc::SYS_openat,
     libc::SYS_open,

@@ -3,6 +3,10 @@
 //! signals, and at the end power the TPM off cleanly and remove what the
 //! process created. [`swtpm`] and [`vhost_user`] run the two frontends in it.
 //!
+//! The main thread accepts every listener's connections and sees signals
+//! and exit reports ([`transport::serve`]), so an idle daemon is one
+//! thread, as an idle swtpm is; each connection gets a thread of its own.
+//!
 //! This is the top of the house: it may use every layer below; nothing
 //! imports it except `main.rs`.
 
@@ -14,17 +18,18 @@ pub mod vhost_user;
 
 use crate::config::{InstanceConfig, PidTarget, SeccompMode};
 use crate::engine::{Libtpms, TpmResult};
-use crate::exit::{self, Exit, ExitTx};
+use crate::exit::{Exit, ExitTx};
 use crate::instance::{InstanceError, Options, Vtpm};
 use crate::migration::session::Session;
 use crate::storage::at_rest::AtRestKey;
 use crate::storage::{StateDir, StorageError};
-use crate::transport::Listener;
+use crate::transport::{self, Acceptor, Listener};
 use std::fs;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use thiserror::Error;
@@ -95,12 +100,24 @@ pub fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RunErr
         .map_err(io_err("start thread", name))
 }
 
+/// The signals that stop the daemon.
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
 /// One vTPM instance and the process state around it.
 #[derive(Debug)]
 pub struct Host {
     pub vtpm: Arc<Vtpm>,
+    /// Installed as `swtpm` (libvirt's emulator backend): leave the state
+    /// in swtpm's files at a clean exit, as swtpm would.
+    swtpm_files_at_exit: bool,
     exits: ExitTx,
     stop: Receiver<Exit>,
+    /// Read end of the wake-up socket exit reports and signals write to.
+    wake: UnixStream,
+    /// The last stop signal caught (0: none).
+    signalled: Arc<AtomicUsize>,
+    /// The listeners the main thread serves.
+    acceptors: Vec<Acceptor>,
     admin: Option<UnixListener>,
     /// Sockets to remove when the process stops.
     sockets: Vec<PathBuf>,
@@ -175,11 +192,19 @@ impl Host {
             }
             None => None,
         };
-        let (exits, stop) = mpsc::channel();
+        let (tx, stop) = mpsc::channel();
+        let (wake, wake_tx) = UnixStream::pair().map_err(io_err("create", "wake-up socket"))?;
+        wake.set_nonblocking(true)
+            .and_then(|()| wake_tx.set_nonblocking(true))
+            .map_err(io_err("set up", "wake-up socket"))?;
         Ok(Host {
             vtpm,
-            exits,
+            swtpm_files_at_exit: invoked_as_swtpm(),
+            exits: ExitTx::new(tx, Arc::new(wake_tx)),
             stop,
+            wake,
+            signalled: Arc::new(AtomicUsize::new(0)),
+            acceptors: Vec::new(),
             admin,
             sockets,
             pid: cfg.pid.clone(),
@@ -216,7 +241,29 @@ impl Host {
         self.sockets.push(path);
     }
 
-    /// Writes the pid file and starts the admin and signal threads.
+    /// Serves `acceptor`'s listener on the main thread (see [`Host::wait`]).
+    pub fn accept(&mut self, acceptor: Acceptor) {
+        self.acceptors.push(acceptor);
+    }
+
+    /// Catches the stop signals: each records its number, then writes to
+    /// the wake-up socket (in that order, so the waiter sees the number).
+    fn catch_signals(&self) -> Result<(), RunError> {
+        // The handlers write to the exit reports' socket, which stays open
+        // for the life of the process (one reference is never dropped).
+        let wake = self.exits.wake_socket();
+        let raw = wake.as_raw_fd();
+        std::mem::forget(wake);
+        for sig in STOP_SIGNALS {
+            signal_hook::flag::register_usize(sig, self.signalled.clone(), sig as usize)
+                .and_then(|_| signal_hook::low_level::pipe::register_raw(sig, raw))
+                .map_err(io_err("install signal handlers", sig))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the pid file, catches the stop signals and confines the
+    /// process; the admin socket joins the listeners served.
     pub fn start_services(&mut self) -> Result<(), RunError> {
         match &self.pid {
             Some(PidTarget::File(p)) => {
@@ -227,9 +274,7 @@ impl Host {
             None => {}
         }
         detach::prepare()?;
-        let mut signals =
-            signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
-                .map_err(io_err("install signal handlers", "SIGTERM"))?;
+        self.catch_signals()?;
         // Confined from here on, before any thread starts, so every thread
         // inherits it.
         let (runas, mut access, seccomp) = self.confinement.clone();
@@ -246,17 +291,9 @@ impl Host {
             seccomp != SeccompMode::None,
         )?;
         if let Some(l) = self.admin.take() {
-            let v = self.vtpm.clone();
-            spawn("admin-listen", move || {
-                crate::frontend::admin::serve_listener(l, v)
-            })?;
+            let acceptor = crate::frontend::admin::acceptor(l, self.vtpm.clone());
+            self.accept(acceptor);
         }
-        let tx = self.exits.clone();
-        spawn("signals", move || {
-            if let Some(sig) = signals.forever().next() {
-                exit::report(&tx, Exit::Signal(sig));
-            }
-        })?;
         log::info!(
             "vtpmd {} serving {} ({})",
             env!("CARGO_PKG_VERSION"),
@@ -266,12 +303,29 @@ impl Host {
         Ok(())
     }
 
-    /// Blocks until a frontend or a signal says stop, then powers the TPM
-    /// off (flushing its state) and removes the sockets and pid file.
-    pub fn wait(self) -> Exit {
-        let why = self.stop.recv().unwrap_or(Exit::Signal(0));
+    /// Serves the listeners on this thread until a frontend or a signal
+    /// says stop, then powers the TPM off (flushing its state) and removes
+    /// the sockets and pid file.
+    pub fn wait(mut self) -> Exit {
+        let mut acceptors = std::mem::take(&mut self.acceptors);
+        let mut why = None;
+        transport::serve(&mut acceptors, &self.wake, || {
+            why = self.stop.try_recv().ok().or_else(|| {
+                match self.signalled.swap(0, Ordering::SeqCst) {
+                    0 => None,
+                    sig => Some(Exit::Signal(sig as i32)),
+                }
+            });
+            why.is_some()
+        });
+        // Listening stops before the TPM is powered off.
+        drop(acceptors);
+        let why = why.unwrap_or(Exit::Signal(0));
         log::info!("stopping: {why:?}");
         self.vtpm.power_off();
+        if self.swtpm_files_at_exit {
+            self.vtpm.leave_swtpm_files();
+        }
         why
     }
 }
@@ -326,4 +380,14 @@ fn write_pid_file(path: &Path) -> Result<(), RunError> {
         let _ = fs::remove_file(&tmp);
     }
     r.map_err(io_err("write the pid file", path.display()))
+}
+
+/// Whether this process was started under the name `swtpm` (the link
+/// `vtpm-libvirt enable` puts in libvirt's PATH).
+fn invoked_as_swtpm() -> bool {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n == "swtpm"))
+        .unwrap_or(false)
 }

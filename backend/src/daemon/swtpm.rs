@@ -9,7 +9,7 @@
 //! `--server ...,fd=`). A connected data socket is the one data
 //! connection: vtpmd exits when it closes, as swtpm does.
 
-use super::{bind_unix, detach, io_err, spawn, Host, RunError};
+use super::{bind_unix, detach, io_err, Host, RunError};
 use crate::config::{Endpoint, Family, SocketConfig};
 use crate::exit::Exit;
 use crate::fdpass::{self, SocketFamily};
@@ -150,7 +150,7 @@ pub fn run(cfg: &SocketConfig) -> Result<Exit, RunError> {
     match ctrl {
         Some(Channel::Listen(l)) => {
             let ctx = context(cfg, &host, &data);
-            spawn("ctrl-listen", move || ctrl::serve_listener(l, ctx))?;
+            host.accept(ctrl::acceptor(l, ctx));
         }
         Some(Channel::Connected(c)) => ctrl::serve_client(c, &context(cfg, &host, &data)),
         None => {}
@@ -158,7 +158,7 @@ pub fn run(cfg: &SocketConfig) -> Result<Exit, RunError> {
     match data_server {
         Some(Channel::Listen(l)) => {
             let (v, t, x) = (vtpm.clone(), cfg.terminate, host.exits());
-            spawn("data-listen", move || data::serve_listener(l, v, t, x))?;
+            host.accept(data::acceptor(l, v, t, x));
         }
         Some(Channel::Connected(s)) => data::serve_connection(s, vtpm.clone(), host.exits())
             .map_err(io_err("start thread", "data-given"))?,

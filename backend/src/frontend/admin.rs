@@ -10,7 +10,7 @@
 //! keeps vtpmctl out.
 
 use crate::instance::Vtpm;
-use crate::transport::{is_timeout, Listener, Slot, Slots, Stream};
+use crate::transport::{is_timeout, Acceptor, Listener, Slot, Slots, Stream, Workers};
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
@@ -103,12 +103,14 @@ fn serve(mut conn: UnixStream, vtpm: &Vtpm, slot: &Slot) -> std::io::Result<()> 
     }
 }
 
-/// Serves admin connections, each on its own thread; at most
-/// [`MAX_CONNECTIONS`] at once, an idle one closed after
-/// `transport::IDLE_TIMEOUT` or when a new client needs its slot.
-pub fn serve_listener(l: UnixListener, vtpm: Arc<Vtpm>) {
+/// What the daemon's accept loop does with each admin connection on `l`:
+/// serve it on a thread of its own ([`Workers`]); at most [`MAX_CONNECTIONS`] at once,
+/// an idle one closed after `transport::IDLE_TIMEOUT` or when a new client
+/// needs its slot.
+pub fn acceptor(l: UnixListener, vtpm: Arc<Vtpm>) -> Acceptor {
     let slots = Slots::new("admin", MAX_CONNECTIONS);
-    Listener::Unix(l).serve("admin", |c| {
+    let workers = Workers::new("admin");
+    let handler = move |c: Stream| {
         let Some(slot) = slots.admit(&c) else {
             return;
         };
@@ -116,15 +118,18 @@ pub fn serve_listener(l: UnixListener, vtpm: Arc<Vtpm>) {
             return;
         };
         let vtpm = vtpm.clone();
-        let r = std::thread::Builder::new()
-            .name("admin".into())
-            .spawn(move || {
-                if let Err(e) = serve(conn, &vtpm, &slot) {
-                    log::warn!("admin connection: {e}");
-                }
-            });
+        let r = workers.run(move || {
+            if let Err(e) = serve(conn, &vtpm, &slot) {
+                log::warn!("admin connection: {e}");
+            }
+        });
         if r.is_err() {
             log::error!("admin: cannot start a connection thread");
         }
-    })
+    };
+    Acceptor {
+        name: "admin",
+        listener: Listener::Unix(l),
+        handler: Box::new(handler),
+    }
 }

@@ -460,6 +460,25 @@ impl Vtpm {
         self.power_off_locked(&mut st);
     }
 
+    /// At a clean exit of a drop-in `swtpm` (libvirt's emulator backend):
+    /// hands the state back in swtpm's files, so swtpm can take the domain
+    /// again at any time (`vtpm-libvirt disable`). Not while a migration
+    /// holds the state, and not for vtpmd's own sealed format, which swtpm
+    /// cannot read anyway.
+    pub fn leave_swtpm_files(&self) {
+        let st = self.lock();
+        if st.running || st.session.phase() != Phase::Running || self.store.is_fenced() {
+            return;
+        }
+        if !self.store.writes_swtpm_format() || !self.store.has_slot_files() {
+            return;
+        }
+        match self.store.convert_to_swtpm() {
+            Ok(_) => log::info!("state left in swtpm's files (started as swtpm)"),
+            Err(e) => log::warn!("could not leave the state in swtpm's files: {e}"),
+        }
+    }
+
     /// The prepared migration is off: the state directory forgets it.
     fn forget_handover(&self) {
         if let Err(e) = self.store.remove_marker() {

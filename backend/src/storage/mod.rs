@@ -494,6 +494,19 @@ impl StateDir {
         self.deferred_lock().take();
     }
 
+    /// Whether [`StateDir::convert_to_swtpm`] writes files swtpm can read:
+    /// plain state, or a key writing swtpm's encrypted format.
+    pub fn writes_swtpm_format(&self) -> bool {
+        self.key
+            .as_ref()
+            .map_or(true, |k| k.write_format() == at_rest::Format::Swtpm)
+    }
+
+    /// Whether vtpmd's slot files hold the state (rather than swtpm's).
+    pub fn has_slot_files(&self) -> bool {
+        self.slot_file_of(PERMANENT).exists()
+    }
+
     /// Removes every state file, vtpmd's and swtpm's (a provisioning that
     /// failed, or `--overwrite`): the directory then holds no TPM.
     pub fn wipe(&self) -> Result<(), StorageError> {

@@ -12,7 +12,7 @@
 use crate::engine::tpm2;
 use crate::exit::{self, Exit, ExitTx};
 use crate::instance::Vtpm;
-use crate::transport::{is_timeout, Listener, Slots, Stream};
+use crate::transport::{is_timeout, Acceptor, Listener, Slots, Stream, Workers};
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -47,34 +47,72 @@ enum Fill {
     TimedOut,
 }
 
-/// Fills `buf`. Before the first byte it waits up to `idle` (for ever
-/// with `None`), then reports end of stream; once a command has started, a
-/// read that times out abandons it.
-fn fill(s: &mut Stream, buf: &mut [u8], started: bool, idle: Option<Duration>) -> io::Result<Fill> {
-    let mut have = 0;
-    let since = Instant::now();
-    while have < buf.len() {
-        match s.read(&mut buf[have..]) {
-            Ok(0) => return Ok(Fill::Eof),
-            Ok(n) => have += n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) && have == 0 && !started => {
-                if idle.is_some_and(|t| since.elapsed() >= t) {
-                    log::info!("data channel: closing a connection idle for {idle:?}");
-                    return Ok(Fill::Eof);
-                }
-            }
-            Err(e) if is_timeout(&e) => return Ok(Fill::TimedOut),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(Fill::Full)
+/// What a data connection received and has not used yet. A read takes
+/// whatever has arrived, so a command sent in one piece costs one read (as
+/// swtpm reads it); bytes past the current command are the start of the
+/// next one and wait here for it.
+struct Inbox {
+    buf: Vec<u8>,
+    have: usize,
 }
 
-/// Drops the body of an oversized command so the stream stays in step: up
-/// to `len` bytes, or what arrives before the client pauses when `len` is
-/// implausibly large (a garbage header).
-fn skip_body(s: &mut Stream, len: usize) -> io::Result<()> {
+impl Inbox {
+    fn new() -> Inbox {
+        Inbox {
+            buf: vec![0u8; 4096],
+            have: 0,
+        }
+    }
+
+    /// Reads until at least `want` bytes are held (the caller has checked
+    /// `want` against the buffer size limit). Before the first byte of a
+    /// command it waits up to `idle` (for ever with `None`), then reports
+    /// end of stream; once a command has started, a read that times out
+    /// abandons it.
+    fn fill(
+        &mut self,
+        s: &mut Stream,
+        want: usize,
+        started: bool,
+        idle: Option<Duration>,
+    ) -> io::Result<Fill> {
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+        let since = Instant::now();
+        while self.have < want {
+            match s.read(&mut self.buf[self.have..]) {
+                Ok(0) => return Ok(Fill::Eof),
+                Ok(n) => self.have += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) && self.have == 0 && !started => {
+                    if idle.is_some_and(|t| since.elapsed() >= t) {
+                        log::info!("data channel: closing a connection idle for {idle:?}");
+                        return Ok(Fill::Eof);
+                    }
+                }
+                Err(e) if is_timeout(&e) => return Ok(Fill::TimedOut),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Fill::Full)
+    }
+
+    /// Drops the first `n` bytes held (a command answered or discarded);
+    /// returns how many of them were not held yet.
+    fn consume(&mut self, n: usize) -> usize {
+        let held = n.min(self.have);
+        self.buf.copy_within(held..self.have, 0);
+        self.have -= held;
+        n - held
+    }
+}
+
+/// Drops the rest of an oversized command's `len`-byte body so the stream
+/// stays in step: the `unread` bytes not received yet, or what arrives
+/// before the client pauses when `len` is implausibly large (a garbage
+/// header).
+fn skip_body(s: &mut Stream, len: usize, unread: usize) -> io::Result<()> {
     const PLAUSIBLE: usize = 1 << 20;
     let pause = if len > PLAUSIBLE {
         Duration::from_millis(50)
@@ -83,7 +121,7 @@ fn skip_body(s: &mut Stream, len: usize) -> io::Result<()> {
     };
     s.set_read_timeout(Some(pause))?;
     let mut sink = [0u8; 4096];
-    let mut left = if len > PLAUSIBLE { usize::MAX } else { len };
+    let mut left = if len > PLAUSIBLE { usize::MAX } else { unread };
     let r = loop {
         if left == 0 {
             break Ok(());
@@ -105,47 +143,51 @@ fn skip_body(s: &mut Stream, len: usize) -> io::Result<()> {
 /// sends nothing for that long.
 pub fn serve(s: &mut Stream, vtpm: &Vtpm, idle: Option<Duration>) -> io::Result<()> {
     s.set_read_timeout(Some(COMMAND_TIMEOUT))?;
-    let mut cmd = vec![0u8; 4096];
+    let mut inbox = Inbox::new();
     let mut out = Vec::with_capacity(4096);
     loop {
-        match fill(s, &mut cmd[..tpm2::HEADER_LEN], false, idle)? {
+        match inbox.fill(s, tpm2::HEADER_LEN, false, idle)? {
             Fill::Full => {}
             Fill::Eof => return Ok(()),
             Fill::TimedOut => {
                 log::warn!("data channel: command header cut short; discarding it");
+                inbox.consume(inbox.have);
                 s.write_all(&tpm2::error_response(tpm2::RC_COMMAND_SIZE))?;
                 continue;
             }
         }
-        let size = tpm2::Header::parse(&cmd).map_or(0, |h| h.size) as usize;
+        let size = tpm2::Header::parse(&inbox.buf).map_or(0, |h| h.size) as usize;
         let max = vtpm.io_size() as usize;
         if !tpm2::command_size_ok(size, max) {
             log::warn!("data channel: command size {size} outside 10..={max}; answering TPM_RC_COMMAND_SIZE");
-            if size > max {
-                skip_body(s, size - tpm2::HEADER_LEN)?;
+            // The header goes; an oversized command's body goes too, from
+            // what is held and then from the stream.
+            let announced = if size > max { size } else { tpm2::HEADER_LEN };
+            let unread = inbox.consume(announced);
+            if unread > 0 {
+                skip_body(s, size - tpm2::HEADER_LEN, unread)?;
             }
             s.write_all(&tpm2::error_response(tpm2::RC_COMMAND_SIZE))?;
             continue;
         }
-        if cmd.len() < size {
-            cmd.resize(size, 0);
-        }
-        match fill(s, &mut cmd[tpm2::HEADER_LEN..size], true, None)? {
+        match inbox.fill(s, size, true, None)? {
             Fill::Full => {}
             Fill::Eof => return Ok(()),
             Fill::TimedOut => {
                 log::warn!(
                     "data channel: command announced {size} bytes but stopped short; discarding it"
                 );
+                inbox.consume(inbox.have);
                 s.write_all(&tpm2::error_response(tpm2::RC_COMMAND_SIZE))?;
                 continue;
             }
         }
         log::trace!(
             "data: command {:#x}, {size} bytes",
-            tpm2::command_code(&cmd).unwrap_or(0)
+            tpm2::command_code(&inbox.buf).unwrap_or(0)
         );
-        vtpm.process(&cmd[..size], &mut out);
+        vtpm.process(&inbox.buf[..size], &mut out);
+        inbox.consume(size);
         s.write_all(&out)?;
     }
 }
@@ -283,30 +325,34 @@ pub fn serve_connection(mut s: Stream, vtpm: Arc<Vtpm>, exits: ExitTx) -> io::Re
 /// `--server` connections served at once.
 pub const MAX_SERVER_CONNECTIONS: usize = 8;
 
-/// Serves `--server` connections, each on its own thread (TPM commands
-/// still run one at a time): an idle client is closed after
-/// `transport::IDLE_TIMEOUT`, and when all slots are taken the one idle
-/// longest makes room.
-pub fn serve_listener(l: Listener, vtpm: Arc<Vtpm>, exit_on_close: bool, exits: ExitTx) {
+/// What the daemon's accept loop does with each `--server` connection on
+/// `l`: serve it on a thread of its own ([`Workers`]; TPM commands still
+/// run one at a time). An idle client is closed after `transport::IDLE_TIMEOUT`, and
+/// when all slots are taken the one idle longest makes room.
+pub fn acceptor(l: Listener, vtpm: Arc<Vtpm>, exit_on_close: bool, exits: ExitTx) -> Acceptor {
     let slots = Slots::new("data server", MAX_SERVER_CONNECTIONS);
-    l.serve("data server", |mut s| {
+    let workers = Workers::new("data-client");
+    let handler = move |mut s: Stream| {
         let Some(slot) = slots.admit(&s) else {
             return;
         };
         let (vtpm, exits) = (vtpm.clone(), exits.clone());
-        let r = std::thread::Builder::new()
-            .name("data-client".into())
-            .spawn(move || {
-                if let Err(e) = serve(&mut s, &vtpm, slot.idle_timeout()) {
-                    log::warn!("data client: {e}");
-                }
-                drop(slot);
-                if exit_on_close {
-                    exit::report(&exits, Exit::DataClosed);
-                }
-            });
+        let r = workers.run(move || {
+            if let Err(e) = serve(&mut s, &vtpm, slot.idle_timeout()) {
+                log::warn!("data client: {e}");
+            }
+            drop(slot);
+            if exit_on_close {
+                exit::report(&exits, Exit::DataClosed);
+            }
+        });
         if r.is_err() {
             log::error!("data server: cannot start a connection thread");
         }
-    })
+    };
+    Acceptor {
+        name: "data server",
+        listener: l,
+        handler: Box::new(handler),
+    }
 }
