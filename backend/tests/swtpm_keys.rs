@@ -359,3 +359,25 @@ fn missing_or_wrong_migration_key_is_refused_as_swtpm_does() {
         );
     }
 }
+
+#[test]
+fn remove_deletes_the_key_file_once_read_as_swtpm_does() {
+    for bin in ["swtpm", VTPMD.as_str()] {
+        let t = state_dir();
+        let pw = t.path().join("pw");
+        std::fs::write(&pw, PASS).unwrap();
+        let arg = format!("pwdfile={},remove", pw.display());
+        let d = Daemon::start_bin(bin, t.path(), &["--key", &arg]);
+        // swtpm reads its key after it bound the control socket: give it
+        // a moment (vtpmd reads it before).
+        let t0 = std::time::Instant::now();
+        while pw.exists() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!pw.exists(), "{bin} left the passphrase file");
+        provision(d);
+        let raw = std::fs::read(permall(t.path())).unwrap();
+        let encrypted = raw.starts_with(b"VTPMSEAL") || flags(&permall(t.path())) & 0x01 != 0;
+        assert!(encrypted, "{bin}: state not encrypted");
+    }
+}

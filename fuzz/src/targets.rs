@@ -297,9 +297,46 @@ fn state_key() -> &'static sealing::StateKey {
     K.get_or_init(|| sealing::StateKey::from_master(&STATE_KEY))
 }
 
+/// swtpm's `--key` / `--migration-key` containers with fixed keys of both
+/// sizes: whatever opens re-encrypts and opens to the same bytes; a state
+/// file opens with at most one of the two keys.
+fn swtpm_containers(data: &[u8]) {
+    use vtpmd::storage::swtpm_crypt;
+    use vtpmd::storage::swtpm_key::SwtpmKey;
+    let keys = [
+        SwtpmKey::from_raw(&STATE_KEY[..16]).expect("16 bytes"),
+        SwtpmKey::from_raw(&STATE_KEY).expect("32 bytes"),
+    ];
+    let mut opened = 0;
+    for k in &keys {
+        if let Ok(plain) = swtpm_crypt::decode_state_file(k, data) {
+            assert!(swtpm_crypt::is_encrypted_file(data));
+            opened += 1;
+            let again = swtpm_crypt::encode_state_file(k, &plain).expect("encrypt");
+            assert_eq!(swtpm_crypt::decode_state_file(k, &again).unwrap(), plain);
+        }
+        if let Ok(plain) = swtpm_crypt::decode_migration(Some(k), data) {
+            let again = swtpm_crypt::encode_migration(k, &plain).expect("encrypt");
+            assert_eq!(
+                swtpm_crypt::decode_migration(Some(k), &again).unwrap(),
+                plain
+            );
+        }
+    }
+    assert!(opened <= 1, "a swtpm state file opened with both key sizes");
+    let file = swtpm_crypt::encode_state_file(&keys[1], data).expect("encrypt");
+    assert_eq!(
+        &swtpm_crypt::decode_state_file(&keys[1], &file).unwrap()[..],
+        data
+    );
+    assert!(swtpm_crypt::decode_state_file(&keys[0], &file).is_err());
+}
+
 /// State files: a sealed file opened with a fixed key under each blob
-/// name, and swtpm's plain blob format; both formats round-trip.
+/// name, swtpm's plain blob format, and swtpm's encrypted containers; every
+/// format round-trips.
 pub fn state_file(data: &[u8]) {
+    swtpm_containers(data);
     let key = state_key();
     let mut opened = 0;
     for name in STATE_NAMES {

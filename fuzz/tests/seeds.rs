@@ -102,6 +102,16 @@ fn write_seeds() {
         );
     }
     write("state_file", "plain", &blob::encode_file(b"libtpms state"));
+    for (n, k) in [
+        (16, &targets::STATE_KEY[..16]),
+        (32, &targets::STATE_KEY[..]),
+    ] {
+        let k = vtpmd::storage::swtpm_key::SwtpmKey::from_raw(k).unwrap();
+        let st = vtpmd::storage::swtpm_crypt::encode_state_file(&k, b"libtpms state").unwrap();
+        write("state_file", &format!("swtpm-key-{n}"), &st);
+        let mig = vtpmd::storage::swtpm_crypt::encode_migration(&k, b"libtpms state").unwrap();
+        write("state_file", &format!("swtpm-migration-key-{n}"), &mig);
+    }
     write(
         "state_file",
         "migration",

@@ -122,7 +122,13 @@ impl Daemon {
     }
 
     pub fn start_bin(bin: &str, dir: &Path, extra: &[&str]) -> Daemon {
-        let ctrl = dir.join("ctrl.sock");
+        Self::start_named(bin, dir, "ctrl.sock", extra)
+    }
+
+    /// As [`Daemon::start_bin`], with the control socket at `<dir>/<sock>`
+    /// (two processes on one state directory).
+    pub fn start_named(bin: &str, dir: &Path, sock: &str, extra: &[&str]) -> Daemon {
+        let ctrl = dir.join(sock);
         let mut args = vec![
             "socket".to_string(),
             "--tpm2".into(),

@@ -156,7 +156,7 @@ pub struct InstanceArgs {
     pub seccomp: Option<String>,
     /// Drop to this user's uid and gid after binding the sockets (the
     /// state directory must be writable by it).
-    #[arg(long, value_name = "USER")]
+    #[arg(long, short = 'r', value_name = "USER")]
     pub runas: Option<String>,
 }
 
@@ -311,8 +311,13 @@ impl InstanceArgs {
 
     /// The state directory and file mode from `--tpmstate`.
     pub fn state(&self) -> Result<(PathBuf, u32), ConfigError> {
+        Self::parse_state(self.tpmstate.as_deref())
+    }
+
+    /// Parses a `--tpmstate` value.
+    pub fn parse_state(s: Option<&str>) -> Result<(PathBuf, u32), ConfigError> {
         const OPT: &str = "--tpmstate";
-        let s = self.tpmstate.as_deref().ok_or(ConfigError::NoState)?;
+        let s = s.ok_or(ConfigError::NoState)?;
         let kv = parse_kv(OPT, s, &["dir", "mode", "backend-uri"])?;
         let dir = match (kv.get("dir"), kv.get("backend-uri")) {
             (Some(d), None) if !d.is_empty() => d.clone(),

@@ -37,6 +37,12 @@ pub struct SocketArgs {
     /// Exit when the data-channel client disconnects.
     #[arg(long, short = 't')]
     pub terminate: bool,
+    /// swtpm's older form of `--server type=tcp,port=PORT`.
+    #[arg(long, short = 'p', value_name = "PORT")]
+    pub port: Option<String>,
+    /// swtpm's older form of `--server type=tcp,fd=FD`.
+    #[arg(long, short = 'f', value_name = "FD")]
+    pub fd: Option<String>,
     /// Detach and run in the background (default: stay in the foreground).
     #[arg(long, short = 'd')]
     pub daemon: bool,
@@ -96,8 +102,27 @@ impl SocketArgs {
             }
             None => (None, false),
         };
-        let server = self
-            .server
+        if let Some(v) = self
+            .port
+            .iter()
+            .chain(self.fd.iter())
+            .find(|v| v.contains(','))
+        {
+            return Err(invalid("--port/--fd", format!("'{v}' is not a number")));
+        }
+        let server = match (&self.server, &self.port, &self.fd) {
+            (Some(s), None, None) => Some(s.clone()),
+            (None, Some(p), None) => Some(format!("type=tcp,port={p}")),
+            (None, None, Some(fd)) => Some(format!("type=tcp,fd={fd}")),
+            (None, None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "--server",
+                    "give the data channel once: --server, --port or --fd",
+                ))
+            }
+        };
+        let server = server
             .as_deref()
             .map(|s| parse_endpoint(Channel::Server, s).map(|(e, _)| e))
             .transpose()?;
@@ -530,5 +555,48 @@ mod tests {
         let mut v = BASE.to_vec();
         v.extend(["--key", "pwdfd=6", "--log", "fd=6"]);
         assert!(args(&v).unwrap_err().contains("--key and --log"));
+    }
+
+    #[test]
+    fn swtpm_short_and_older_forms() {
+        let c = args(&[
+            "--tpm2",
+            "--tpmstate",
+            "dir=/x",
+            "-p",
+            "2321",
+            "-t",
+            "-r",
+            "tss",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.server,
+            Some(Endpoint::Tcp("127.0.0.1:2321".parse().unwrap()))
+        );
+        assert!(c.terminate);
+        assert_eq!(c.instance.runas.as_deref(), Some("tss"));
+        let c = args(&["--tpm2", "--tpmstate", "dir=/x", "--fd", "4"]).unwrap();
+        assert_eq!(
+            c.server,
+            Some(Endpoint::Fd {
+                fd: 4,
+                family: Family::Tcp
+            })
+        );
+        let e = args(&[
+            "--tpm2",
+            "--tpmstate",
+            "dir=/x",
+            "--port",
+            "1",
+            "--server",
+            "port=2",
+        ]);
+        assert!(e.unwrap_err().contains("give the data channel once"));
+        let e = args(&["--tpm2", "--tpmstate", "dir=/x", "--port", "x"]).unwrap_err();
+        assert!(e.contains("port 'x'"), "{e}");
+        let e = args(&["--tpm2", "--tpmstate", "dir=/x", "-p", "1,bindaddr=0.0.0.0"]).unwrap_err();
+        assert!(e.contains("not a number"), "{e}");
     }
 }

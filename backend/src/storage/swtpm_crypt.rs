@@ -193,8 +193,10 @@ fn open_layer(
 /// Whether `bytes` starts like a swtpm state file encrypted with a
 /// state-file key (a damaged one too: opening it says what is wrong).
 pub fn is_encrypted_file(bytes: &[u8]) -> bool {
-    blob::looks_like_blob(bytes)
-        && bytes.len() >= 6
+    // What swtpm checks of a header, minus the lengths: the header size
+    // field, then the flag. (The version byte is not checked, as in swtpm.)
+    bytes.len() >= 6
+        && bytes[2..4] == (blob::HEADER_LEN as u16).to_be_bytes()
         && u16::from_be_bytes([bytes[4], bytes[5]]) & FLAG_ENCRYPTED != 0
 }
 
@@ -269,6 +271,12 @@ mod tests {
                 let f = encode_state_file(&key(n, 1), &plain).unwrap();
                 assert!(is_encrypted_file(&f));
                 assert_eq!(&decode_state_file(&key(n, 1), &f).unwrap()[..], &plain[..]);
+                // swtpm does not check the version byte; neither the
+                // recognition nor the decoding may (found by fuzzing).
+                let mut v0 = f.clone();
+                v0[0] = 0;
+                assert!(is_encrypted_file(&v0));
+                assert_eq!(&decode_state_file(&key(n, 1), &v0).unwrap()[..], &plain[..]);
                 // The ciphertext is padded to the key length, as swtpm pads.
                 let ct_len = u32::from_be_bytes(f[12..16].try_into().unwrap()) as usize;
                 assert_eq!(ct_len, len + (n - len % n), "{n}/{len}");
