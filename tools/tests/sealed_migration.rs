@@ -283,10 +283,16 @@ fn sealed_migration_end_to_end_with_receipt_and_tombstone() {
     // its file name fails its INIT.
     let s = Daemon::start_bin("swtpm", keep.path(), &[]);
     let mut c = Ctrl::connect(&s.ctrl);
-    assert_ne!(c.result(0x02, &[0, 0, 0, 0]), 0, "swtpm started a blank TPM");
+    assert_ne!(
+        c.result(0x02, &[0, 0, 0, 0]),
+        0,
+        "swtpm started a blank TPM"
+    );
     drop(c);
     drop(s);
-    assert!(!sdir.join("vtpmd-00.permall").exists() && !sdir.join("tpm2-00.volatilestate").exists());
+    assert!(
+        !sdir.join("vtpmd-00.permall").exists() && !sdir.join("tpm2-00.volatilestate").exists()
+    );
     drop(keep);
 }
 
