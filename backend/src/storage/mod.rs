@@ -34,7 +34,7 @@ use sealing::SealError;
 use slots::{SlotError, SlotFile};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::{ErrorKind, Write};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -405,16 +405,13 @@ impl StateDir {
                 _ => Ok(()),
             };
         }
-        let tmp = self.dir.join(format!("TMP2-00.{name}.stub"));
-        let mut f = files::create_new(&tmp, self.file_mode).map_err(io("create", &tmp))?;
-        let r = f
-            .write_all(content)
-            .and_then(|()| f.sync_all())
-            .and_then(|()| fs::rename(&tmp, &dst));
-        if r.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        r.map_err(io("write", &dst))
+        layout::replace_file(
+            &self.dir,
+            &format!("tpm2-00.{name}"),
+            content,
+            self.file_mode,
+        )
+        .map_err(io("write", &dst))
     }
 
     /// Remembers why storage last failed, so a start-up that fails inside
@@ -579,8 +576,6 @@ impl StateDir {
         self.check_same_dir()?;
         for (name, state) in &found {
             let dst = self.file_of(name);
-            let tmp = self.dir.join(format!("TMP2-00.{name}"));
-            let mut f = files::create_new(&tmp, self.file_mode).map_err(io("create", &tmp))?;
             let bytes = match &self.key {
                 // The key writes swtpm's encrypted format (AtRestKey::forced).
                 Some(key) => key
@@ -591,14 +586,9 @@ impl StateDir {
                     })?,
                 None => blob::encode_file(state),
             };
-            let r = f
-                .write_all(&bytes)
-                .and_then(|()| f.sync_all())
-                .and_then(|()| fs::rename(&tmp, &dst));
-            if r.is_err() {
-                let _ = fs::remove_file(&tmp);
-            }
-            r.map_err(io("write", &dst))?;
+            let file = format!("tpm2-00.{name}");
+            layout::replace_file(&self.dir, &file, &bytes, self.file_mode)
+                .map_err(io("write", &dst))?;
             written.push(dst.display().to_string());
         }
         self.dir_handle.sync_all().map_err(io("fsync", &self.dir))?;
