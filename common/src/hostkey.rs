@@ -2,6 +2,11 @@
 //! migration's instance keys to the destination's public key (RSA-OAEP with
 //! SHA-256); a destination signs its receipt with its private key (RSA-PSS
 //! with SHA-256).
+//!
+//! Without `--host-key`, vtpmd uses the host's key in the system location
+//! ([`system_key_dir`]: `/var/lib/vtpm`, or `$VTPM_HOST_KEY_DIR`), made on
+//! first use as swtpm_setup makes its local CA, so a fresh install seals by
+//! default.
 
 use rsa::pkcs8::{
     DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding,
@@ -11,9 +16,26 @@ use rsa::{Oaep, Pss, RsaPrivateKey, RsaPublicKey};
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use thiserror::Error;
+
+/// Where the host key lives when none is given.
+pub const SYSTEM_KEY_DIR: &str = "/var/lib/vtpm";
+/// Environment variable that replaces [`SYSTEM_KEY_DIR`] (tests, packagers).
+pub const SYSTEM_KEY_DIR_ENV: &str = "VTPM_HOST_KEY_DIR";
+/// The private key's file name in a key directory (`vtpmctl keygen --out`).
+pub const PRIVATE_FILE: &str = "host-key.pem";
+/// The public key's file name next to it.
+pub const PUBLIC_FILE: &str = "host-key.pub.pem";
+
+/// The directory of the host key used when none is given.
+pub fn system_key_dir() -> PathBuf {
+    std::env::var_os(SYSTEM_KEY_DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(SYSTEM_KEY_DIR))
+}
 
 /// Size of newly generated host keys.
 pub const HOST_KEY_BITS: usize = 3072;
@@ -95,6 +117,77 @@ impl HostKey {
         Ok(HostKey { private, public })
     }
 
+    /// Loads `dir`'s key, or makes one there if it has none: the
+    /// directory is created 0700 if missing, the key files (0600 private,
+    /// 0644 public) belong to the directory's owner. Two processes racing
+    /// end up with the same key (the private file is published with a
+    /// link, which never replaces). `Ok((key, true))` if it was made now.
+    pub fn load_or_create(dir: &Path) -> Result<(HostKey, bool), KeyError> {
+        let path = dir.join(PRIVATE_FILE);
+        if path.exists() {
+            return HostKey::load(&path).map(|k| (k, false));
+        }
+        let werr = |p: &Path| {
+            let p = p.display().to_string();
+            move |source| KeyError::Write { path: p, source }
+        };
+        match fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(dir)
+        {
+            Ok(()) => {}
+            Err(e) => return Err(werr(dir)(e)),
+        }
+        let key = HostKey::generate()?;
+        let owner = fs::metadata(dir).map_err(werr(dir))?;
+        let tmp = dir.join(format!(".{PRIVATE_FILE}.{}", std::process::id()));
+        let pem = key
+            .private
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|e| KeyError::Rsa(Box::new(e)))?;
+        let written = (|| {
+            let _ = fs::remove_file(&tmp);
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                .open(&tmp)?;
+            f.write_all(pem.as_bytes())?;
+            give_to(&f, &owner)?;
+            f.sync_all()?;
+            fs::hard_link(&tmp, &path)
+        })();
+        let _ = fs::remove_file(&tmp);
+        match written {
+            Ok(()) => {}
+            // Another process made it first: use theirs.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return HostKey::load(&path).map(|k| (k, false));
+            }
+            Err(e) => return Err(werr(&path)(e)),
+        }
+        let pub_tmp = dir.join(format!(".{PUBLIC_FILE}.{}", std::process::id()));
+        let pub_path = dir.join(PUBLIC_FILE);
+        (|| {
+            let _ = fs::remove_file(&pub_tmp);
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                .open(&pub_tmp)?;
+            f.write_all(key.public_pem().as_bytes())?;
+            give_to(&f, &owner)?;
+            f.sync_all()?;
+            fs::rename(&pub_tmp, &pub_path)?;
+            fs::File::open(dir)?.sync_all()
+        })()
+        .map_err(werr(&pub_path))?;
+        Ok((key, true))
+    }
+
     /// Writes `host-key.pem` (0600) and `host-key.pub.pem` into `dir`.
     pub fn save(&self, dir: &Path) -> Result<(), KeyError> {
         let priv_path = dir.join("host-key.pem");
@@ -146,6 +239,17 @@ impl HostKey {
             .sign_with_rng(&mut rand_core::OsRng, Pss::new::<Sha256>(), &digest)
             .map_err(|e| KeyError::Rsa(Box::new(e)))
     }
+}
+
+/// Makes `f` belong to the owner of `dir` (when run as root for a
+/// directory that belongs to the TPM's user, such as `tss`).
+fn give_to(f: &fs::File, dir: &fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mine = f.metadata()?;
+    if mine.uid() == dir.uid() && mine.gid() == dir.gid() {
+        return Ok(());
+    }
+    std::os::unix::fs::fchown(f, Some(dir.uid()), Some(dir.gid()))
 }
 
 /// Parses a peer's public key (PEM SubjectPublicKeyInfo).
@@ -240,6 +344,29 @@ mod tests {
             check_trusted(d.path(), b.public()),
             Err(KeyError::Untrusted(_))
         ));
+    }
+
+    #[test]
+    fn load_or_create_makes_one_key_and_then_loads_it() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("vtpm");
+        let (made, created) = HostKey::load_or_create(&dir).unwrap();
+        assert!(created);
+        let (again, created) = HostKey::load_or_create(&dir).unwrap();
+        assert!(!created);
+        assert_eq!(made.fingerprint(), again.fingerprint());
+        let mode = |f: &str| {
+            std::os::unix::fs::PermissionsExt::mode(
+                &fs::metadata(dir.join(f)).unwrap().permissions(),
+            ) & 0o777
+        };
+        assert_eq!(mode(PRIVATE_FILE), 0o600);
+        assert_eq!(mode(PUBLIC_FILE), 0o644);
+        assert_eq!(mode("."), 0o700);
+        let pem = fs::read_to_string(dir.join(PUBLIC_FILE)).unwrap();
+        assert_eq!(parse_public(&pem, "x").unwrap(), *made.public());
+        let left: Vec<_> = fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 2, "no temporary file is left");
     }
 
     #[test]

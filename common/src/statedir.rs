@@ -7,6 +7,13 @@
 //!  .lock                  lock both vtpmd and swtpm take (OFD / fcntl)
 //!  vtpmd-migration.json   a migration was prepared here and not resolved
 //!  vtpmd-tombstone.json   the TPM migrated away: never start here again
+//!  vtpmd-incoming.json    a migration id reserved for an incoming
+//!                         migration (`vtpmctl reserve-incoming`): the next
+//!                         vtpmd here starts as a sealed destination for it
+//!  vtpmd-identity.json    this TPM's instance id and save generation
+//!  vtpmd-rollbacks.log    one JSON line per restore of an older save
+//!  vtpmd-rollback-allow.json  the one older generation the operator allowed
+//!  vtpmd-admin.sock       default admin socket of a vtpmd run as swtpm
 //!  tpm2-00.permall        a stub swtpm refuses to load (vtpmd's state is
 //!                         in vtpmd-00.*), or swtpm's own state
 //! ```
@@ -29,6 +36,17 @@ use thiserror::Error;
 pub const TOMBSTONE: &str = "vtpmd-tombstone.json";
 /// A migration was prepared and is not resolved yet.
 pub const MARKER: &str = "vtpmd-migration.json";
+/// A migration id reserved for an incoming migration.
+pub const RESERVATION: &str = "vtpmd-incoming.json";
+/// The instance id and save generation.
+pub const IDENTITY: &str = "vtpmd-identity.json";
+/// Restores of older saves, one JSON line each.
+pub const ROLLBACKS: &str = "vtpmd-rollbacks.log";
+/// One older save generation the operator allowed to be restored.
+pub const ROLLBACK_ALLOW: &str = "vtpmd-rollback-allow.json";
+/// The admin socket a vtpmd started without `--admin` listens on when it
+/// runs as swtpm (libvirt's emulator backend), inside the state directory.
+pub const ADMIN_SOCKET: &str = "vtpmd-admin.sock";
 /// vtpmd's own state files are `vtpmd-00.<blob>`.
 pub const SLOT_PREFIX: &str = "vtpmd-00";
 /// How swtpm's file names start when they hold one of vtpmd's stubs.
@@ -180,6 +198,61 @@ impl PendingHandover {
     }
 }
 
+/// An incoming migration reserved ahead of the destination vtpmd (libvirt
+/// starts that one itself): the id the destination issued, single use.
+/// The next vtpmd started on the directory takes it (and removes the file)
+/// and starts as a sealed destination for that id, if it is not expired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// 64 hex digits.
+    pub migration_id: String,
+    /// Fingerprint of the host key the source must wrap to.
+    pub host_key: String,
+    /// Seconds since the epoch after which the reservation is void.
+    pub expires: u64,
+}
+
+/// Reads a JSON file of at most 64 KiB written by [`write_json`];
+/// `Ok(None)` if there is none. A symlink is not followed.
+pub fn read_json<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    name: &str,
+) -> Result<Option<T>, StateDirError> {
+    let path = dir.join(name);
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags())
+        .open(&path)
+    {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        r => r.map_err(io_err("open", &path))?,
+    };
+    let mut text = Vec::new();
+    f.take(MAX_MARKER)
+        .read_to_end(&mut text)
+        .map_err(io_err("read", &path))?;
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|e| StateDirError::BadMarker(path.display().to_string(), e.to_string()))
+}
+
+/// Writes `name` in `dir` as pretty JSON, 0600, durably.
+pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), StateDirError> {
+    let json = serde_json::to_vec_pretty(value).unwrap_or_default();
+    replace_file(dir, name, &json, 0o600).map_err(io_err("write", &dir.join(name)))?;
+    sync_dir(dir)
+}
+
+/// Removes `name` from `dir` durably; a missing file is not an error.
+pub fn remove_durably(dir: &Path, name: &str) -> Result<(), StateDirError> {
+    let path = dir.join(name);
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("remove", &path)(e)),
+        Ok(()) => sync_dir(dir),
+    }
+}
+
 /// What the destination signs in a receipt.
 pub fn receipt_message(id: &[u8], digest: &[u8]) -> Vec<u8> {
     let mut m = b"vtpmd-receipt-v1".to_vec();
@@ -215,39 +288,17 @@ pub fn verify_receipt(
 
 /// Reads the marker; `Ok(None)` if there is none.
 pub fn read_marker(dir: &Path) -> Result<Option<PendingHandover>, StateDirError> {
-    let path = dir.join(MARKER);
-    let f = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc_flags())
-        .open(&path)
-    {
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-        r => r.map_err(io_err("open", &path))?,
-    };
-    let mut text = Vec::new();
-    f.take(MAX_MARKER)
-        .read_to_end(&mut text)
-        .map_err(io_err("read", &path))?;
-    serde_json::from_slice(&text)
-        .map(Some)
-        .map_err(|e| StateDirError::BadMarker(path.display().to_string(), e.to_string()))
+    read_json(dir, MARKER)
 }
 
 /// Writes the marker durably.
 pub fn write_marker(dir: &Path, m: &PendingHandover) -> Result<(), StateDirError> {
-    let json = serde_json::to_vec_pretty(m).unwrap_or_default();
-    replace_file(dir, MARKER, &json, 0o600).map_err(io_err("write", &dir.join(MARKER)))?;
-    sync_dir(dir)
+    write_json(dir, MARKER, m)
 }
 
 /// Removes the marker durably; a missing marker is not an error.
 pub fn remove_marker(dir: &Path) -> Result<(), StateDirError> {
-    let path = dir.join(MARKER);
-    match fs::remove_file(&path) {
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("remove", &path)(e)),
-        Ok(()) => sync_dir(dir),
-    }
+    remove_durably(dir, MARKER)
 }
 
 /// Ends a completed hand-over: writes the tombstone, removes the state
