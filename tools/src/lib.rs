@@ -4,8 +4,11 @@
 
 #![deny(unsafe_code)]
 
+pub mod domain;
 pub mod ioctl;
+pub mod migrate;
 pub mod offline;
+pub mod reserve;
 
 use thiserror::Error;
 pub use vtpm_common::admin::{call, ClientError};
@@ -17,8 +20,23 @@ pub enum CtlError {
     Admin(#[from] ClientError),
     #[error(transparent)]
     StateDir(#[from] StateDirError),
+    #[error(transparent)]
+    Reserve(#[from] reserve::ReserveError),
+    #[error(transparent)]
+    Migrate(#[from] migrate::MigrateError),
     #[error("{0}")]
     Input(String),
+}
+
+/// The admin socket a vtpmd run as swtpm keeps in its state directory
+/// `dir` (libvirt's emulator backend), if there is one.
+pub fn admin_in(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let sock = dir.join(vtpm_common::statedir::ADMIN_SOCKET);
+    std::fs::symlink_metadata(&sock)
+        .ok()
+        .filter(|m| m.file_type().is_socket())
+        .map(|_| sock)
 }
 
 /// The destination's public key from what the operator was handed: a PEM
