@@ -39,6 +39,10 @@ pub enum MigrateError {
     Domain(#[from] DomainError),
     #[error("the domain is {0} on the source; vtpmctl migrate moves a running domain (virsh start it, or migrate it offline with virsh)")]
     NotRunning(String),
+    #[error("the domain is transient on the source: libvirt deletes a transient domain's TPM state directory when it leaves, before the destination's receipt; make it persistent first (virsh dumpxml DOMAIN > d.xml; virsh define d.xml)")]
+    Transient,
+    #[error("--undefinesource makes libvirt delete the source's TPM state directory before the destination's receipt; leave it out (the source domain stays defined with a tombstoned TPM that will not start; `virsh undefine --tpm` it once the migration is done)")]
+    UndefineSource,
     #[error("the domain's TPM has an external backend: give the source vtpmd's admin socket (--admin SOCK) and the destination's state directory (--remote-state-dir DIR)")]
     ExternalNeedsPaths,
     #[error("no vtpmd admin socket at {0}: the domain's TPM is not run by vtpmd (check `vtpm-libvirt status` and restart the domain after `vtpm-libvirt enable`), or the vtpmd is older than the default admin socket (restart the domain); with swtpm the TPM migrates unsealed, with plain virsh migrate")]
@@ -96,6 +100,14 @@ pub fn default_remote(uri: &str) -> Result<Vec<String>, MigrateError> {
         return Err(no_host());
     }
     Ok(vec!["ssh".into(), format!("{user}@{host}")])
+}
+
+/// Whether `virsh dominfo` says the domain is persistent.
+fn persistent(dominfo: &str) -> bool {
+    dominfo.lines().any(|l| {
+        l.split_once(':')
+            .is_some_and(|(k, v)| k.trim() == "Persistent" && v.trim() == "yes")
+    })
 }
 
 fn step(n: u32, what: &str) {
@@ -169,6 +181,13 @@ impl Plan {
         let state = virsh(&self.source_uri, &["domstate", &self.domain])?;
         if state.trim() != "running" {
             return Err(MigrateError::NotRunning(state.trim().into()));
+        }
+        if self.virsh_args.iter().any(|a| a == "--undefinesource") {
+            return Err(MigrateError::UndefineSource);
+        }
+        let info = virsh(&self.source_uri, &["dominfo", &self.domain])?;
+        if dom.backend == Backend::Emulator && !persistent(&info) {
+            return Err(MigrateError::Transient);
         }
         let (src_dir, admin, dest_dir) = match dom.backend {
             Backend::Emulator => {
@@ -395,6 +414,15 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn persistence_from_dominfo() {
+        assert!(persistent(
+            "Id:  1\nPersistent:     yes\nAutostart:      disable\n"
+        ));
+        assert!(!persistent("Id:  1\nPersistent:     no\n"));
+        assert!(!persistent(""));
+    }
 
     #[test]
     fn remote_from_the_destination_uri() {
