@@ -308,9 +308,13 @@ def use_vtpmd(src, dst):
             lt.run_readme(lt.readme_block("emulator-enable"), "emulator-enable")
         else:
             h.helper("readme", "emulator-enable")
-        # The host key's directory, for the user libvirt runs the TPM as
-        # (vtpmd makes the key there on first use).
-        h.sh(["install", "-d", "-o", "tss", "-g", "tss", "-m", "0700", "/var/lib/vtpm"])
+        # The host's key, for the user libvirt runs the TPM as. (vtpmd
+        # would make it on first use, but the RSA key generation can
+        # outlast libvirt's one second wait for the TPM's socket.)
+        for cmd in (["vtpmctl", "keygen", "--out", "/var/lib/vtpm"], ["chown", "-R", "tss:tss", "/var/lib/vtpm"]):
+            r = h.sh(cmd, env=dict(os.environ, PATH=lt.SYSTEM_PATH))
+            if r.returncode != 0:
+                raise RuntimeError("%s: %s: %s" % (h.name, " ".join(cmd), r.stdout + r.stderr))
         path = h.sh(["vtpm-libvirt", "path"], env=dict(os.environ, PATH=lt.SYSTEM_PATH)).stdout.strip()
         h.stop_libvirtd()
         h.start_libvirtd(path)
@@ -334,7 +338,24 @@ def vtpmd_part(src, dst):
     relay.close()
     check(r.returncode != 0 and src.virsh("domstate", name).stdout.strip() == "running",
           "vtpmd: a plain virsh migrate fails and the domain keeps running on the source", r.stderr.strip()[-400:])
+    qlog = open(dst.path("/var/log/libvirt/qemu/%s.log" % name), errors="replace").read().rsplit("starting up", 1)[-1]
+    refused = [l for l in qlog.splitlines() if "tpm-emulator" in l]
+    check(refused, "vtpmd: it failed at the TPM: the destination refused the state (QEMU there: %s)"
+          % (refused[0].split(": ", 1)[-1] if refused else ""), qlog[-400:])
     kept_state(con, "vtpmd", before, "the refused plain migration")
+
+    # vtpmctl migrate whose virsh migrate fails: both of its steps undone.
+    r = lt.sh(["vtpmctl", "migrate", name, DEST_URI, "--remote", " ".join(dst.prefix()[:-1]), "--",
+               "--persistent", "--migrateuri", "tcp://%s:49299" % SRC_ADDR], env=dict(os.environ, PATH=lt.SYSTEM_PATH))
+    err = (json.loads(r.stdout or "{}") if r.stdout.strip().startswith("{") else {}).get("error", "")
+    status = lt.sh(["vtpmctl", "status", "--state-dir", sdir], env=dict(os.environ, PATH=lt.SYSTEM_PATH))
+    st = json.loads(status.stdout) if status.stdout.strip().startswith("{") else {}
+    leftover = os.path.exists(dst.path(os.path.join(sdir, "vtpmd-incoming.json")))
+    check(r.returncode == 1 and "virsh migrate failed" in err and "released" in err and "cancelled" in err
+          and st.get("state") == "running" and st.get("tpm_running") is True and not leftover,
+          "vtpmd: vtpmctl migrate with a failing virsh migrate undoes its steps (source running, no reservation left) "
+          "and says so", (err[-500:], st, leftover))
+    kept_state(con, "vtpmd", before, "the failed vtpmctl migrate")
 
     # With it.
     relay = Relay(49202, os.path.join(LOGS, "libvirt-migrate-vtpmd.stream"))
@@ -430,6 +451,28 @@ def third_destination(argv, capture):
     return out
 
 
+def qmp_status(path):
+    """QEMU's run state through its QMP socket, once the incoming
+    migration is over (None if it does not answer)."""
+    try:
+        q = socket.socket(socket.AF_UNIX)
+        q.settimeout(10)
+        q.connect(path)
+        f = q.makefile("rw")
+        f.readline()
+        for cmd in ("qmp_capabilities", "query-status"):
+            f.write(json.dumps({"execute": cmd}) + "\n")
+            f.flush()
+            while True:
+                reply = json.loads(f.readline())
+                if "return" in reply or "error" in reply:
+                    break
+        q.close()
+        return reply.get("return", {}).get("status")
+    except (OSError, ValueError):
+        return None
+
+
 def replay(dst, name, capture, who="vtpmd"):
     """The captured stream into a third destination on the destination
     host: QEMU with the domain's own command line, its TPM started as
@@ -464,9 +507,10 @@ def replay(dst, name, capture, who="vtpmd"):
         text = open(qlog.name, errors="replace").read()
         tlog = open(dst.path(vlog), errors="replace").read()
         if who != "vtpmd":
-            loaded = code is None and "tpm-emulator" not in text
-            check(loaded, "baseline: the captured stream loads into a third destination with swtpm (a clone of the TPM)",
-                  (code, text[-400:]))
+            status = qmp_status(dst.path(REPLAY + "/mon.sock")) if code is None else None
+            loaded = status in ("paused", "running") and "tpm-emulator" not in text
+            check(loaded, "baseline: the captured stream loads into a third destination with swtpm (a clone of the TPM; "
+                  "QEMU there: %s)" % status, (code, status, text[-400:]))
             return
         check(code not in (None, 0) and "tpm-emulator" in text,
               "replay: the third destination's QEMU fails to load the captured stream at the TPM (exit %s)" % code,

@@ -299,3 +299,34 @@ fn migrate_needs_a_way_to_reach_the_destination() {
     let e = refused(&f.vtpmctl(&["migrate", "vm", "qemu+ssh://dst/system", "--remote", " "]));
     assert!(e.contains("--remote is empty"), "{e}");
 }
+
+#[test]
+fn state_dir_names_the_admin_socket_and_falls_back_to_the_directory() {
+    use vtpm_test_support::{state_dir, Daemon};
+    let t = state_dir();
+    let dir = t.path().join("state");
+    let sock = dir.join(statedir::ADMIN_SOCKET);
+    let mut d = Daemon::start(
+        t.path(),
+        &[
+            "--admin",
+            &format!("path={}", sock.display()),
+            "--no-host-key",
+        ],
+    );
+    let f = Fixture::new();
+    let dir_s = dir.to_str().unwrap();
+    // A vtpmd listens there: the online answer (the TPM's phase).
+    let v = ok(&f.vtpmctl(&["status", "--state-dir", dir_s]));
+    assert_eq!(v["state"], "running", "{v}");
+    assert!(v.get("tpm_running").is_some(), "online status: {v}");
+    // Online-only commands take it too.
+    let e = refused(&f.vtpmctl(&["receipt", "--state-dir", dir_s]));
+    assert!(!e.contains("cannot reach"), "reached the admin socket: {e}");
+    // vtpmd gone (its socket file left behind): the directory itself.
+    d.kill9();
+    let v = ok(&f.vtpmctl(&["status", "--state-dir", dir_s]));
+    assert_eq!(v["state"], "no-migration", "offline status: {v}");
+    let e = refused(&f.vtpmctl(&["receipt", "--state-dir", dir_s]));
+    assert!(e.contains("cannot reach the admin socket"), "{e}");
+}
