@@ -59,6 +59,8 @@ pub enum ReserveError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot give {0} to the --owner user: run reserve-incoming as root (the TPM process libvirt starts runs as that user and must read it), or give --owner the user you run as")]
+    NotOwner(String),
     #[error("no random numbers from the OS")]
     Random,
 }
@@ -138,8 +140,7 @@ fn make_dir(dir: &Path, who: (Uid, Gid)) -> Result<(), ReserveError> {
         .create(dir)
         .map_err(io_err("create", dir))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err("chmod", dir))?;
-    std::os::unix::fs::lchown(dir, Some(who.0.as_raw()), Some(who.1.as_raw()))
-        .map_err(io_err("chown", dir))
+    give(dir, who)
 }
 
 fn locked(dir: &Path) -> Result<fs::File, ReserveError> {
@@ -150,8 +151,13 @@ fn locked(dir: &Path) -> Result<fs::File, ReserveError> {
 }
 
 fn give(path: &Path, who: (Uid, Gid)) -> Result<(), ReserveError> {
-    std::os::unix::fs::lchown(path, Some(who.0.as_raw()), Some(who.1.as_raw()))
-        .map_err(io_err("chown", path))
+    std::os::unix::fs::lchown(path, Some(who.0.as_raw()), Some(who.1.as_raw())).map_err(|e| {
+        if e.kind() == ErrorKind::PermissionDenied {
+            ReserveError::NotOwner(path.display().to_string())
+        } else {
+            io_err("chown", path)(e)
+        }
+    })
 }
 
 fn host_key(source: &KeySource, who: (Uid, Gid)) -> Result<HostKey, ReserveError> {

@@ -330,3 +330,26 @@ fn state_dir_names_the_admin_socket_and_falls_back_to_the_directory() {
     let e = refused(&f.vtpmctl(&["receipt", "--state-dir", dir_s]));
     assert!(e.contains("cannot reach the admin socket"), "{e}");
 }
+
+#[test]
+fn a_caller_that_cannot_give_the_directory_away_is_told_so() {
+    // Run as nobody, asked to make the directory root's.
+    if !nix::unistd::getuid().is_root() {
+        return;
+    }
+    let f = Fixture::new();
+    std::fs::set_permissions(f.t.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let kd = f.t.path().join("given");
+    ok(&f.vtpmctl(&["keygen", "--out", kd.to_str().unwrap()]));
+    let key = kd.join("host-key.pem");
+    std::fs::set_permissions(&kd, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", VTPMCTL])
+        .args(["reserve-incoming", "--state-dir", f.dir().to_str().unwrap()])
+        .args(["--owner", "root", "--host-key", key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let e = refused(&o);
+    assert!(e.contains("run reserve-incoming as root"), "{e}");
+}
