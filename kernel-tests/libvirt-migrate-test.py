@@ -18,13 +18,17 @@ its value, the guest never reads it before the migration, so those 32 bytes
 exist only inside the TPM (not in guest RAM, which the stream carries in
 clear either way); the capture is searched for them.
 
-Checks: the baseline migrates with swtpm and its stream holds the value;
-a plain `virsh migrate` of a vtpmd domain fails and the guest keeps running
-with its TPM on the source; `vtpmctl migrate` moves it, the guest keeps
-its TPM state (NV secret, persistent key, PCR 16, the extend index), the
-stream holds no trace of the value, the source state directory holds only
-the tombstone; the captured stream replayed into a new destination is
-refused by vtpmd, and its log says why.
+Checks: the baseline migrates with swtpm, its stream holds the value and
+loads into a third destination (a clone). With vtpmd: a plain `virsh
+migrate` fails at the destination's TPM (its log says why) and the guest
+keeps running with its TPM on the source; a `vtpmctl migrate` whose virsh
+migrate fails undoes its steps; `vtpmctl migrate` moves the guest, which
+keeps its TPM state (NV secret, persistent key, PCR 16, the extend index),
+the stream holds no trace of the value, the source state directory holds
+only the tombstone; the captured stream replayed into a third destination
+(QEMU with the domain's command line, vtpmd on a fresh reservation) is
+refused, and vtpmd's log says why. One guest boot per backend; about four
+minutes under TCG.
 
 Prints "PASS: ..." / "FAIL: ..." per check and "N passed, M failed" last.
 Logs go to KT_LOGS/libvirt-migrate-*.
@@ -342,6 +346,10 @@ def vtpmd_part(src, dst):
     refused = [l for l in qlog.splitlines() if "tpm-emulator" in l]
     check(refused, "vtpmd: it failed at the TPM: the destination refused the state (QEMU there: %s)"
           % (refused[0].split(": ", 1)[-1] if refused else ""), qlog[-400:])
+    tlog = open(dst.path("/var/log/swtpm/libvirt/qemu/%s-swtpm.log" % name), errors="replace").read()
+    why = [l for l in tlog.splitlines() if " ERROR: " in l]
+    check(why, "vtpmd: the destination vtpmd's log (libvirt's swtpm log) says why: %s"
+          % (why[0].split(" ERROR: ", 1)[-1] if why else ""), tlog[-400:])
     kept_state(con, "vtpmd", before, "the refused plain migration")
 
     # vtpmctl migrate whose virsh migrate fails: both of its steps undone.
