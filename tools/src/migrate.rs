@@ -269,6 +269,9 @@ impl Plan {
             prepared.migration_id, prepared.peer_key
         ));
 
+        if !self.virsh_args.iter().any(|a| a == "--persistent") {
+            note("without --persistent the domain is transient on the destination, and libvirt deletes a transient domain's TPM state when it stops there; add `-- --persistent` unless you define it there yourself");
+        }
         step(
             4,
             &format!("virsh migrate --live {} {}", self.domain, self.dest_uri),
