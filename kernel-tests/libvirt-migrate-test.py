@@ -33,7 +33,7 @@ minutes under TCG.
 Prints "PASS: ..." / "FAIL: ..." per check and "N passed, M failed" last.
 Logs go to KT_LOGS/libvirt-migrate-*.
 """
-import glob, hashlib, importlib.util, json, os, re, shlex, shutil, signal, socket, subprocess, sys, threading, time
+import glob, hashlib, importlib.util, json, os, pwd, re, shlex, shutil, signal, socket, subprocess, sys, threading, time
 from ktlib import check, summary, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -312,13 +312,10 @@ def use_vtpmd(src, dst):
             lt.run_readme(lt.readme_block("emulator-enable"), "emulator-enable")
         else:
             h.helper("readme", "emulator-enable")
-        # The host's key, for the user libvirt runs the TPM as. (vtpmd
-        # would make it on first use, but the RSA key generation can
-        # outlast libvirt's one second wait for the TPM's socket.)
-        for cmd in (["vtpmctl", "keygen", "--out", "/var/lib/vtpm"], ["chown", "-R", "tss:tss", "/var/lib/vtpm"]):
-            r = h.sh(cmd, env=dict(os.environ, PATH=lt.SYSTEM_PATH))
-            if r.returncode != 0:
-                raise RuntimeError("%s: %s: %s" % (h.name, " ".join(cmd), r.stdout + r.stderr))
+        # (vtpm-libvirt enable made the host key, for libvirt's TPM user.)
+        key = h.path("/var/lib/vtpm/host-key.pem")
+        check(os.path.exists(key) and os.stat(key).st_uid == pwd.getpwnam("tss").pw_uid,
+              "%s: vtpm-libvirt enable made the host key (/var/lib/vtpm), owned by tss" % h.name)
         path = h.sh(["vtpm-libvirt", "path"], env=dict(os.environ, PATH=lt.SYSTEM_PATH)).stdout.strip()
         h.stop_libvirtd()
         h.start_libvirtd(path)

@@ -9,6 +9,7 @@ pub mod ioctl;
 pub mod migrate;
 pub mod offline;
 pub mod reserve;
+pub mod saves;
 
 use thiserror::Error;
 pub use vtpm_common::admin::{call, ClientError};
@@ -28,15 +29,13 @@ pub enum CtlError {
     Input(String),
 }
 
-/// The admin socket a vtpmd run as swtpm keeps in its state directory
-/// `dir` (libvirt's emulator backend), if there is one.
-pub fn admin_in(dir: &std::path::Path) -> Option<std::path::PathBuf> {
-    use std::os::unix::fs::FileTypeExt;
+/// The admin socket a vtpmd run as swtpm (libvirt's emulator backend)
+/// listens on in `dir`, if one answers there.
+pub fn running_admin(dir: &std::path::Path) -> Option<std::path::PathBuf> {
     let sock = dir.join(vtpm_common::statedir::ADMIN_SOCKET);
-    std::fs::symlink_metadata(&sock)
-        .ok()
-        .filter(|m| m.file_type().is_socket())
-        .map(|_| sock)
+    std::os::unix::net::UnixStream::connect(&sock)
+        .is_ok()
+        .then_some(sock)
 }
 
 /// The destination's public key from what the operator was handed: a PEM

@@ -9,13 +9,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vtpm_common::admin::{
-    IncomingInfo, KeysPreloaded, Prepared, Receipt, Request, Status, Tombstone,
+    IncomingInfo, KeysPreloaded, Prepared, Receipt, Request, SaveStatus, Status, Tombstone,
 };
 use vtpm_common::hostkey::HostKey;
-use vtpm_common::statedir;
-use vtpmctl::{
-    admin_in, call, ioctl, migrate, offline, peer_key_pem, reserve, ClientError, CtlError,
-};
+use vtpm_common::statedir::RollbackPolicy;
+use vtpmctl::{call, ioctl, migrate, offline, peer_key_pem, reserve, saves, CtlError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,8 +32,12 @@ enum Cmd {
     /// (host-key.pem, mode 0600, and host-key.pub.pem).
     Keygen {
         /// Directory to write the key pair into (created if missing).
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
+        #[arg(long, value_name = "DIR", required_unless_present = "system")]
+        out: Option<PathBuf>,
+        /// Make (or show) the host's default key, the one vtpmd uses
+        /// without --host-key: /var/lib/vtpm ($VTPM_HOST_KEY_DIR).
+        #[arg(long, conflicts_with = "out")]
+        system: bool,
     },
     /// Destination: issue a fresh single-use migration id and show this
     /// host's public key (vtpmd must run with --migration incoming).
@@ -90,6 +92,29 @@ enum Cmd {
     /// Source: abandon a prepared or exported migration; the TPM carries on
     /// here. Only right if the VM does not run on the destination.
     Abort {
+        #[command(flatten)]
+        at: Target,
+    },
+    /// Saves of this TPM: instance id, generation, rollback policy, the
+    /// allowed older generation, how many rollbacks were recorded.
+    Saves {
+        #[command(flatten)]
+        at: Target,
+    },
+    /// What restoring an older save (a snapshot revert) does: `allow`
+    /// (default: logged and recorded in vtpmd-rollbacks.log) or `refuse`
+    /// (until `vtpmctl allow-rollback` allows that generation).
+    RollbackPolicy {
+        #[arg(value_parser = ["allow", "refuse"])]
+        policy: String,
+        #[command(flatten)]
+        at: Target,
+    },
+    /// Allow one restore of an older save under the policy `refuse` (the
+    /// generation vtpmd's refusal named).
+    AllowRollback {
+        #[arg(long)]
+        generation: u64,
         #[command(flatten)]
         at: Target,
     },
@@ -181,11 +206,31 @@ struct Target {
     /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
     #[arg(long, value_name = "SOCK")]
     admin: Option<PathBuf>,
-    /// The state directory, while no vtpmd runs on it (after QEMU quit on
-    /// a migration source, vtpmd has exited and holds the state until the
-    /// receipt).
+    /// The state directory: through the admin socket a vtpmd run as swtpm
+    /// keeps there (vtpmd-admin.sock) if one runs, else on the files while
+    /// no vtpmd runs (after QEMU quit on a migration source, vtpmd has
+    /// exited and holds the state until the receipt).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+}
+
+/// Where a command goes.
+enum At {
+    Admin(PathBuf),
+    Offline(PathBuf),
+}
+
+impl Target {
+    fn resolve(self) -> At {
+        match (self.admin, self.state_dir) {
+            (Some(admin), _) => At::Admin(admin),
+            (None, Some(dir)) => match vtpmctl::running_admin(&dir) {
+                Some(sock) => At::Admin(sock),
+                None => At::Offline(dir),
+            },
+            (None, None) => unreachable!("clap requires one"),
+        }
+    }
 }
 
 /// A running vtpmd: its admin socket, or the state directory whose
@@ -206,37 +251,9 @@ impl Online {
     fn socket(self) -> PathBuf {
         match (self.admin, self.state_dir) {
             (Some(a), _) => a,
-            (None, Some(d)) => d.join(statedir::ADMIN_SOCKET),
+            (None, Some(d)) => d.join(vtpm_common::statedir::ADMIN_SOCKET),
             (None, None) => unreachable!("clap requires one"),
         }
-    }
-}
-
-impl Target {
-    /// The admin socket to use: the one given, or the default one in the
-    /// state directory while a vtpmd listens there.
-    fn online(&self) -> Option<PathBuf> {
-        self.admin
-            .clone()
-            .or_else(|| self.state_dir.as_deref().and_then(admin_in))
-    }
-}
-
-/// Runs `op` online if a socket is known and answers, else offline.
-fn either<T: serde::Serialize + serde::de::DeserializeOwned>(
-    at: &Target,
-    req: Request,
-    offline_op: impl FnOnce(&std::path::Path) -> Result<serde_json::Value, CtlError>,
-) -> Result<serde_json::Value, CtlError> {
-    if let Some(sock) = at.online() {
-        match call::<T>(&sock, &req) {
-            Err(ClientError::Connect { .. }) if at.admin.is_none() => {}
-            r => return json(r?),
-        }
-    }
-    match &at.state_dir {
-        Some(dir) => offline_op(dir),
-        None => unreachable!("clap requires one"),
     }
 }
 
@@ -251,7 +268,20 @@ fn json<T: serde::Serialize>(v: T) -> Result<serde_json::Value, CtlError> {
 
 fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
     match cmd {
-        Cmd::Keygen { out } => {
+        Cmd::Keygen { system: true, .. } => {
+            let dir = vtpm_common::hostkey::system_key_dir();
+            let (key, made) = HostKey::load_or_create(&dir).map_err(|e| {
+                CtlError::Input(format!("{e} (the host key lives in {})", dir.display()))
+            })?;
+            Ok(serde_json::json!({
+                "private_key": dir.join(vtpm_common::hostkey::PRIVATE_FILE),
+                "public_key": dir.join(vtpm_common::hostkey::PUBLIC_FILE),
+                "fingerprint": key.fingerprint(),
+                "created": made,
+            }))
+        }
+        Cmd::Keygen { out, .. } => {
+            let out = out.unwrap_or_default();
             std::fs::create_dir_all(&out)
                 .map_err(|e| CtlError::Input(format!("cannot create {}: {e}", out.display())))?;
             let key = HostKey::generate().map_err(|e| CtlError::Input(e.to_string()))?;
@@ -280,7 +310,10 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
                 migration_id,
             },
         )?),
-        Cmd::Status { at } => either::<Status>(&at, Request::Status, offline::status),
+        Cmd::Status { at } => match at.resolve() {
+            At::Admin(admin) => json(call::<Status>(&admin, &Request::Status)?),
+            At::Offline(dir) => offline::status(&dir),
+        },
         Cmd::Receipt { at, out } => {
             let r = json(call::<Receipt>(&at.socket(), &Request::Receipt)?)?;
             if let Some(out) = out {
@@ -293,11 +326,43 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
             let r: Receipt = serde_json::from_str(&read(&receipt)?).map_err(|e| {
                 CtlError::Input(format!("{} is not a receipt: {e}", receipt.display()))
             })?;
-            either::<Tombstone>(&at, Request::Complete { receipt: r.clone() }, |dir| {
-                json(offline::complete(dir, &r)?)
-            })
+            match at.resolve() {
+                At::Admin(admin) => json(call::<Tombstone>(
+                    &admin,
+                    &Request::Complete { receipt: r },
+                )?),
+                At::Offline(dir) => json(offline::complete(&dir, &r)?),
+            }
         }
-        Cmd::Abort { at } => either::<Status>(&at, Request::Abort, offline::abort),
+        Cmd::Abort { at } => match at.resolve() {
+            At::Admin(admin) => json(call::<Status>(&admin, &Request::Abort)?),
+            At::Offline(dir) => offline::abort(&dir),
+        },
+        Cmd::Saves { at } => match at.resolve() {
+            At::Admin(admin) => json(call::<SaveStatus>(&admin, &Request::Saves)?),
+            At::Offline(dir) => json(saves::status(&dir)?),
+        },
+        Cmd::RollbackPolicy { policy, at } => {
+            let policy = if policy == "refuse" {
+                RollbackPolicy::Refuse
+            } else {
+                RollbackPolicy::Allow
+            };
+            match at.resolve() {
+                At::Admin(admin) => json(call::<SaveStatus>(
+                    &admin,
+                    &Request::RollbackPolicy { policy },
+                )?),
+                At::Offline(dir) => json(saves::set_policy(&dir, policy)?),
+            }
+        }
+        Cmd::AllowRollback { generation, at } => match at.resolve() {
+            At::Admin(admin) => json(call::<SaveStatus>(
+                &admin,
+                &Request::AllowRollback { generation },
+            )?),
+            At::Offline(dir) => json(saves::allow(&dir, generation)?),
+        },
         Cmd::ReserveIncoming {
             state_dir,
             expires,
