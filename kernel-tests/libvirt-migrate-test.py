@@ -385,18 +385,16 @@ def vtpmd_part(src, dst):
     check(con2.run(READ_EXT).get("ext") == EXT_VALUE, "vtpmd: the extend index has its value on the destination")
     check(relay.bytes > 1 << 20 and not holds(relay.capture, EXT_VALUE),
           "vtpmd: the captured stream (%d bytes) holds no trace of the TPM's NV value" % relay.bytes)
-    # What the source keeps: the tombstone, the stub swtpm refuses, the
-    # lock, and the TPM's identity record (instance id and save generation:
-    # no state, no secret).
+    # What the source keeps: the tombstone, the stub swtpm refuses, the lock.
     files = sorted(os.listdir(src.path(sdir)))
     stub = open(os.path.join(sdir, "tpm2-00.permall"), "rb").read() if "tpm2-00.permall" in files else b""
     tomb = json.load(open(os.path.join(sdir, "vtpmd-tombstone.json"))) if "vtpmd-tombstone.json" in files else {}
     contents = b"".join(open(os.path.join(sdir, f), "rb").read() for f in files)
-    check(set(files) - {"vtpmd-identity.json"} == {".lock", "tpm2-00.permall", "vtpmd-tombstone.json"}
+    check(files == [".lock", "tpm2-00.permall", "vtpmd-tombstone.json"]
           and b"migrated away" in stub and tomb.get("migration_id") == out.get("migration_id")
           and bytes.fromhex(before["secret"]) not in contents,
-          "vtpmd: after the receipt the source state directory holds only the tombstone (id %s...), the stub, "
-          "the lock and the identity record: %s" % (str(out.get("migration_id"))[:16], ", ".join(files)), files)
+          "vtpmd: after the receipt the source state directory holds only the tombstone (id %s...), the stub "
+          "and the lock: %s" % (str(out.get("migration_id"))[:16], ", ".join(files)), files)
     replay(dst, name, relay.capture)
 
 
