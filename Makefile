@@ -37,7 +37,10 @@ unit-and-integration: build
 # libvirt-test.py (libvirtd started by the test in a private namespace, the
 # system instance): the external backend as the README has it, and libvirt's
 # emulator backend running vtpm-setup, vtpmd and vtpmctl (plain, PCR banks,
-# encrypted, switching from and back to swtpm).
+# encrypted, switching from and back to swtpm); libvirt-migrate-test.py (two
+# libvirt hosts in namespaces of their own joined by a veth pair: virsh
+# migrate with swtpm as the baseline, then `vtpmctl migrate` with vtpmd,
+# stream captured and replayed).
 # Then QEMU 11.1 (from a Debian sid root under build/): the virtio-tpm guest
 # on `vtpmd vhost-user` with our guest driver, crb/tis, and migration again.
 # The host-side tests' vtpmd processes use a host key under build/ rather
@@ -48,6 +51,7 @@ kernel-tests: build
 	$(TEST_KEYS) TPM_BACKEND_BIN=$(VTPMD) python3 kernel-tests/migration-test.py
 	$(TEST_KEYS) TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-qemu10-tests.sh
 	python3 kernel-tests/libvirt-test.py
+	python3 kernel-tests/libvirt-migrate-test.py
 	$(TEST_KEYS) TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-qemu11-tests.sh
 
 # vtpmd vs swtpm 0.7.1 (the system's) and swtpm 0.10 (Debian sid, from a

@@ -1135,3 +1135,40 @@ fn runas_drops_to_an_unprivileged_user() {
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("no such user"));
 }
+
+#[test]
+fn a_directory_reserved_for_an_incoming_migration_is_left_alone() {
+    // libvirt runs swtpm_setup --overwrite on an incoming migration's
+    // directory; `vtpmctl reserve-incoming` put a reservation there first.
+    let f = Fixture::new();
+    let reservation = serde_json::json!({
+        "migration_id": "ab".repeat(32),
+        "host_key": "cd".repeat(32),
+        "expires": 1u64,
+    });
+    let file = f.state.join("vtpmd-incoming.json");
+    std::fs::write(&file, reservation.to_string()).unwrap();
+    let incoming = f.args(&["--overwrite"]);
+    ok(&setup(&incoming), "incoming migration, reserved");
+    let names: Vec<_> = std::fs::read_dir(&f.state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["vtpmd-incoming.json"], "no TPM state was made");
+    let log = std::fs::read_to_string(f.log()).unwrap();
+    assert!(
+        log.contains("reserved for incoming sealed migration") && log.contains(&"ab".repeat(32)),
+        "{log}"
+    );
+    // A first start's command line is left alone as well.
+    ok(&setup(&f.libvirt_args(&[])), "first start, reserved");
+    assert!(f.permall().is_none());
+
+    // A reservation that is not one is an error that names the fix.
+    std::fs::write(&file, b"{\"migration_id\": 5").unwrap();
+    let o = setup(&incoming);
+    assert_eq!(o.status.code(), Some(1));
+    let log = std::fs::read_to_string(f.log()).unwrap();
+    assert!(log.contains("reserve-incoming --cancel"), "{log}");
+    assert!(f.permall().is_none());
+}

@@ -4,8 +4,11 @@
 
 #![deny(unsafe_code)]
 
+pub mod domain;
 pub mod ioctl;
+pub mod migrate;
 pub mod offline;
+pub mod reserve;
 pub mod saves;
 
 use thiserror::Error;
@@ -18,6 +21,10 @@ pub enum CtlError {
     Admin(#[from] ClientError),
     #[error(transparent)]
     StateDir(#[from] StateDirError),
+    #[error(transparent)]
+    Reserve(#[from] reserve::ReserveError),
+    #[error(transparent)]
+    Migrate(#[from] migrate::MigrateError),
     #[error("{0}")]
     Input(String),
 }

@@ -13,7 +13,7 @@ use vtpm_common::admin::{
 };
 use vtpm_common::hostkey::HostKey;
 use vtpm_common::statedir::RollbackPolicy;
-use vtpmctl::{call, ioctl, offline, peer_key_pem, saves, CtlError};
+use vtpmctl::{call, ioctl, migrate, offline, peer_key_pem, reserve, saves, CtlError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,26 +42,23 @@ enum Cmd {
     /// Destination: issue a fresh single-use migration id and show this
     /// host's public key (vtpmd must run with --migration incoming).
     IncomingInfo {
-        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
-        #[arg(long, value_name = "SOCK")]
-        admin: PathBuf,
+        #[command(flatten)]
+        at: Online,
     },
     /// Destination, optional: unwrap the migration's keys ahead of time, so
     /// no RSA work is left for the VM's downtime. WRAPPED is the
     /// `wrapped_key` that `vtpmctl outgoing` printed on the source (not a
     /// secret: only this host's private key opens it).
     IncomingKey {
-        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
-        #[arg(long, value_name = "SOCK")]
-        admin: PathBuf,
+        #[command(flatten)]
+        at: Online,
         #[arg(long, value_name = "WRAPPED")]
         wrapped_key: String,
     },
     /// Source: prepare a migration to the destination that issued the id.
     Outgoing {
-        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
-        #[arg(long, value_name = "SOCK")]
-        admin: PathBuf,
+        #[command(flatten)]
+        at: Online,
         /// The destination's public key: a PEM file, or the JSON file
         /// `vtpmctl incoming-info` printed on the destination.
         #[arg(long)]
@@ -77,12 +74,12 @@ enum Cmd {
     },
     /// Destination, after the migration: write the signed receipt.
     Receipt {
-        /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
-        #[arg(long, value_name = "SOCK")]
-        admin: PathBuf,
-        /// Where to write the receipt (JSON) for `vtpmctl complete`.
+        #[command(flatten)]
+        at: Online,
+        /// Where to write the receipt (JSON) for `vtpmctl complete` (it is
+        /// printed either way).
         #[arg(long, value_name = "FILE")]
-        out: PathBuf,
+        out: Option<PathBuf>,
     },
     /// Source: check the destination's receipt, then erase the local copy.
     Complete {
@@ -120,6 +117,71 @@ enum Cmd {
         generation: u64,
         #[command(flatten)]
         at: Target,
+    },
+    /// Destination of a libvirt-driven migration, before `virsh migrate`:
+    /// reserve a fresh single-use migration id in the state directory
+    /// libvirt will start vtpmd on (created, owned by --owner, if
+    /// missing), and print it with this host's public key. The next vtpmd
+    /// started there takes the reservation. `vtpmctl migrate` runs this
+    /// through its remote command.
+    ReserveIncoming {
+        /// The state directory, e.g. /var/lib/libvirt/swtpm/UUID/tpm2.
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+        /// The reservation's lifetime in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        expires: u64,
+        /// This host's private key (default: the system host key in
+        /// /var/lib/vtpm or $VTPM_HOST_KEY_DIR, made on first use).
+        #[arg(long, value_name = "FILE")]
+        host_key: Option<PathBuf>,
+        /// Who the TPM process runs as (libvirt's swtpm_user): USER or
+        /// USER:GROUP.
+        #[arg(long, value_name = "USER", default_value = "tss")]
+        owner: String,
+        /// Remove the reservation instead (and the directory if it is
+        /// otherwise empty).
+        #[arg(long)]
+        cancel: bool,
+    },
+    /// Source of a libvirt-driven migration: move the running DOMAIN to
+    /// DEST_URI with `virsh migrate --live`, its vtpmd TPM sealed to the
+    /// destination (reserve-incoming there, outgoing here, virsh migrate,
+    /// receipt there, complete here). Each step is printed; a failure
+    /// before the VM runs on the destination is undone.
+    Migrate {
+        /// The domain (name or UUID).
+        domain: String,
+        /// The destination libvirt, e.g. qemu+ssh://dst/system.
+        dest_uri: String,
+        /// Command prefix that runs a command on the destination host
+        /// (split on spaces; default `ssh root@HOST` from DEST_URI).
+        #[arg(long, value_name = "CMD")]
+        remote: Option<String>,
+        /// The source libvirt.
+        #[arg(long, value_name = "URI", default_value = "qemu:///system")]
+        source_uri: String,
+        /// The source vtpmd's admin socket (external backend; default for
+        /// the emulator backend: STATEDIR/vtpmd-admin.sock).
+        #[arg(long, value_name = "SOCK")]
+        admin: Option<PathBuf>,
+        /// The source's state directory (external backend: to complete
+        /// once its vtpmd exited).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// The destination's state directory (external backend; default:
+        /// the same path as here).
+        #[arg(long, value_name = "DIR")]
+        remote_state_dir: Option<PathBuf>,
+        /// vtpmctl on the destination.
+        #[arg(long, value_name = "PATH", default_value = "vtpmctl")]
+        remote_vtpmctl: String,
+        /// Lifetime of the destination's reservation, seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        expires: u64,
+        /// More `virsh migrate` arguments, after `--`.
+        #[arg(last = true, value_name = "VIRSH_ARGS")]
+        virsh_args: Vec<String>,
     },
     /// swtpm_ioctl's command line on a control socket, e.g.
     /// `vtpmctl swtpm-ioctl --unix SOCK -s` (stop the TPM and vtpmd).
@@ -171,6 +233,30 @@ impl Target {
     }
 }
 
+/// A running vtpmd: its admin socket, or the state directory whose
+/// default admin socket (`vtpmd-admin.sock`, a vtpmd run as swtpm) to use.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct Online {
+    /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
+    #[arg(long, value_name = "SOCK")]
+    admin: Option<PathBuf>,
+    /// The state directory of a vtpmd libvirt runs (its admin socket is
+    /// DIR/vtpmd-admin.sock).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+impl Online {
+    fn socket(self) -> PathBuf {
+        match (self.admin, self.state_dir) {
+            (Some(a), _) => a,
+            (None, Some(d)) => d.join(vtpm_common::statedir::ADMIN_SOCKET),
+            (None, None) => unreachable!("clap requires one"),
+        }
+    }
+}
+
 fn read(path: &PathBuf) -> Result<String, CtlError> {
     std::fs::read_to_string(path)
         .map_err(|e| CtlError::Input(format!("cannot read {}: {e}", path.display())))
@@ -206,17 +292,19 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
                 "fingerprint": key.fingerprint(),
             }))
         }
-        Cmd::IncomingInfo { admin } => json(call::<IncomingInfo>(&admin, &Request::IncomingInfo)?),
-        Cmd::IncomingKey { admin, wrapped_key } => json(call::<KeysPreloaded>(
-            &admin,
+        Cmd::IncomingInfo { at } => {
+            json(call::<IncomingInfo>(&at.socket(), &Request::IncomingInfo)?)
+        }
+        Cmd::IncomingKey { at, wrapped_key } => json(call::<KeysPreloaded>(
+            &at.socket(),
             &Request::IncomingKey { wrapped_key },
         )?),
         Cmd::Outgoing {
-            admin,
+            at,
             peer_key,
             migration_id,
         } => json(call::<Prepared>(
-            &admin,
+            &at.socket(),
             &Request::Outgoing {
                 peer_key: peer_key_pem(&read(&peer_key)?)?,
                 migration_id,
@@ -226,10 +314,12 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
             At::Admin(admin) => json(call::<Status>(&admin, &Request::Status)?),
             At::Offline(dir) => offline::status(&dir),
         },
-        Cmd::Receipt { admin, out } => {
-            let r = json(call::<Receipt>(&admin, &Request::Receipt)?)?;
-            std::fs::write(&out, format!("{r:#}\n"))
-                .map_err(|e| CtlError::Input(format!("cannot write {}: {e}", out.display())))?;
+        Cmd::Receipt { at, out } => {
+            let r = json(call::<Receipt>(&at.socket(), &Request::Receipt)?)?;
+            if let Some(out) = out {
+                std::fs::write(&out, format!("{r:#}\n"))
+                    .map_err(|e| CtlError::Input(format!("cannot write {}: {e}", out.display())))?;
+            }
             Ok(r)
         }
         Cmd::Complete { at, receipt } => {
@@ -273,6 +363,55 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
             )?),
             At::Offline(dir) => json(saves::allow(&dir, generation)?),
         },
+        Cmd::ReserveIncoming {
+            state_dir,
+            expires,
+            host_key,
+            owner,
+            cancel,
+        } => {
+            if cancel {
+                return json(reserve::cancel(&state_dir)?);
+            }
+            let who = reserve::owner(&owner)?;
+            let key = host_key.map_or(reserve::KeySource::System, reserve::KeySource::File);
+            json(reserve::reserve(&state_dir, expires, &key, who)?)
+        }
+        Cmd::Migrate {
+            domain,
+            dest_uri,
+            remote,
+            source_uri,
+            admin,
+            state_dir,
+            remote_state_dir,
+            remote_vtpmctl,
+            expires,
+            virsh_args,
+        } => {
+            let remote = match remote {
+                Some(r) => r.split_whitespace().map(str::to_string).collect::<Vec<_>>(),
+                None => migrate::default_remote(&dest_uri)?,
+            };
+            if remote.is_empty() {
+                return Err(CtlError::Input(
+                    "--remote is empty; give the command prefix that runs a command on the destination, e.g. `ssh root@dst`".into(),
+                ));
+            }
+            let plan = migrate::Plan {
+                domain,
+                dest_uri,
+                source_uri,
+                remote,
+                remote_vtpmctl,
+                admin,
+                remote_state_dir,
+                state_dir,
+                expires,
+                virsh_args,
+            };
+            Ok(plan.execute()?)
+        }
         Cmd::SwtpmIoctl { .. } => unreachable!("handled in main"),
     }
 }

@@ -20,6 +20,7 @@ use crate::storage::{self, files, StateDir};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use vtpm_common::statedir;
 
 /// The attributes of the certificate and template NV indices (swtpm's):
 /// PLATFORMCREATE | AUTHREAD | OWNERREAD | PPREAD | PPWRITE | NO_DA |
@@ -39,6 +40,9 @@ pub enum Outcome {
     Reconfigured,
     /// `--not-overwrite` found existing state and left it alone.
     LeftAlone,
+    /// The directory is reserved for an incoming sealed migration
+    /// (`vtpmctl reserve-incoming`): its TPM arrives with the migration.
+    Reserved,
 }
 
 /// Where libtpms may look when the TPM is not started (capabilities).
@@ -285,6 +289,18 @@ pub fn run(a: &SetupArgs, log: &mut SetupLog) -> Result<Outcome, SetupError> {
         log.info("  The TPM's state will be encrypted with a key derived from the given secret.");
     }
 
+    if let Some(r) = reservation(&dir)? {
+        log.info(&format!(
+            "Leaving {} alone: it is reserved for incoming sealed migration {} \
+             ({}); the TPM's state arrives with the migration. If no migration is \
+             coming, remove the reservation: vtpmctl reserve-incoming --cancel --state-dir {}",
+            dir.display(),
+            r.migration_id,
+            statedir::RESERVATION,
+            dir.display()
+        ));
+        return Ok(Outcome::Reserved);
+    }
     let store = Arc::new(StateDir::open(&dir, STATE_FILE_MODE, key)?);
     let mut engine = take_engine(store.clone())?;
     let rsa = rsa_bits(a.rsa_keysize.as_deref(), &rsa_key_sizes(&mut engine))?;
@@ -335,6 +351,17 @@ pub fn run(a: &SetupArgs, log: &mut SetupLog) -> Result<Outcome, SetupError> {
             Err(e)
         }
     }
+}
+
+/// The reservation `vtpmctl reserve-incoming` left in `dir`, if any
+/// (expired or not: only vtpmctl or the destination vtpmd removes it).
+fn reservation(dir: &Path) -> Result<Option<statedir::Reservation>, SetupError> {
+    statedir::read_json(dir, statedir::RESERVATION).map_err(|e| {
+        SetupError::Unsupported(format!(
+            "{e}; remove it (vtpmctl reserve-incoming --cancel --state-dir {}) and retry",
+            dir.display()
+        ))
+    })
 }
 
 fn remove_state(store: &StateDir) -> Result<(), SetupError> {
