@@ -37,7 +37,9 @@ unit-and-integration: build
 # libvirt-test.py (libvirtd started by the test in a private namespace, the
 # system instance): the external backend as the README has it, and libvirt's
 # emulator backend running vtpm-setup, vtpmd and vtpmctl (plain, PCR banks,
-# encrypted, switching from and back to swtpm).
+# encrypted, switching from and back to swtpm), and virsh save/restore,
+# managedsave and an internal memory snapshot with vtpmd sealing the TPM to
+# the host (refusals: another host key, a flipped byte, a refused rollback).
 # Then QEMU 11.1 (from a Debian sid root under build/): the virtio-tpm guest
 # on `vtpmd vhost-user` with our guest driver, crb/tis, and migration again.
 kernel-tests: build
