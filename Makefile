@@ -42,24 +42,27 @@ unit-and-integration: build
 # the host (refusals: another host key, a flipped byte, a refused rollback).
 # Then QEMU 11.1 (from a Debian sid root under build/): the virtio-tpm guest
 # on `vtpmd vhost-user` with our guest driver, crb/tis, and migration again.
+# The host-side tests' vtpmd processes use a host key under build/ rather
+# than the machine's /var/lib/vtpm (libvirt's run in their own namespace).
+TEST_KEYS := VTPM_HOST_KEY_DIR=$(CURDIR)/build/test-host-key
 kernel-tests: build
-	TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-tests.sh
-	TPM_BACKEND_BIN=$(VTPMD) python3 kernel-tests/migration-test.py
-	TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-qemu10-tests.sh
+	$(TEST_KEYS) TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-tests.sh
+	$(TEST_KEYS) TPM_BACKEND_BIN=$(VTPMD) python3 kernel-tests/migration-test.py
+	$(TEST_KEYS) TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-qemu10-tests.sh
 	python3 kernel-tests/libvirt-test.py
-	TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-qemu11-tests.sh
+	$(TEST_KEYS) TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-qemu11-tests.sh
 
 # vtpmd vs swtpm 0.7.1 (the system's) and swtpm 0.10 (Debian sid, from a
 # root under build/swtpm-sid made once) vs in-process libtpms, side by side
 # (not a timed test).
 bench: build
 	bash bench/prepare-swtpm-sid.sh
-	./target/release/vtpm-bench
+	$(TEST_KEYS) ./target/release/vtpm-bench
 
 # A few iterations of every benchmark row, so the harness cannot rot (sid's
 # swtpm only if its root is already there).
 bench-smoke: build
-	./target/release/vtpm-bench --smoke
+	$(TEST_KEYS) ./target/release/vtpm-bench --smoke
 
 # Every kept fuzz input (fuzz/corpus, fuzz/regressions) through the fuzz
 # targets' bodies, on stable Rust: no fuzzer needed (docs/FUZZING.md).

@@ -17,6 +17,9 @@
 //! | `abort` | | [`Status`] |
 //! | `receipt` | | [`Receipt`] |
 //! | `complete` | `receipt` ([`Receipt`]) | [`Tombstone`] |
+//! | `saves` | | [`SaveStatus`] |
+//! | `rollback-policy` | `policy` (`allow` \| `refuse`) | [`SaveStatus`] |
+//! | `allow-rollback` | `generation` | [`SaveStatus`] |
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -52,6 +55,14 @@ pub enum Request {
     Receipt,
     /// Source: check the receipt, then erase the local copy.
     Complete { receipt: Receipt },
+    /// The instance id, save generation and rollback policy.
+    Saves,
+    /// Sets what a restore of an older save does.
+    RollbackPolicy {
+        policy: crate::statedir::RollbackPolicy,
+    },
+    /// Allows one restore of an older save (policy `refuse`).
+    AllowRollback { generation: u64 },
 }
 
 impl Request {
@@ -65,6 +76,9 @@ impl Request {
             Request::Abort => "abort",
             Request::Receipt => "receipt",
             Request::Complete { .. } => "complete",
+            Request::Saves => "saves",
+            Request::RollbackPolicy { .. } => "rollback-policy",
+            Request::AllowRollback { .. } => "allow-rollback",
         }
     }
 
@@ -73,7 +87,8 @@ impl Request {
         serde_json::from_str(line).map_err(|e| {
             format!(
                 "bad request ({e}); expected {{\"op\": \"status\" | \"incoming-info\" | \
-                 \"incoming-key\" | \"outgoing\" | \"abort\" | \"receipt\" | \"complete\", ...}}"
+                 \"incoming-key\" | \"outgoing\" | \"abort\" | \"receipt\" | \"complete\" | \
+                 \"saves\" | \"rollback-policy\" | \"allow-rollback\", ...}}"
             )
         })
     }
@@ -157,6 +172,22 @@ pub struct Tombstone {
     pub unix_time: u64,
 }
 
+/// `saves`, `rollback-policy`, `allow-rollback`: what restores of this
+/// TPM's saves are bound to and what an older one does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveStatus {
+    /// None until the first save.
+    pub instance_id: Option<String>,
+    pub generation: u64,
+    pub rollback: crate::statedir::RollbackPolicy,
+    /// The older generation the operator allowed, if any.
+    pub allowed_generation: Option<u64>,
+    /// Restores of older saves so far (the record's lines).
+    pub rollbacks: usize,
+    /// Fingerprint of the key saves are sealed to (None: saves refused).
+    pub host_key: Option<String>,
+}
+
 /// A successful reply's result, whichever request it answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
@@ -167,6 +198,7 @@ pub enum Reply {
     Prepared(Prepared),
     Receipt(Receipt),
     Tombstone(Tombstone),
+    SaveStatus(SaveStatus),
 }
 
 /// The reply envelope on the wire.

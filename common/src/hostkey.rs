@@ -104,12 +104,13 @@ impl HostKey {
     }
 
     pub fn load(path: &Path) -> Result<HostKey, KeyError> {
-        let pem = fs::read_to_string(path).map_err(|source| KeyError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let private = RsaPrivateKey::from_pkcs8_pem(&pem).map_err(|e| KeyError::Parse {
-            what: path.display().to_string(),
+        let pem = read_pem(path)?;
+        HostKey::parse(&pem, &path.display().to_string())
+    }
+
+    fn parse(pem: &str, what: &str) -> Result<HostKey, KeyError> {
+        let private = RsaPrivateKey::from_pkcs8_pem(pem).map_err(|e| KeyError::Parse {
+            what: what.to_string(),
             kind: "PKCS#8 private",
             why: e.to_string(),
         })?;
@@ -241,6 +242,62 @@ impl HostKey {
     }
 }
 
+fn read_pem(path: &Path) -> Result<zeroize::Zeroizing<String>, KeyError> {
+    fs::read_to_string(path)
+        .map(zeroize::Zeroizing::new)
+        .map_err(|source| KeyError::Read {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
+/// A host key read at start and parsed on first use: an idle vTPM that
+/// never saves or migrates pays one file read, not the RSA key set-up.
+pub struct LazyHostKey {
+    path: String,
+    pem: zeroize::Zeroizing<String>,
+    key: std::sync::OnceLock<HostKey>,
+}
+
+impl std::fmt::Debug for LazyHostKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LazyHostKey({})", self.path)
+    }
+}
+
+impl LazyHostKey {
+    /// A key already parsed (`--host-key`, checked at start).
+    pub fn ready(key: HostKey, path: &Path) -> LazyHostKey {
+        LazyHostKey {
+            path: path.display().to_string(),
+            pem: zeroize::Zeroizing::new(String::new()),
+            key: std::sync::OnceLock::from(key),
+        }
+    }
+
+    /// Reads the key file now; parses it at the first [`get`](Self::get).
+    pub fn read(path: &Path) -> Result<LazyHostKey, KeyError> {
+        Ok(LazyHostKey {
+            path: path.display().to_string(),
+            pem: read_pem(path)?,
+            key: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Where the key came from.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn get(&self) -> Result<&HostKey, KeyError> {
+        if let Some(k) = self.key.get() {
+            return Ok(k);
+        }
+        let k = HostKey::parse(&self.pem, &self.path)?;
+        Ok(self.key.get_or_init(|| k))
+    }
+}
+
 /// Makes `f` belong to the owner of `dir` (when run as root for a
 /// directory that belongs to the TPM's user, such as `tss`).
 fn give_to(f: &fs::File, dir: &fs::Metadata) -> std::io::Result<()> {
@@ -367,6 +424,20 @@ mod tests {
         assert_eq!(parse_public(&pem, "x").unwrap(), *made.public());
         let left: Vec<_> = fs::read_dir(&dir).unwrap().collect();
         assert_eq!(left.len(), 2, "no temporary file is left");
+    }
+
+    #[test]
+    fn lazy_key_parses_on_first_use() {
+        let (a, _) = keys();
+        let d = tempfile::tempdir().unwrap();
+        a.save(d.path()).unwrap();
+        let lazy = LazyHostKey::read(&d.path().join(PRIVATE_FILE)).unwrap();
+        assert_eq!(lazy.get().unwrap().fingerprint(), a.fingerprint());
+        fs::write(d.path().join("junk.pem"), "not a key").unwrap();
+        let junk = LazyHostKey::read(&d.path().join("junk.pem")).unwrap();
+        let err = junk.get().unwrap_err().to_string();
+        assert!(err.contains("junk.pem"), "{err}");
+        assert!(LazyHostKey::read(&d.path().join("missing.pem")).is_err());
     }
 
     #[test]

@@ -212,6 +212,106 @@ pub struct Reservation {
     pub expires: u64,
 }
 
+/// A TPM's identity for saves: restores are bound to `instance_id`, and
+/// `generation` orders its states (see docs/migration.md, "Saves and
+/// snapshots").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// 32 hex digits, random, made at the first save.
+    pub instance_id: String,
+    /// Grows with every save and whenever the TPM runs after one: a
+    /// restore of an older generation rolls the TPM back.
+    pub generation: u64,
+    #[serde(default)]
+    pub rollback: RollbackPolicy,
+}
+
+impl Identity {
+    /// A new TPM identity: a random instance id, generation 0.
+    pub fn fresh(rollback: RollbackPolicy) -> io::Result<Identity> {
+        let mut id = [0u8; 16];
+        getrandom::getrandom(&mut id).map_err(io::Error::other)?;
+        Ok(Identity {
+            instance_id: hex::encode(&id),
+            generation: 0,
+            rollback,
+        })
+    }
+}
+
+/// What a restore of an older generation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RollbackPolicy {
+    /// Allowed (snapshot revert), logged and recorded.
+    #[default]
+    Allow,
+    /// Refused unless the operator allowed that generation.
+    Refuse,
+}
+
+/// The one older generation the operator allowed (`vtpmctl allow-rollback`);
+/// used up by the restore it allows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackAllowance {
+    pub generation: u64,
+}
+
+/// One line of the rollback record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackRecord {
+    pub unix_time: u64,
+    pub restored_generation: u64,
+    pub newest_generation: u64,
+    /// "allowed" (policy allow), "allowed-by-operator" or "refused".
+    pub decision: String,
+}
+
+/// Appends `record` as one line to the rollback record, durably.
+pub fn append_rollback(dir: &Path, record: &RollbackRecord) -> Result<(), StateDirError> {
+    let path = dir.join(ROLLBACKS);
+    let mut line = serde_json::to_vec(record).unwrap_or_default();
+    line.push(b'\n');
+    let mut f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc_flags())
+        .open(&path)
+        .map_err(io_err("open", &path))?;
+    f.write_all(&line)
+        .and_then(|()| f.sync_all())
+        .map_err(io_err("write", &path))?;
+    sync_dir(dir)
+}
+
+/// Reads the rollback record (its last `MAX_MARKER` bytes at most).
+pub fn read_rollbacks(dir: &Path) -> Result<Vec<RollbackRecord>, StateDirError> {
+    let path = dir.join(ROLLBACKS);
+    let mut f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags())
+        .open(&path)
+    {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        r => r.map_err(io_err("open", &path))?,
+    };
+    let len = f.metadata().map_err(io_err("stat", &path))?.len();
+    if len > MAX_MARKER {
+        use std::io::Seek;
+        f.seek(io::SeekFrom::Start(len - MAX_MARKER))
+            .map_err(io_err("seek", &path))?;
+    }
+    let mut text = Vec::new();
+    f.take(MAX_MARKER)
+        .read_to_end(&mut text)
+        .map_err(io_err("read", &path))?;
+    Ok(text
+        .split(|b| *b == b'\n')
+        .filter_map(|l| serde_json::from_slice(l).ok())
+        .collect())
+}
+
 /// Reads a JSON file of at most 64 KiB written by [`write_json`];
 /// `Ok(None)` if there is none. A symlink is not followed.
 pub fn read_json<T: serde::de::DeserializeOwned>(
@@ -378,6 +478,48 @@ mod tests {
         remove_marker(d.path()).unwrap();
         remove_marker(d.path()).unwrap();
         assert!(read_marker(d.path()).unwrap().is_none());
+    }
+
+    #[test]
+    fn identity_and_rollback_record() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(read_json::<Identity>(d.path(), IDENTITY).unwrap().is_none());
+        let id = Identity {
+            instance_id: "ab".repeat(16),
+            generation: 7,
+            rollback: RollbackPolicy::Refuse,
+        };
+        write_json(d.path(), IDENTITY, &id).unwrap();
+        assert_eq!(read_json(d.path(), IDENTITY).unwrap(), Some(id));
+        // An identity written before the policy existed reads as "allow".
+        fs::write(
+            d.path().join(IDENTITY),
+            br#"{"instance_id":"00","generation":1}"#,
+        )
+        .unwrap();
+        let old: Identity = read_json(d.path(), IDENTITY).unwrap().unwrap();
+        assert_eq!(old.rollback, RollbackPolicy::Allow);
+        assert!(read_rollbacks(d.path()).unwrap().is_empty());
+        let r = RollbackRecord {
+            unix_time: 1,
+            restored_generation: 2,
+            newest_generation: 5,
+            decision: "allowed".into(),
+        };
+        append_rollback(d.path(), &r).unwrap();
+        // A torn or garbage line is skipped, the rest read.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(d.path().join(ROLLBACKS))
+            .unwrap();
+        f.write_all(b"{\"unix_ti\n").unwrap();
+        append_rollback(d.path(), &r).unwrap();
+        assert_eq!(read_rollbacks(d.path()).unwrap(), vec![r.clone(), r]);
+        let mode = fs::metadata(d.path().join(ROLLBACKS))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

@@ -446,7 +446,7 @@ pub fn migration_import(data: &[u8]) {
         id[0] ^= 1;
     }
     let host = host_key();
-    let mut imp = Importer::new(id);
+    let mut imp = Importer::new(id, piece::Purpose::Migration);
     let mut failed = false;
     for (ty, b) in &blobs {
         let r = imp.accept(*ty, b, host);

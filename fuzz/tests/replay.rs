@@ -64,12 +64,12 @@ fn empty_and_tiny_inputs() {
 #[test]
 fn migration_seed_is_a_complete_migration() {
     use vtpm_fuzz::targets::{host_key, split_blobs};
-    use vtpmd::migration::piece::{peek_id, Importer};
+    use vtpmd::migration::piece::{peek_id, Importer, Purpose};
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/migration_import/seed-three");
     let data = std::fs::read(p).unwrap();
     let (_, blobs) = split_blobs(&data);
     assert_eq!(blobs.len(), 3);
-    let mut imp = Importer::new(peek_id(blobs[0].1).unwrap());
+    let mut imp = Importer::new(peek_id(blobs[0].1).unwrap(), Purpose::Migration);
     for (ty, b) in blobs {
         imp.accept(ty, b, host_key()).unwrap();
     }

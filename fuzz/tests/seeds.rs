@@ -6,7 +6,7 @@ use std::path::Path;
 use vtpm_fuzz::targets::{self, encode_request, join_blobs, MEM};
 use vtpmd::engine::tpm2;
 use vtpmd::frontend::swtpm::wire::Request;
-use vtpmd::migration::piece::Exporter;
+use vtpmd::migration::piece::{Exporter, Purpose};
 use vtpmd::migration::stream;
 use vtpmd::storage::{blob, sealing};
 
@@ -120,7 +120,7 @@ fn write_seeds() {
 
     let host = targets::host_key();
     let id = [7u8; 32];
-    let mut e = Exporter::new(id, host.public()).unwrap();
+    let mut e = Exporter::new(id, host.public(), Purpose::Migration).unwrap();
     let b1 = e.seal_state(1, &[1u8; 300]).unwrap();
     let b2 = e.seal_state(2, &[2u8; 100]).unwrap();
     let b3 = e.seal_final().unwrap();
@@ -131,7 +131,7 @@ fn write_seeds() {
         "three",
         &join_blobs(0, &[&b1, &b2, &b3]),
     );
-    let mut e = Exporter::new(id, host.public()).unwrap();
+    let mut e = Exporter::new(id, host.public(), Purpose::Migration).unwrap();
     let b1 = e.seal_state(1, &[]).unwrap();
     let b2 = e.seal_state(2, &[]).unwrap();
     let b3 = e.seal_final().unwrap();

@@ -122,11 +122,21 @@ pub struct InstanceArgs {
     /// still takes precedence (docs/swtpm-compat.md, "Migration key").
     #[arg(long, value_name = "file=PATH|fd=N|pwdfile=PATH|pwdfd=N[,...]")]
     pub migration_key: Option<String>,
-    /// This host's migration key (private RSA key, PEM, from `vtpmctl
-    /// keygen`). Enables sealed migration; plaintext or swtpm-format blobs
-    /// are then refused.
-    #[arg(long, value_name = "FILE")]
+    /// This host's key (private RSA key, PEM, from `vtpmctl keygen`):
+    /// sealed migration, saves sealed to this host; plaintext or
+    /// swtpm-format blobs are then refused. Default: the host's key in
+    /// /var/lib/vtpm ($VTPM_HOST_KEY_DIR), made on first use.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_host_key")]
     pub host_key: Option<PathBuf>,
+    /// Use no host key, not even the default one: state exports are then
+    /// refused unless --allow-plaintext-migration or --migration-key.
+    #[arg(long)]
+    pub no_host_key: bool,
+    /// What restoring an older save (a snapshot revert) does: allow
+    /// (default; logged and recorded in vtpmd-rollbacks.log) or refuse
+    /// (unless `vtpmctl allow-rollback` allowed that one).
+    #[arg(long, value_name = "allow|refuse")]
+    pub rollback: Option<String>,
     /// Only wrap migrations to destination keys found (as *.pem) here.
     #[arg(long, value_name = "DIR")]
     pub trusted_peers: Option<PathBuf>,
@@ -221,6 +231,10 @@ pub struct InstanceConfig {
     pub key: Option<KeySpec>,
     pub migration_key: Option<KeySpec>,
     pub host_key: Option<PathBuf>,
+    /// No --host-key: use the host's key in the system location (not with
+    /// --no-host-key, --allow-plaintext-migration or --migration-key).
+    pub system_host_key: bool,
+    pub rollback_refuse: bool,
     pub trusted_peers: Option<PathBuf>,
     pub admin: Option<PathBuf>,
     /// A sealed-migration destination (`--migration incoming` with
@@ -289,6 +303,20 @@ impl InstanceArgs {
                 .map(|k| key::parse_key("--migration-key", k))
                 .transpose()?,
             host_key: self.host_key.clone(),
+            system_host_key: self.host_key.is_none()
+                && !self.no_host_key
+                && !self.allow_plaintext_migration
+                && self.migration_key.is_none(),
+            rollback_refuse: match self.rollback.as_deref() {
+                None | Some("allow") => false,
+                Some("refuse") => true,
+                Some(other) => {
+                    return Err(invalid(
+                        "--rollback",
+                        format!("'{other}': use allow or refuse"),
+                    ))
+                }
+            },
             trusted_peers: self.trusted_peers.clone(),
             admin: self.admin.as_deref().map(parse_admin).transpose()?,
             seccomp: self

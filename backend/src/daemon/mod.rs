@@ -13,6 +13,7 @@
 pub mod confine;
 pub mod detach;
 pub mod keys;
+pub mod sealing;
 pub mod swtpm;
 pub mod vhost_user;
 
@@ -33,7 +34,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use thiserror::Error;
-use vtpm_common::hostkey::{HostKey, KeyError};
+use vtpm_common::hostkey::KeyError;
 
 #[derive(Debug, Error)]
 pub enum RunError {
@@ -159,12 +160,8 @@ impl Host {
         if cfg.incoming {
             store.require_empty()?;
         }
-        let host_key = cfg
-            .host_key
-            .as_deref()
-            .map(HostKey::load)
-            .transpose()?
-            .map(Arc::new);
+        opts.rollback_refuse = cfg.rollback_refuse;
+        let host_key = sealing::host_key(cfg)?;
         let mut session = Session::new(
             host_key,
             cfg.trusted_peers.clone(),
@@ -173,6 +170,8 @@ impl Host {
         );
         if let Some(marker) = store.read_marker()? {
             session.restore(&marker).map_err(InstanceError::Migration)?;
+        } else if !cfg.incoming {
+            sealing::take_reservation(&store, &mut session)?;
         }
         if cfg.allow_plaintext_migration {
             log::warn!("--allow-plaintext-migration: the TPM state may be handed out unencrypted");
@@ -184,7 +183,12 @@ impl Host {
         };
         let vtpm = Arc::new(Vtpm::new(Box::new(tpm), store, opts, session)?);
         let mut sockets = Vec::new();
-        let admin = match &cfg.admin {
+        // Run as swtpm (libvirt's emulator backend), where no --admin can
+        // be passed, the admin socket is in the state directory.
+        let admin_path = cfg.admin.clone().or_else(|| {
+            invoked_as_swtpm().then(|| cfg.state_dir.join(vtpm_common::statedir::ADMIN_SOCKET))
+        });
+        let admin = match &admin_path {
             Some(p) => {
                 let l = bind_unix(p, 0o600)?;
                 sockets.push(p.clone());

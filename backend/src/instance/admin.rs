@@ -56,6 +56,17 @@ impl Vtpm {
                 self.power_off_locked(&mut st);
                 Reply::Tombstone(t)
             }
+            Request::Saves => Reply::SaveStatus(self.save_status(&st)?),
+            Request::RollbackPolicy { policy } => {
+                self.set_rollback_policy(policy)?;
+                log::warn!("rollback policy set to {policy:?} by the administrator");
+                Reply::SaveStatus(self.save_status(&st)?)
+            }
+            Request::AllowRollback { generation } => {
+                self.allow_rollback(generation)?;
+                log::warn!("the administrator allowed one restore of generation {generation}");
+                Reply::SaveStatus(self.save_status(&st)?)
+            }
         })
     }
 

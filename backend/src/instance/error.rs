@@ -5,6 +5,7 @@
 
 use super::BlobKind;
 use crate::engine::TpmResult;
+use crate::migration::save::SaveError;
 use crate::migration::session::SessionError;
 use crate::storage::blob::BlobError;
 use crate::storage::swtpm_crypt::CryptError;
@@ -51,7 +52,7 @@ pub enum InstanceError {
     Handover(#[source] StorageError),
     #[error(transparent)]
     Migration(#[from] SessionError),
-    #[error("no migration is prepared for this vTPM (run `vtpmctl outgoing` first); plaintext export needs --allow-plaintext-migration")]
+    #[error("the TPM state is not handed out: no migration is prepared (`vtpmctl outgoing`) and there is no host key to seal a save to (vtpmd makes one in /var/lib/vtpm, or $VTPM_HOST_KEY_DIR, unless --no-host-key; or pass --host-key FILE). --allow-plaintext-migration hands it out unencrypted, as swtpm does")]
     ExportNotPrepared,
     #[error(
         "exporting state still under the state-file key is not supported (request decrypted blobs)"
@@ -67,6 +68,24 @@ pub enum InstanceError {
     NoBlob(BlobKind),
     #[error("the TPM engine has no information for flags {0:#x}")]
     NoInfo(u32),
+    #[error(transparent)]
+    Save(#[from] SaveError),
+    #[error("the save identity or rollback record in the state directory (vtpmd-identity.json, vtpmd-rollbacks.log, vtpmd-rollback-allow.json): {0}")]
+    Identity(#[source] StorageError),
+    #[error("vtpmd-identity.json in the state directory is damaged (its instance id is not 32 hex digits); restore it from a backup")]
+    BadIdentity,
+    #[error("no random numbers from the OS")]
+    Random,
+    #[error("this save belongs to another TPM (instance {theirs}); this state directory's TPM is instance {ours}. A save is restored only into the TPM that made it")]
+    OtherInstance { ours: String, theirs: String },
+    #[error("this save belongs to TPM instance {theirs}, but this state directory holds a TPM that never made a save. A save is restored only into the TPM that made it (or into an empty state directory)")]
+    NeverSaved { theirs: String },
+    #[error("ROLLBACK REFUSED: restoring generation {restored} would roll this TPM back (it has seen generation {newest}) and its rollback policy is refuse. If this revert is intended, allow it once with `vtpmctl allow-rollback --generation {restored}` (--state-dir DIR or --admin SOCK) and retry")]
+    RollbackRefused { restored: u64, newest: u64 },
+    #[error(
+        "a saved state cannot be restored while the instance is {0:?} (a save is not a migration)"
+    )]
+    RestoreWhile(Phase),
     #[error("this instance is {0:?}, not waiting for an incoming migration (start it with --migration incoming); its TPM is left as it is")]
     NotIncoming(Phase),
 }

@@ -18,18 +18,23 @@
 //! state) no TPM command runs; see [`crate::migration::session`].
 //!
 //! * [`state_blob`]: export and import of state blobs (sealed or plain).
+//! * [`saves`]: saves sealed to this host, their identity and rollbacks.
 //! * [`admin`]: the admin operations (vtpmctl).
 
 mod admin;
 mod error;
+mod saves;
 mod state_blob;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_saves;
 
 pub use error::InstanceError;
 
 use crate::engine::tpm2::{self, StartupType};
 use crate::engine::{BufferSizes, EngineControls, StateType, TpmEngine};
+use crate::migration::save::Saves;
 use crate::migration::session::{Handover, Session};
 use crate::storage::swtpm_key::SwtpmKey;
 use crate::storage::{StateDir, PERMANENT, VOLATILE};
@@ -53,6 +58,10 @@ pub struct Options {
     /// `--migration release-lock-outgoing`: give the state directory lock
     /// up once the last blob was handed out.
     pub release_lock_outgoing: bool,
+    /// `--rollback refuse`: a restore of an older save is refused unless
+    /// the operator allowed that generation (also settable per state
+    /// directory with `vtpmctl rollback-policy`).
+    pub rollback_refuse: bool,
 }
 
 /// How often, 10 ms apart, a released or deferred state directory lock is
@@ -113,6 +122,7 @@ struct TpmState {
     /// Failure mode was logged since the last power-on.
     failure_reported: bool,
     session: Session,
+    saves: Saves,
 }
 
 /// A vTPM shared by the frontends.
@@ -125,6 +135,9 @@ pub struct Vtpm {
     running: AtomicBool,
     established: AtomicBool,
     io_size: AtomicU32,
+    /// No TPM command ran since the last save or restore: the state is
+    /// still that save's generation.
+    unchanged_since_save: AtomicBool,
 }
 
 type Result<T> = std::result::Result<T, InstanceError>;
@@ -148,6 +161,7 @@ impl Vtpm {
             }
         }
         let size = tpm.set_buffer_size(0).size;
+        let saves = Saves::new(session.host_key());
         Ok(Vtpm {
             controls: tpm.controls(),
             state: Mutex::new(TpmState {
@@ -158,12 +172,14 @@ impl Vtpm {
                 permanent_set: false,
                 failure_reported: false,
                 session,
+                saves,
             }),
             store,
             opts,
             running: AtomicBool::new(false),
             established: AtomicBool::new(false),
             io_size: AtomicU32::new(size),
+            unchanged_since_save: AtomicBool::new(false),
         })
     }
 
@@ -242,6 +258,9 @@ impl Vtpm {
             log::warn!("TPM command after a state export: taking the state back");
             self.store.set_fenced(false);
         }
+        if self.unchanged_since_save.load(Ordering::Relaxed) {
+            self.note_moved_past_saves();
+        }
         let max = self.io_size() as usize;
         match st.tpm.process(command) {
             Ok(resp) if resp.len() >= tpm2::HEADER_LEN && resp.len() <= max => {
@@ -285,6 +304,9 @@ impl Vtpm {
                 return Err(InstanceError::Locked(st.session.phase()));
             }
             return self.unlock_destination(&mut st, flags);
+        }
+        if st.saves.restoring() {
+            return self.finish_restore(&mut st, flags);
         }
         self.power_off_locked(&mut st);
         self.power_on_locked(&mut st, flags)

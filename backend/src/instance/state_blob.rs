@@ -5,8 +5,10 @@
 //!  export_blob ─┬─ migration prepared ──▶ sealed piece (the source locks from the 1st)
 //!               ├─ --migration-key ──▶ swtpm's blob encrypted with it
 //!               ├─ --allow-plaintext-migration ──▶ swtpm's plain blob (logged)
+//!               ├─ host key ──▶ a save sealed to this host (`saves`; the TPM runs on)
 //!               └─ otherwise ──▶ refused (ExportNotPrepared)
-//!  import_blob ─┬─ host key set ──▶ sealed pieces only, verified by the session
+//!  import_blob ─┬─ a save ("VTPMSAV1") ──▶ verified by `saves`, loaded at INIT
+//!               ├─ host key set ──▶ sealed migration pieces only, verified by the session
 //!               └─ no host key ──▶ swtpm's blob, plain or under the migration
 //!                                  key, for the next power-on
 //! ```
@@ -15,6 +17,7 @@
 //! given up once the savestate blob (the last) went out.
 
 use super::{BlobKind, InitFlags, InstanceError, TpmState, Vtpm};
+use crate::migration::piece::Purpose;
 use crate::storage::{blob, swtpm_crypt, VOLATILE};
 use vtpm_common::admin::Phase;
 use zeroize::Zeroizing;
@@ -48,6 +51,7 @@ impl Vtpm {
             None if st.session.allow_plain() || self.opts.migration_key.is_some() => {
                 self.plain_blob(&mut st, kind)
             }
+            None if st.saves.available() => self.export_save(&mut st, kind),
             None => Err(InstanceError::ExportNotPrepared),
         };
         if kind == BlobKind::SaveState && matches!(out, Ok(_) | Err(InstanceError::NoBlob(_))) {
@@ -96,6 +100,16 @@ impl Vtpm {
             return Err(InstanceError::ForeignEncrypted);
         }
         self.store.lock().map_err(InstanceError::StorageLock)?;
+        if Purpose::of(data) == Some(Purpose::Save) {
+            let phase = st.session.phase();
+            if phase != Phase::Running {
+                return Err(InstanceError::RestoreWhile(phase));
+            }
+            return st.saves.accept(kind.number(), data).map_err(|e| {
+                log::error!("restore refused: {e}");
+                InstanceError::Save(e)
+            });
+        }
         if st.session.has_host_key() {
             // Sealed migration only: no plaintext or swtpm blobs (no downgrade).
             return Ok(st.session.import(kind.number(), data)?);
@@ -125,9 +139,10 @@ impl Vtpm {
     /// The same rules as [`Vtpm::export_blob`]; a plaintext export has no
     /// third blob.
     pub fn export_all(&self) -> Result<Vec<(BlobKind, Vec<u8>)>> {
-        let mut blobs = Vec::new();
+        let mut blobs: Vec<(BlobKind, Vec<u8>)> = Vec::new();
         for kind in BlobKind::ALL {
-            if kind == BlobKind::SaveState && self.phase() != Phase::SourceLocked {
+            let sealed = blobs.first().is_some_and(|(_, b)| Purpose::of(b).is_some());
+            if kind == BlobKind::SaveState && !sealed {
                 break;
             }
             blobs.push((kind, self.export_blob(kind, true)?));
@@ -151,6 +166,7 @@ impl Vtpm {
     /// a destination stays locked and forgets its migration id.
     pub fn abandon_import(&self) {
         let mut st = self.lock();
+        st.saves.abandon();
         if st.session.phase() == Phase::DestinationLocked {
             st.session.relock_destination();
         }
@@ -160,7 +176,10 @@ impl Vtpm {
         {
             let st = self.lock();
             let phase = st.session.phase();
-            if st.session.has_host_key() && phase != Phase::DestinationLocked {
+            let save = blobs
+                .first()
+                .is_some_and(|(_, b)| Purpose::of(b) == Some(Purpose::Save));
+            if st.session.has_host_key() && phase != Phase::DestinationLocked && !save {
                 return Err(InstanceError::NotIncoming(phase));
             }
         }

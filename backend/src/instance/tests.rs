@@ -10,21 +10,21 @@ use crate::storage::slots::{self, SlotFile};
 use crate::storage::{blob, STUB_MAGIC, TOMBSTONE};
 use std::path::Path;
 use vtpm_common::admin::{Reply, Request};
-use vtpm_common::hostkey::HostKey;
+use vtpm_common::hostkey::{HostKey, LazyHostKey};
 use vtpm_common::statedir::MARKER;
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    vtpm: Vtpm,
-    probe: Arc<Probe>,
+pub(super) struct Fixture {
+    pub(super) _dir: tempfile::TempDir,
+    pub(super) vtpm: Vtpm,
+    pub(super) probe: Arc<Probe>,
 }
 
 impl Fixture {
-    fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         self._dir.path()
     }
 
-    fn on_disk(&self) -> Option<Vec<u8>> {
+    pub(super) fn on_disk(&self) -> Option<Vec<u8>> {
         self.blob_on_disk("permall")
     }
 
@@ -44,12 +44,17 @@ impl Fixture {
     }
 }
 
-fn with(host: Option<&HostKey>, incoming: bool, allow_plain: bool, opts: Options) -> Fixture {
+pub(super) fn with(
+    host: Option<&HostKey>,
+    incoming: bool,
+    allow_plain: bool,
+    opts: Options,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     fixture_in(dir, host, incoming, allow_plain, opts)
 }
 
-fn fixture_in(
+pub(super) fn fixture_in(
     dir: tempfile::TempDir,
     host: Option<&HostKey>,
     incoming: bool,
@@ -58,7 +63,8 @@ fn fixture_in(
 ) -> Fixture {
     let store = Arc::new(StateDir::open(dir.path(), 0o600, None).unwrap());
     let (engine, probe) = FakeEngine::new(store.clone());
-    let mut session = Session::new(host.cloned().map(Arc::new), None, allow_plain, incoming);
+    let host = host.map(|k| Arc::new(LazyHostKey::ready(k.clone(), "test".as_ref())));
+    let mut session = Session::new(host, None, allow_plain, incoming);
     if let Some(m) = store.read_marker().unwrap() {
         session.restore(&m).unwrap();
     }
@@ -70,11 +76,11 @@ fn fixture_in(
     }
 }
 
-fn plain() -> Fixture {
+pub(super) fn plain() -> Fixture {
     with(None, false, false, Options::default())
 }
 
-fn cmd(code: u32, body: &[u8]) -> Vec<u8> {
+pub(super) fn cmd(code: u32, body: &[u8]) -> Vec<u8> {
     let mut c = tpm2::Header {
         tag: tpm2::ST_NO_SESSIONS,
         size: (tpm2::HEADER_LEN + body.len()) as u32,
@@ -86,13 +92,13 @@ fn cmd(code: u32, body: &[u8]) -> Vec<u8> {
     c
 }
 
-fn rc_of(v: &Vtpm, c: &[u8]) -> u32 {
+pub(super) fn rc_of(v: &Vtpm, c: &[u8]) -> u32 {
     let mut out = Vec::new();
     v.process(c, &mut out);
     tpm2::response_code(&out)
 }
 
-fn started(f: &Fixture) {
+pub(super) fn started(f: &Fixture) {
     f.vtpm.start(Some(StartupType::Clear)).unwrap();
 }
 
@@ -314,7 +320,7 @@ fn export_without_preparation_is_refused_and_plaintext_only_when_allowed() {
     assert_eq!(rc_of(&f.vtpm, &cmd(0x17b, &[])), tpm2::RC_SUCCESS);
 }
 
-fn admin(v: &Vtpm, r: Request) -> Result<Reply> {
+pub(super) fn admin(v: &Vtpm, r: Request) -> Result<Reply> {
     v.admin(r)
 }
 
@@ -446,7 +452,7 @@ fn source_resumes_after_abort_or_lock_storage() {
 }
 
 /// The source's process as a restart would find it (marker restored).
-fn reopen(f: Fixture, host: &HostKey) -> Fixture {
+pub(super) fn reopen(f: Fixture, host: &HostKey) -> Fixture {
     let Fixture { _dir, vtpm, .. } = f;
     drop(vtpm);
     fixture_in(_dir, Some(host), false, false, Options::default())

@@ -21,7 +21,7 @@
 //! then a marker in the state directory ([`PendingHandover`]) keeps the
 //! source from starting again, even across a restart.
 
-use super::piece::{Exporter, Importer, MigrationId, PieceError, PreloadedKeys, ID_LEN};
+use super::piece::{Exporter, Importer, MigrationId, PieceError, PreloadedKeys, Purpose, ID_LEN};
 use crate::engine::TpmResult;
 use rsa::RsaPublicKey;
 use std::path::PathBuf;
@@ -31,7 +31,7 @@ use vtpm_common::admin::{
     IncomingInfo, KeysPreloaded, Phase, Prepared, Receipt, Status, Tombstone,
 };
 use vtpm_common::hex;
-use vtpm_common::hostkey::{self as keys, HostKey, KeyError};
+use vtpm_common::hostkey::{self as keys, KeyError, LazyHostKey};
 use vtpm_common::statedir::{self, PendingHandover};
 use zeroize::Zeroizing;
 
@@ -144,7 +144,7 @@ enum State {
 
 /// Migration configuration and lifecycle of the instance.
 pub struct Session {
-    host: Option<Arc<HostKey>>,
+    host: Option<Arc<LazyHostKey>>,
     trusted: Option<PathBuf>,
     allow_plain: bool,
     state: State,
@@ -173,7 +173,7 @@ fn now() -> u64 {
 
 impl Session {
     pub fn new(
-        host: Option<Arc<HostKey>>,
+        host: Option<Arc<LazyHostKey>>,
         trusted: Option<PathBuf>,
         allow_plain: bool,
         incoming: bool,
@@ -267,9 +267,28 @@ impl Session {
         Ok(())
     }
 
+    /// Start-up on a directory with a reservation (`vtpmctl
+    /// reserve-incoming`, made before libvirt started this process): a
+    /// sealed destination for migration `id`, issued then.
+    pub fn expect_reserved(&mut self, id: &str) -> Result<(), SessionError> {
+        self.host()?;
+        let id = parse_id(id)?;
+        self.state = State::Destination {
+            issued: Some(id),
+            importer: None,
+            preloaded: None,
+        };
+        Ok(())
+    }
+
     /// Whether TPM commands and ordinary INITs may run.
     pub fn unlocked(&self) -> bool {
         matches!(self.state, State::Running | State::Prepared { .. })
+    }
+
+    /// The host key, shared with the instance's saves.
+    pub fn host_key(&self) -> Option<Arc<LazyHostKey>> {
+        self.host.clone()
     }
 
     pub fn has_host_key(&self) -> bool {
@@ -280,13 +299,14 @@ impl Session {
         self.allow_plain
     }
 
-    fn host(&self) -> Result<&Arc<HostKey>, SessionError> {
-        self.host.as_ref().ok_or(SessionError::NoHostKey)
+    fn host(&self) -> Result<Arc<LazyHostKey>, SessionError> {
+        self.host.clone().ok_or(SessionError::NoHostKey)
     }
 
     /// Destination: a fresh single-use migration id and this host's key.
     pub fn issue_incoming(&mut self) -> Result<IncomingInfo, SessionError> {
-        let host = self.host()?.clone();
+        let lazy = self.host()?;
+        let host = lazy.get()?;
         match &self.state {
             State::Destination { importer: None, .. } => {}
             State::Destination {
@@ -314,7 +334,8 @@ impl Session {
     /// in its downtime. Optional: without it blob 1's key is unwrapped on
     /// arrival.
     pub fn preload_key(&mut self, wrapped_hex: &str) -> Result<KeysPreloaded, SessionError> {
-        let host = self.host()?.clone();
+        let lazy = self.host()?;
+        let host = lazy.get()?;
         let State::Destination {
             issued: Some(id),
             importer: None,
@@ -324,7 +345,7 @@ impl Session {
             return Err(SessionError::NoIssuedId);
         };
         let wrapped = hex::decode(wrapped_hex.trim()).map_err(|_| SessionError::BadWrappedKey)?;
-        *preloaded = Some(PreloadedKeys::open(&host, &wrapped)?);
+        *preloaded = Some(PreloadedKeys::open(host, &wrapped)?);
         Ok(KeysPreloaded {
             state: Phase::DestinationLocked,
             migration_id: hex::encode(id),
@@ -343,12 +364,12 @@ impl Session {
             keys::check_trusted(dir, &peer)?;
         }
         if let Some(h) = &self.host {
-            if keys::fingerprint(&peer) == h.fingerprint() {
+            if keys::fingerprint(&peer) == h.get()?.fingerprint() {
                 return Err(SessionError::OwnKey);
             }
         }
         let fpr = keys::fingerprint(&peer);
-        let exporter = Box::new(Exporter::new(id, &peer)?);
+        let exporter = Box::new(Exporter::new(id, &peer, Purpose::Migration)?);
         let wrapped = hex::encode(exporter.wrapped_key());
         self.state = State::Prepared {
             id,
@@ -420,7 +441,8 @@ impl Session {
 
     /// Destination, SET_STATEBLOB.
     pub fn import(&mut self, blob_type: u32, data: &[u8]) -> Result<(), SessionError> {
-        let host = self.host()?.clone();
+        let lazy = self.host()?;
+        let host = lazy.get()?;
         let State::Destination {
             issued,
             importer,
@@ -433,9 +455,14 @@ impl Session {
         if self.consumed.contains(&id) {
             return Err(SessionError::IdUsed);
         }
-        let imp =
-            importer.get_or_insert_with(|| Box::new(Importer::with_keys(id, preloaded.take())));
-        imp.accept(blob_type, data, &host)?;
+        let imp = importer.get_or_insert_with(|| {
+            Box::new(Importer::with_keys(
+                id,
+                Purpose::Migration,
+                preloaded.take(),
+            ))
+        });
+        imp.accept(blob_type, data, host)?;
         Ok(())
     }
 
@@ -568,7 +595,8 @@ impl Session {
     /// Destination, `vtpmctl receipt`.
     pub fn receipt(&self) -> Result<Receipt, SessionError> {
         let (id, digest) = self.imported.ok_or(SessionError::NoCompletedIncoming)?;
-        let host = self.host()?;
+        let lazy = self.host()?;
+        let host = lazy.get()?;
         let sig = host.sign(&statedir::receipt_message(&id, &digest))?;
         Ok(Receipt {
             migration_id: hex::encode(&id),
@@ -596,7 +624,11 @@ impl Session {
             migration_id: id.map(|i| hex::encode(&i)),
             digest: digest.map(|d| hex::encode(&d)),
             peer_key: peer,
-            host_key: self.host.as_ref().map(|h| h.fingerprint()),
+            host_key: self
+                .host
+                .as_ref()
+                .and_then(|h| h.get().ok())
+                .map(|h| h.fingerprint()),
             tpm_running,
         }
     }
@@ -609,8 +641,8 @@ mod tests {
 
     fn pair() -> (Session, Session) {
         let (a, b) = test_keys();
-        let a = Arc::new(a.clone());
-        let b = Arc::new(b.clone());
+        let a = Arc::new(LazyHostKey::ready(a.clone(), "a".as_ref()));
+        let b = Arc::new(LazyHostKey::ready(b.clone(), "b".as_ref()));
         (
             Session::new(Some(a), None, false, false),
             Session::new(Some(b), None, false, true),
@@ -677,7 +709,12 @@ mod tests {
         let (mut src, mut dst) = pair();
         let blobs = migrate(&mut src, &mut dst);
         let (_, b) = test_keys();
-        let mut dst2 = Session::new(Some(Arc::new(b.clone())), None, false, true);
+        let mut dst2 = Session::new(
+            Some(Arc::new(LazyHostKey::ready(b.clone(), "b".as_ref()))),
+            None,
+            false,
+            true,
+        );
         dst2.issue_incoming().unwrap();
         assert!(
             dst2.import(1, &blobs[0]).is_err(),

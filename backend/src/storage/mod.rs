@@ -23,6 +23,7 @@
 pub mod at_rest;
 pub mod blob;
 pub mod files;
+mod identity;
 pub mod sealing;
 pub mod slots;
 pub mod swtpm_crypt;

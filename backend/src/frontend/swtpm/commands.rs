@@ -15,6 +15,7 @@ use super::wire::{
     STATE_FLAG_ENCRYPTED,
 };
 use crate::instance::{BlobKind, InitFlags, InstanceError, Vtpm};
+use crate::migration::save::SaveError;
 use crate::migration::session::SessionError;
 use crate::storage::blob::BlobError;
 use crate::storage::swtpm_crypt::CryptError;
@@ -43,6 +44,12 @@ pub fn result_code(e: &InstanceError) -> u32 {
             _ => rc::BAD_PARAMETER,
         },
         InstanceError::Migration(SessionError::UnknownBlobType(_)) => rc::FAIL,
+        // QEMU prints its words for these codes next to the code: chosen
+        // so that its log points at the cause (vtpmd's log says the rest).
+        InstanceError::Save(e) => save_code(e),
+        InstanceError::ExportNotPrepared => rc::ENCRYPT_ERROR,
+        InstanceError::OtherInstance { .. } | InstanceError::NeverSaved { .. } => rc::BAD_PARAMETER,
+        InstanceError::RollbackRefused { .. } => rc::BAD_VERSION,
         InstanceError::BadState { .. }
         | InstanceError::Startup(_)
         | InstanceError::Locked(_)
@@ -51,7 +58,10 @@ pub fn result_code(e: &InstanceError) -> u32 {
         | InstanceError::Persist(_)
         | InstanceError::Handover(_)
         | InstanceError::Migration(_)
-        | InstanceError::ExportNotPrepared
+        | InstanceError::Identity(_)
+        | InstanceError::BadIdentity
+        | InstanceError::Random
+        | InstanceError::RestoreWhile(_)
         | InstanceError::ExportEncrypted
         | InstanceError::NotIncoming(_) => rc::FAIL,
     }
@@ -67,6 +77,22 @@ pub fn execute(vtpm: &Vtpm, req: &Request, data: &[u8]) -> Response {
             log::error!("{}: {e} (answering {r:#x})", name(code));
             Response::error_for(code, r)
         }
+    }
+}
+
+/// A refused save or restore: "key could not be found" for another
+/// host's save, "decryption error" for a damaged or altered one,
+/// "encryption error" when there is no key to seal to.
+fn save_code(e: &SaveError) -> u32 {
+    use crate::migration::piece::PieceError as P;
+    match e {
+        SaveError::NoHostKey | SaveError::Key(_) => rc::ENCRYPT_ERROR,
+        SaveError::Piece(P::WrongHost { .. } | P::Unwrap) => rc::KEYNOTFOUND,
+        SaveError::Piece(P::WrongPurpose { .. } | P::NotSealed | P::Version(_)) => {
+            rc::BAD_PARAMETER
+        }
+        SaveError::UnknownBlobType(_) | SaveError::Random | SaveError::NotStarted(_) => rc::FAIL,
+        SaveError::Piece(_) | SaveError::Incomplete => rc::DECRYPT_ERROR,
     }
 }
 
@@ -227,7 +253,21 @@ mod tests {
             result_code(&InstanceError::ForeignEncrypted),
             rc::KEYNOTFOUND
         );
-        assert_eq!(result_code(&InstanceError::ExportNotPrepared), rc::FAIL);
+        assert_eq!(
+            result_code(&InstanceError::ExportNotPrepared),
+            rc::ENCRYPT_ERROR
+        );
+        assert_eq!(
+            result_code(&InstanceError::Save(SaveError::Incomplete)),
+            rc::DECRYPT_ERROR
+        );
+        assert_eq!(
+            result_code(&InstanceError::RollbackRefused {
+                restored: 1,
+                newest: 2
+            }),
+            rc::BAD_VERSION
+        );
         assert_eq!(
             result_code(&InstanceError::NoBlob(BlobKind::SaveState)),
             rc::RETRY

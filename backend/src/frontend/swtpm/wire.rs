@@ -26,6 +26,7 @@ pub mod rc {
     /// TPM_BAD_VERSION: a state blob newer than this build reads.
     pub const BAD_VERSION: u32 = 0x2e;
     pub const IOERROR: u32 = 0x1f;
+    pub const ENCRYPT_ERROR: u32 = 0x20;
     pub const DECRYPT_ERROR: u32 = 0x21;
     pub const BAD_LOCALITY: u32 = 0x3d;
     pub const RETRY: u32 = 0x800;

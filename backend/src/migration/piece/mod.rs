@@ -2,7 +2,7 @@
 //! GET_STATEBLOB / SET_STATEBLOB blobs (docs/migration.md).
 //!
 //! ```text
-//! blob  = "VTPMMIG1" | u8 version (1) | u8 blob_type (1 permanent, 2 volatile, 3 final)
+//! blob  = "VTPMMIG1"|"VTPMSAV1" | u8 version (1) | u8 blob_type (1 permanent, 2 volatile, 3 final)
 //!       | migration_id[32] | dest_fingerprint[32] | be16 wrapped_len | wrapped_key
 //!       | be16 piece_count | piece*
 //! piece = be32 seq | u8 kind | u8 flags | be32 plain_len | iv[16] | be32 ct_len | ct | mac[32]
@@ -18,6 +18,11 @@
 //!   plaintext) of every state piece. The final piece (blob 3) carries the
 //!   source's digest and piece count; the destination unlocks only when its
 //!   own digest matches.
+//! * A **save** (`VTPMSAV1`, [`Purpose::Save`]: `virsh save`, snapshots)
+//!   is the same format wrapped to this host's own key, with a chain that
+//!   starts from another label, so a save never opens as a migration nor
+//!   the other way round; its id is the instance id, generation and a
+//!   nonce ([`crate::migration::save`]).
 
 //!
 //! Steps: [`seal`] builds blobs on the source; [`open`] takes each incoming
@@ -38,6 +43,7 @@ use vtpm_common::hostkey::{HostKey, KeyError};
 use vtpm_common::reader::{ByteReader, Truncated};
 
 pub const MAGIC: &[u8; 8] = b"VTPMMIG1";
+pub const SAVE_MAGIC: &[u8; 8] = b"VTPMSAV1";
 const VERSION: u8 = 1;
 pub const ID_LEN: usize = 32;
 /// State is cut into pieces of at most this many bytes.
@@ -49,6 +55,41 @@ pub const KIND_FINAL: u8 = 3;
 const FLAG_LAST_IN_BLOB: u8 = 1;
 
 pub type MigrationId = [u8; ID_LEN];
+
+/// What a sealed blob is for: it decides the magic and the MAC chain's
+/// label, so one kind is never accepted as the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A move to the destination that issued the id (seed 002).
+    Migration,
+    /// A copy sealed to this host (`virsh save`, managedsave, snapshots).
+    Save,
+}
+
+impl Purpose {
+    fn magic(self) -> &'static [u8; 8] {
+        match self {
+            Purpose::Migration => MAGIC,
+            Purpose::Save => SAVE_MAGIC,
+        }
+    }
+
+    fn label(self) -> &'static [u8] {
+        match self {
+            Purpose::Migration => b"vtpmd-migration-v1",
+            Purpose::Save => b"vtpmd-save-v1",
+        }
+    }
+
+    /// The purpose a blob announces by its magic (nothing verified).
+    pub fn of(blob: &[u8]) -> Option<Purpose> {
+        match blob.get(..8) {
+            Some(m) if m == MAGIC => Some(Purpose::Migration),
+            Some(m) if m == SAVE_MAGIC => Some(Purpose::Save),
+            _ => None,
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum PieceError {
@@ -62,6 +103,8 @@ pub enum PieceError {
         "blob type {got} arrived where {want} was expected (blobs dropped, reordered or spliced)"
     )]
     Order { got: u8, want: u8 },
+    #[error("a {got:?} blob arrived where a {want:?} blob was expected (a save file is restored on the host that made it; a migration goes to the destination that issued its id)")]
+    WrongPurpose { got: Purpose, want: Purpose },
     #[error("blob belongs to migration {got}, this destination expects {want} (replayed or spliced stream)")]
     WrongMigration { got: String, want: String },
     #[error("blob is wrapped for host key {got}, this host is {want}")]
@@ -103,8 +146,14 @@ fn open_wrapped(host: &HostKey, wrapped: &[u8]) -> Result<AeadKey, PieceError> {
 
 /// Starting point of the MAC chain: binds the keys to this migration, the
 /// wrapped key and the destination.
-fn chain_start(k: &AeadKey, id: &MigrationId, wrapped: &[u8], dest_fpr: &[u8; 32]) -> [u8; 32] {
-    k.tag(&[b"vtpmd-migration-v1", id, wrapped, dest_fpr])
+fn chain_start(
+    purpose: Purpose,
+    k: &AeadKey,
+    id: &MigrationId,
+    wrapped: &[u8],
+    dest_fpr: &[u8; 32],
+) -> [u8; 32] {
+    k.tag(&[purpose.label(), id, wrapped, dest_fpr])
 }
 
 fn fold_digest(digest: &mut [u8; 32], seq: u32, kind: u8, plain: &[u8]) {
@@ -121,6 +170,7 @@ fn fold_digest(digest: &mut [u8; 32], seq: u32, kind: u8, plain: &[u8]) {
 
 /// A blob's header, as laid out on the wire (nothing verified yet).
 struct BlobHeader<'a> {
+    purpose: Purpose,
     version: u8,
     blob_type: u8,
     id: MigrationId,
@@ -132,7 +182,7 @@ struct BlobHeader<'a> {
 impl BlobHeader<'_> {
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 + 2 + ID_LEN + 32 + 2 + self.wrapped.len() + 2);
-        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(self.purpose.magic());
         out.push(self.version);
         out.push(self.blob_type);
         out.extend_from_slice(&self.id);
@@ -144,14 +194,17 @@ impl BlobHeader<'_> {
     }
 
     fn parse<'a>(r: &mut ByteReader<'a>) -> Result<BlobHeader<'a>, PieceError> {
-        if r.take(MAGIC.len(), "magic").ok() != Some(&MAGIC[..]) {
-            return Err(PieceError::NotSealed);
-        }
+        let purpose = r
+            .take(MAGIC.len(), "magic")
+            .ok()
+            .and_then(Purpose::of)
+            .ok_or(PieceError::NotSealed)?;
         let version = r.u8("version")?;
         if version != VERSION {
             return Err(PieceError::Version(version));
         }
         Ok(BlobHeader {
+            purpose,
             version,
             blob_type: r.u8("blob type")?,
             id: r.array("migration id")?,
@@ -228,7 +281,7 @@ mod tests {
 
     fn export(id: MigrationId, perm: &[u8], vol: &[u8]) -> (Vec<Vec<u8>>, [u8; 32]) {
         let (_, dest) = keys();
-        let mut e = Exporter::new(id, dest.public()).unwrap();
+        let mut e = Exporter::new(id, dest.public(), Purpose::Migration).unwrap();
         let b1 = e.seal_state(1, perm).unwrap();
         let b2 = e.seal_state(2, vol).unwrap();
         let b3 = e.seal_final().unwrap();
@@ -237,7 +290,7 @@ mod tests {
 
     fn import(id: MigrationId, blobs: &[Vec<u8>]) -> Result<Importer, PieceError> {
         let (_, dest) = keys();
-        let mut imp = Importer::new(id);
+        let mut imp = Importer::new(id, Purpose::Migration);
         for (i, b) in blobs.iter().enumerate() {
             imp.accept(i as u32 + 1, b, dest)?;
         }
@@ -248,14 +301,14 @@ mod tests {
     fn keys_unwrapped_ahead_of_time() {
         let (_, dest) = keys();
         let id = [9; 32];
-        let mut e = Exporter::new(id, dest.public()).unwrap();
+        let mut e = Exporter::new(id, dest.public(), Purpose::Migration).unwrap();
         let pre = PreloadedKeys::open(dest, e.wrapped_key()).unwrap();
         let blobs = [
             e.seal_state(1, b"perm").unwrap(),
             e.seal_state(2, b"vol").unwrap(),
             e.seal_final().unwrap(),
         ];
-        let mut imp = Importer::with_keys(id, Some(pre));
+        let mut imp = Importer::with_keys(id, Purpose::Migration, Some(pre));
         for (i, b) in blobs.iter().enumerate() {
             imp.accept(i as u32 + 1, b, dest).unwrap();
         }
@@ -263,9 +316,9 @@ mod tests {
         assert_eq!(&imp.permanent[..], b"perm");
         // Keys preloaded for another preparation: blob 1's own key is
         // unwrapped instead, and the stream still verifies.
-        let other = Exporter::new(id, dest.public()).unwrap();
+        let other = Exporter::new(id, dest.public(), Purpose::Migration).unwrap();
         let pre = PreloadedKeys::open(dest, other.wrapped_key()).unwrap();
-        let mut imp = Importer::with_keys(id, Some(pre));
+        let mut imp = Importer::with_keys(id, Purpose::Migration, Some(pre));
         for (i, b) in blobs.iter().enumerate() {
             imp.accept(i as u32 + 1, b, dest).unwrap();
         }
@@ -274,7 +327,7 @@ mod tests {
         assert!(PreloadedKeys::open(dest, &[0x42; 384]).is_err());
         assert!(PreloadedKeys::open(dest, &[]).is_err());
         let (src, _) = keys();
-        let foreign = Exporter::new(id, src.public()).unwrap();
+        let foreign = Exporter::new(id, src.public(), Purpose::Migration).unwrap();
         assert!(PreloadedKeys::open(dest, foreign.wrapped_key()).is_err());
     }
 
@@ -330,7 +383,7 @@ mod tests {
         ));
         // Wrapped for another host.
         let (other, _) = keys();
-        let mut e = Exporter::new([1; 32], other.public()).unwrap();
+        let mut e = Exporter::new([1; 32], other.public(), Purpose::Migration).unwrap();
         let w = vec![e.seal_state(1, b"x").unwrap()];
         assert!(matches!(
             import([1; 32], &w),
@@ -345,10 +398,44 @@ mod tests {
     }
 
     #[test]
+    fn a_save_never_opens_as_a_migration_nor_the_reverse() {
+        let (_, dest) = keys();
+        let id = [5; 32];
+        let mut e = Exporter::new(id, dest.public(), Purpose::Save).unwrap();
+        let save = [
+            e.seal_state(1, b"perm").unwrap(),
+            e.seal_state(2, b"vol").unwrap(),
+            e.seal_final().unwrap(),
+        ];
+        assert_eq!(Purpose::of(&save[0]), Some(Purpose::Save));
+        assert!(matches!(
+            import(id, &save),
+            Err(PieceError::WrongPurpose { .. })
+        ));
+        // Relabelled as a migration blob, the MAC chain fails.
+        let mut relabelled = save.to_vec();
+        for b in &mut relabelled {
+            b[..8].copy_from_slice(MAGIC);
+        }
+        assert!(import(id, &relabelled).is_err());
+        let mut imp = Importer::new(id, Purpose::Save);
+        for (i, b) in save.iter().enumerate() {
+            imp.accept(i as u32 + 1, b, dest).unwrap();
+        }
+        assert!(imp.complete());
+        let (migration, _) = export(id, b"perm", b"vol");
+        let mut imp = Importer::new(id, Purpose::Save);
+        assert!(matches!(
+            imp.accept(1, &migration[0], dest),
+            Err(PieceError::WrongPurpose { .. })
+        ));
+    }
+
+    #[test]
     fn poisoned_after_failure() {
         let (a, _) = export([3; 32], b"p", b"v");
         let (_, dest) = keys();
-        let mut imp = Importer::new([3; 32]);
+        let mut imp = Importer::new([3; 32], Purpose::Migration);
         let mut bad = a[0].clone();
         let n = bad.len();
         bad[n - 1] ^= 1;

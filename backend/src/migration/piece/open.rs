@@ -10,8 +10,8 @@
 //! collected is wiped.
 
 use super::{
-    chain_start, fold_digest, id_hex, open_wrapped, BlobHeader, MigrationId, PieceError, RawPiece,
-    FLAG_LAST_IN_BLOB, KIND_FINAL, KIND_PERMANENT, KIND_VOLATILE,
+    chain_start, fold_digest, id_hex, open_wrapped, BlobHeader, MigrationId, PieceError, Purpose,
+    RawPiece, FLAG_LAST_IN_BLOB, KIND_FINAL, KIND_PERMANENT, KIND_VOLATILE,
 };
 use vtpm_common::aead::AeadKey;
 use vtpm_common::hex;
@@ -46,6 +46,7 @@ impl PreloadedKeys {
 
 /// The destination side of one migration.
 pub struct Importer {
+    purpose: Purpose,
     id: MigrationId,
     keys: Option<AeadKey>,
     dest_fpr: [u8; 32],
@@ -91,9 +92,11 @@ fn parse(blob: &[u8]) -> Result<Parsed<'_>, PieceError> {
 }
 
 impl Importer {
-    /// Expects migration `id`, the one this destination issued.
-    pub fn new(id: MigrationId) -> Importer {
+    /// Expects migration `id` (the one this destination issued), or the
+    /// save `id`.
+    pub fn new(id: MigrationId, purpose: Purpose) -> Importer {
         Importer {
+            purpose,
             id,
             keys: None,
             dest_fpr: [0; 32],
@@ -109,10 +112,14 @@ impl Importer {
     }
 
     /// As [`new`](Self::new), with keys unwrapped ahead of time.
-    pub fn with_keys(id: MigrationId, preloaded: Option<PreloadedKeys>) -> Importer {
+    pub fn with_keys(
+        id: MigrationId,
+        purpose: Purpose,
+        preloaded: Option<PreloadedKeys>,
+    ) -> Importer {
         Importer {
             preloaded,
-            ..Importer::new(id)
+            ..Importer::new(id, purpose)
         }
     }
 
@@ -155,6 +162,12 @@ impl Importer {
         h: &BlobHeader<'_>,
         host: &HostKey,
     ) -> Result<(), PieceError> {
+        if h.purpose != self.purpose {
+            return Err(PieceError::WrongPurpose {
+                got: h.purpose,
+                want: self.purpose,
+            });
+        }
         let declared = h.blob_type;
         if u32::from(declared) != blob_type || declared != self.next_blob {
             return Err(PieceError::Order {
@@ -189,7 +202,7 @@ impl Importer {
                 }
                 None => open_wrapped(host, h.wrapped)?,
             };
-            self.chain = chain_start(&k, &h.id, h.wrapped, &h.dest_fpr);
+            self.chain = chain_start(self.purpose, &k, &h.id, h.wrapped, &h.dest_fpr);
             self.keys = Some(k);
             self.dest_fpr = h.dest_fpr;
         } else if !h.wrapped.is_empty() {

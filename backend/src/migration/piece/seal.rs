@@ -2,7 +2,7 @@
 //! destination, and the sealed blobs built piece by piece.
 
 use super::{
-    chain_start, fold_digest, id_hex, BlobHeader, MigrationId, PieceError, CHUNK,
+    chain_start, fold_digest, id_hex, BlobHeader, MigrationId, PieceError, Purpose, CHUNK,
     FLAG_LAST_IN_BLOB, KIND_FINAL, KIND_PERMANENT, KIND_VOLATILE, VERSION,
 };
 use rsa::RsaPublicKey;
@@ -11,6 +11,7 @@ use vtpm_common::hostkey::{fingerprint_bytes, wrap_key};
 
 /// The source side of one migration.
 pub struct Exporter {
+    purpose: Purpose,
     keys: AeadKey,
     id: MigrationId,
     wrapped: Vec<u8>,
@@ -32,13 +33,18 @@ impl std::fmt::Debug for Exporter {
 }
 
 impl Exporter {
-    /// Fresh instance keys for migration `id`, wrapped to `peer`.
-    pub fn new(id: MigrationId, peer: &RsaPublicKey) -> Result<Exporter, PieceError> {
+    /// Fresh instance keys for migration (or save) `id`, wrapped to `peer`.
+    pub fn new(
+        id: MigrationId,
+        peer: &RsaPublicKey,
+        purpose: Purpose,
+    ) -> Result<Exporter, PieceError> {
         let keys = AeadKey::random()?;
         let wrapped = wrap_key(peer, &keys.to_bytes())?;
         let dest_fpr = fingerprint_bytes(peer);
-        let chain = chain_start(&keys, &id, &wrapped, &dest_fpr);
+        let chain = chain_start(purpose, &keys, &id, &wrapped, &dest_fpr);
         Ok(Exporter {
+            purpose,
             keys,
             id,
             wrapped,
@@ -61,6 +67,7 @@ impl Exporter {
 
     fn header(&self, blob_type: u8, with_key: bool, pieces: usize) -> Vec<u8> {
         BlobHeader {
+            purpose: self.purpose,
             version: VERSION,
             blob_type,
             id: self.id,
