@@ -693,12 +693,17 @@ NV64 = "0x1500017"  # a 64-byte NV secret (two 32-byte random draws)
 # All 24 sha256 PCRs at once: the digest of tpm2_pcrread's listing.
 PCRS = "echo R:pcrs=$(tpm2_pcrread sha256 | sha256sum | cut -c1-64)"
 NV64_DEFINE = "tpm2_nvdefine {nv} -C o -s 64 -a 'ownerread|ownerwrite' >/dev/null && ".format(nv=NV64)
+# The guest's own copies of the secret are overwritten in place once used
+# (and its kernel runs with init_on_free=1), so a save file's RAM holds it
+# no more: only the TPM's state can (swtpm_save_reference shows where).
+SCRUB = "for f in {files}; do dd if=/dev/zero of=$f bs=64 count=1 conv=notrunc 2>/dev/null; rm -f $f; done"
 NV64_WRITE = ("tpm2_getrandom -o /tmp/a 32 >/dev/null && tpm2_getrandom -o /tmp/b 32 >/dev/null && "
               "cat /tmp/a /tmp/b > /tmp/s64 && tpm2_nvwrite {nv} -C o -i /tmp/s64 && "
-              "echo R:nv64=$(od -An -tx1 -v /tmp/s64 | tr -d ' \\n'); "
+              "echo R:nv64=$(od -An -tx1 -v /tmp/s64 | tr -d ' \\n'); " + SCRUB.format(files="/tmp/a /tmp/b /tmp/s64") + "; "
               "tpm2_pcrextend 16:sha256=$(head -c 32 /dev/urandom | sha256sum | cut -d' ' -f1) && "
               "echo R:pcr16=$(tpm2_pcrread sha256:16 | tail -n 1 | awk '{{print $2}}'); " + PCRS).format(nv=NV64)
-NV64_READ = ("tpm2_nvread {nv} -C o -s 64 -o /tmp/n64 2>/dev/null && echo R:nv64=$(od -An -tx1 -v /tmp/n64 | tr -d ' \\n'); "
+NV64_READ = ("tpm2_nvread {nv} -C o -s 64 -o /tmp/n64 2>/dev/null && echo R:nv64=$(od -An -tx1 -v /tmp/n64 | tr -d ' \\n'); " +
+             SCRUB.format(files="/tmp/n64") + "; "
              "echo R:keyname=$(tpm2_readpublic -c {key} 2>/dev/null | awk '/^name:/ {{print $2}}'); "
              "printf signed > /tmp/m && tpm2_sign -c {key} -g sha256 -o /tmp/sig /tmp/m && "
              "tpm2_verifysignature -c {key} -g sha256 -m /tmp/m -s /tmp/sig && echo R:signs=yes; "
@@ -708,11 +713,18 @@ HOST_KEY_DIR = "/var/lib/vtpm"
 SAVES = "/var/lib/libvirt/images"
 
 
-def snapshot_xml(name, disk):
-    """The emulator domain NAME with a small qcow2 disk (internal snapshots
-    keep the memory, and with it the TPM's state, in a qcow2 image)."""
+def save_xml(name, disk=None):
+    """The emulator domain NAME, its guest kernel wiping freed memory
+    (init_on_free=1), and optionally a small qcow2 disk DISK (internal
+    snapshots keep the memory, and with it the TPM's state, in a qcow2
+    image)."""
     path = domain_xml("libvirt-emulator.xml", name=name)
     tree = ET.parse(path)
+    cmdline = tree.getroot().find("os/cmdline")
+    cmdline.text += " init_on_free=1"
+    if disk is None:
+        tree.write(path)
+        return path
     devices = tree.getroot().find("devices")
     d = ET.SubElement(devices, "disk", type="file", device="disk")
     ET.SubElement(d, "driver", name="qemu", type="qcow2")
@@ -791,9 +803,25 @@ def last_lines(text, n=4):
     return " | ".join(l.strip() for l in text.strip().splitlines()[-n:])
 
 
-def holds_bytes(path, hexstr):
-    data = open(path, "rb").read()
-    return bytes.fromhex(hexstr) in data, data
+def occurrences(data, needle):
+    out, at = [], data.find(needle)
+    while at >= 0:
+        out.append(at)
+        at = data.find(needle, at + 1)
+    return out
+
+
+def tpm_section(data):
+    """Offset of QEMU's tpm-emulator device section in a save image (its
+    section header: length-prefixed idstr), or -1. Device sections follow
+    the guest's RAM."""
+    return data.rfind(b"\x0ctpm-emulator")
+
+
+def where(data, hexstr):
+    """Where the secret HEXSTR is in DATA, for messages."""
+    at = occurrences(data, bytes.fromhex(hexstr))
+    return "secret at offsets %s; tpm-emulator section at %d; %d bytes" % (at[:8], tpm_section(data), len(data))
 
 
 def restored(con, r, what):
@@ -834,7 +862,7 @@ def swtpm_save_reference():
     it in vtpmd's save files can find what it looks for."""
     print("== save/restore with swtpm (reference for the save-file search)", flush=True)
     name = "vm5"
-    con = boot(domain_xml("libvirt-emulator.xml", name=name), name, "swtpm save")
+    con = boot(save_xml(name), name, "swtpm save")
     if not con:
         return
     proc = tpm_process(name)
@@ -844,8 +872,14 @@ def swtpm_save_reference():
     f = os.path.join(SAVES, name + ".save")
     r = virsh("save", name, f)
     if check(r.returncode == 0, "swtpm save: virsh save %s" % f, r.stderr.strip()):
-        found, data = holds_bytes(f, state["nv64"])
-        check(found, "swtpm save: the save file (%d bytes) holds the guest's 64-byte NV secret in clear" % len(data))
+        data = open(f, "rb").read()
+        at, sect = occurrences(data, bytes.fromhex(state["nv64"])), tpm_section(data)
+        check(sect >= 0 and any(a > sect for a in at),
+              "swtpm save: the save file holds the guest's 64-byte NV secret in clear, in QEMU's tpm-emulator section "
+              "(the search works)", where(data, state["nv64"]))
+        check(not any(a < sect for a in at),
+              "swtpm save: nowhere else (the guest's RAM in the file holds no copy: the search sees only the TPM's)",
+              where(data, state["nv64"]))
         if restored(con, virsh("restore", f), "swtpm save: virsh restore"):
             same_tpm(con, "swtpm save", state, "virsh save / restore")
         os.remove(f)
@@ -870,7 +904,8 @@ def sealed_save_file(f, secrets, who):
     data = open(f, "rb").read()
     check(SEALED_MAGIC in data, "%s: the save file (%d bytes) carries the TPM state sealed (%s)" % (who, len(data), SEALED_MAGIC.decode()))
     check(not any(bytes.fromhex(s) in data for s in secrets),
-          "%s: the save file does not hold the guest's 64-byte NV secret (searched all %d bytes)" % (who, len(data)))
+          "%s: the save file does not hold the guest's 64-byte NV secrets (searched all %d bytes)" % (who, len(data)),
+          "; ".join(where(data, s) for s in secrets))
     return data
 
 
@@ -889,7 +924,7 @@ def save_part(daemon):
     r = sh(["qemu-img", "create", "-f", "qcow2", disk, "16M"])
     if not check(r.returncode == 0, "qemu-img made a 16 MiB qcow2 disk for internal snapshots", r.stderr):
         return
-    con = boot(snapshot_xml(name, disk), name, "sealed")
+    con = boot(save_xml(name, disk), name, "sealed")
     if not con:
         return
     proc = tpm_process(name)
@@ -983,24 +1018,49 @@ def changed_files(a, b):
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def sealed_layout(data, at):
+    """(wrapped key start, its length, first piece's ciphertext start, its
+    length) of the sealed blob at AT, from its header (docs/migration.md:
+    magic 8, version 1, type 1, id 32, fingerprint 32, be16 wrapped length,
+    wrapped key, be16 piece count; a piece: seq 4, kind 1, flags 1, plain
+    length 4, iv 16, be32 ciphertext length, ciphertext, mac 32)."""
+    wrapped_len = int.from_bytes(data[at + 74:at + 76], "big")
+    piece = at + 76 + wrapped_len + 2
+    ct_len = int.from_bytes(data[piece + 26:piece + 30], "big")
+    return at + 76, wrapped_len, piece + 30, ct_len
+
+
 def tampered(name, f, data, tdir, on_disk):
-    """One byte flipped some hundreds of bytes into the sealed TPM section."""
+    """One byte flipped in the sealed TPM section: inside the first piece's
+    ciphertext (the TPM's permanent state), then inside the wrapped key."""
     at = data.find(SEALED_MAGIC)
     if not check(at >= 0, "tampered: the save file has the sealed TPM section (%s at %d)" % (SEALED_MAGIC.decode(), at)):
         return
-    pos = at + 400
-    bad = bytearray(data)
-    bad[pos] ^= 0x01
-    bf = f + ".tampered"
-    open(bf, "wb").write(bad)
-    mark = LogMark(name)
-    r = virsh("restore", bf)
-    refused(name, r, mark, ["tamper", "authentic", "integrity", "hmac", "corrupt"],
-            "tampered (byte %d after %s flipped): virsh restore" % (pos - at, SEALED_MAGIC.decode()))
-    destroy(name)
-    check(dir_snapshot(tdir) == on_disk, "tampered: the TPM state on disk is untouched by the refused restore",
-          changed_files(on_disk, dir_snapshot(tdir)))
-    os.remove(bf)
+    wrapped, wrapped_len, ct, ct_len = sealed_layout(data, at)
+    if not check(wrapped_len in (256, 384, 512) and 0 < ct_len < len(data) - ct,
+                 "tampered: the sealed blob's header parses (wrapped key %d bytes, first ciphertext %d bytes at +%d)"
+                 % (wrapped_len, ct_len, ct - at)):
+        return
+    for pos, part, words in ((ct + min(ct_len // 2, 300), "ciphertext", ["tamper", "altered", "authentic"]),
+                             (wrapped + wrapped_len // 2, "wrapped key", None)):
+        bad = bytearray(data)
+        bad[pos] ^= 0x01
+        bf = f + ".tampered"
+        open(bf, "wb").write(bad)
+        what = "tampered (byte %d after %s, in the %s, flipped): virsh restore" % (pos - at, SEALED_MAGIC.decode(), part)
+        mark = LogMark(name)
+        r = virsh("restore", bf)
+        if words:
+            refused(name, r, mark, words, what)
+        else:
+            state = virsh("domstate", name).stdout.strip()
+            check(r.returncode != 0 and state != "running", "%s: refused (virsh fails, domain %s)" % (what, state),
+                  (r.stdout + r.stderr).strip()[-400:])
+            print("INFO: %s: swtpm log: %s" % (what, last_lines(mark.tpm_since(), 3)), flush=True)
+        destroy(name)
+        check(dir_snapshot(tdir) == on_disk, "tampered (%s): the TPM state on disk is untouched by the refused restore" % part,
+              changed_files(on_disk, dir_snapshot(tdir)))
+        os.remove(bf)
 
 
 def revert_part(con, name, tdir, at_snap):
