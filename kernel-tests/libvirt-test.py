@@ -1072,6 +1072,10 @@ def revert_part(con, name, tdir, at_snap):
     check(len(after) == len(before) + 1, "snapshot revert: recorded as a rollback (one new line in %s/vtpmd-rollbacks.log)" % tdir,
           after[len(before):] or after)
     print("INFO: rollback record: %s" % (after[-1] if after else "(none)"), flush=True)
+    try:
+        print("INFO: vtpmd-identity.json: %s" % open(os.path.join(tdir, "vtpmd-identity.json")).read().strip(), flush=True)
+    except OSError as e:
+        print("INFO: vtpmd-identity.json: %s" % e, flush=True)
     generation = rollback_generation(after[-1] if after else "")
 
     # The refuse policy, set through the running vtpmd (its admin socket).
