@@ -1,6 +1,9 @@
 //! A small `log` backend: timestamped lines to a file, an inherited
 //! descriptor or stderr, and, once a `--daemon` has detached from stderr,
 //! to syslog. TPM command contents are never logged, only codes and sizes.
+//! With `--log file=`, warnings and errors also go to stderr while it is
+//! attached: whoever started vtpmd (libvirt keeps it for the domain's
+//! swtpm log) sees why something was refused, whatever the log level.
 
 use std::io::Write;
 use std::os::unix::net::UnixDatagram;
@@ -24,15 +27,36 @@ struct Logger {
     out: Mutex<Sink>,
     level: log::LevelFilter,
     prefix: String,
+    /// Copy warnings and errors to stderr (the log goes to a file).
+    mirror: bool,
 }
 
 impl log::Log for Logger {
     fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= self.level
+        m.level() <= self.level || (self.mirror && m.level() <= log::Level::Warn)
     }
 
     fn log(&self, r: &log::Record<'_>) {
-        if !self.enabled(r.metadata()) {
+        if self.mirror && r.level() <= log::Level::Warn && !STDERR_GONE.load(Ordering::SeqCst) {
+            // Bounded, so a caller that never reads stderr (a pipe) cannot
+            // stall the process: the log file has everything.
+            let n = MIRRORED.fetch_add(1, Ordering::SeqCst);
+            if n < MAX_MIRRORED {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "{}vtpmd: {}: {}",
+                    self.prefix,
+                    r.level(),
+                    r.args()
+                );
+            } else if n == MAX_MIRRORED {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "vtpmd: further warnings and errors only in the log file"
+                );
+            }
+        }
+        if r.level() > self.level {
             return;
         }
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
@@ -87,6 +111,11 @@ pub fn level_for(n: u32) -> log::LevelFilter {
 pub const LOG_FILE_MODE: u32 = 0o600;
 
 static TO_STDERR: AtomicBool = AtomicBool::new(false);
+/// Warnings and errors copied to stderr so far, and the most copied.
+static MIRRORED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+const MAX_MIRRORED: usize = 200;
+/// A `--daemon` detached from the caller's stderr.
+static STDERR_GONE: AtomicBool = AtomicBool::new(false);
 static LOGGER: std::sync::OnceLock<&'static Logger> = std::sync::OnceLock::new();
 static SYSLOG: Mutex<Option<UnixDatagram>> = Mutex::new(None);
 
@@ -94,6 +123,16 @@ static SYSLOG: Mutex<Option<UnixDatagram>> = Mutex::new(None);
 /// reporting an error there need not print it twice.
 pub fn logs_to_stderr() -> bool {
     TO_STDERR.load(Ordering::SeqCst)
+}
+
+/// Whether an error logged now also appears on stderr (the log goes there,
+/// or a log file's errors are copied there), so a caller reporting it
+/// need not print it twice.
+pub fn errors_reach_stderr() -> bool {
+    logs_to_stderr()
+        || (LOGGER.get().is_some_and(|l| l.mirror)
+            && !STDERR_GONE.load(Ordering::SeqCst)
+            && MIRRORED.load(Ordering::SeqCst) < MAX_MIRRORED)
 }
 
 /// Where log lines go.
@@ -113,6 +152,7 @@ pub enum Output {
 /// Installs the logger. `level`: `None` without `--log`.
 pub fn init(output: Output, level: Option<u32>, prefix: Option<&str>) -> std::io::Result<()> {
     let filter = level.map(level_for).unwrap_or(log::LevelFilter::Warn);
+    let mirror = matches!(output, Output::File { .. });
     let out: Box<dyn Write + Send> = match output {
         Output::File { path, truncate } => Box::new(crate::storage::files::open_append(
             &path,
@@ -130,9 +170,14 @@ pub fn init(output: Output, level: Option<u32>, prefix: Option<&str>) -> std::io
         out: Mutex::new(Sink::Stream(out)),
         level: filter,
         prefix,
+        mirror,
     }));
     if log::set_logger(logger).is_ok() {
-        log::set_max_level(filter);
+        log::set_max_level(if mirror {
+            filter.max(log::LevelFilter::Warn)
+        } else {
+            filter
+        });
         let _ = LOGGER.set(logger);
     }
     Ok(())
@@ -161,6 +206,7 @@ pub fn prepare_syslog() {
 /// A `--daemon` detached: log lines meant for stderr go to syslog (or
 /// nowhere, as [`prepare_syslog`] warned).
 pub fn detach_from_stderr() {
+    STDERR_GONE.store(true, Ordering::SeqCst);
     if !logs_to_stderr() {
         return;
     }

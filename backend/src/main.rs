@@ -129,10 +129,16 @@ fn launch<C>(
         Ok(_) => return ExitCode::SUCCESS,
         Err(e) => e.to_string(),
     };
-    if !vtpmd::logging::logs_to_stderr() {
+    // Logged (a log file's errors are also copied to stderr), or said on
+    // stderr: once each place.
+    let to_stderr = vtpmd::logging::logs_to_stderr();
+    let copied = !to_stderr && vtpmd::logging::errors_reach_stderr();
+    if !to_stderr {
         log::error!("{failure}");
     }
-    eprintln!("vtpmd: {failure}");
+    if !copied {
+        eprintln!("vtpmd: {failure}");
+    }
     ExitCode::FAILURE
 }
 

@@ -243,6 +243,7 @@ impl HostKey {
 }
 
 fn read_pem(path: &Path) -> Result<zeroize::Zeroizing<String>, KeyError> {
+    // The text is wiped after parsing; only the parsed key stays.
     fs::read_to_string(path)
         .map(zeroize::Zeroizing::new)
         .map_err(|source| KeyError::Read {
@@ -251,41 +252,38 @@ fn read_pem(path: &Path) -> Result<zeroize::Zeroizing<String>, KeyError> {
         })
 }
 
-/// A host key read at start and parsed on first use: an idle vTPM that
-/// never saves or migrates pays one file read, not the RSA key set-up.
+/// A host key loaded on first use: an idle vTPM that never saves or
+/// migrates pays neither the file read nor the RSA key set-up.
 pub struct LazyHostKey {
-    path: String,
-    pem: zeroize::Zeroizing<String>,
+    path: PathBuf,
     key: std::sync::OnceLock<HostKey>,
 }
 
 impl std::fmt::Debug for LazyHostKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LazyHostKey({})", self.path)
+        write!(f, "LazyHostKey({})", self.path.display())
     }
 }
 
 impl LazyHostKey {
-    /// A key already parsed (`--host-key`, checked at start).
+    /// A key already loaded (`--host-key`, checked at start).
     pub fn ready(key: HostKey, path: &Path) -> LazyHostKey {
         LazyHostKey {
-            path: path.display().to_string(),
-            pem: zeroize::Zeroizing::new(String::new()),
+            path: path.to_path_buf(),
             key: std::sync::OnceLock::from(key),
         }
     }
 
-    /// Reads the key file now; parses it at the first [`get`](Self::get).
-    pub fn read(path: &Path) -> Result<LazyHostKey, KeyError> {
-        Ok(LazyHostKey {
-            path: path.display().to_string(),
-            pem: read_pem(path)?,
+    /// The key in `path`, loaded at the first [`get`](Self::get).
+    pub fn at(path: &Path) -> LazyHostKey {
+        LazyHostKey {
+            path: path.to_path_buf(),
             key: std::sync::OnceLock::new(),
-        })
+        }
     }
 
-    /// Where the key came from.
-    pub fn path(&self) -> &str {
+    /// Where the key comes from.
+    pub fn path(&self) -> &Path {
         &self.path
     }
 
@@ -293,7 +291,7 @@ impl LazyHostKey {
         if let Some(k) = self.key.get() {
             return Ok(k);
         }
-        let k = HostKey::parse(&self.pem, &self.path)?;
+        let k = HostKey::load(&self.path)?;
         Ok(self.key.get_or_init(|| k))
     }
 }
@@ -427,17 +425,17 @@ mod tests {
     }
 
     #[test]
-    fn lazy_key_parses_on_first_use() {
+    fn lazy_key_loads_on_first_use() {
         let (a, _) = keys();
         let d = tempfile::tempdir().unwrap();
+        let lazy = LazyHostKey::at(&d.path().join(PRIVATE_FILE));
+        assert!(lazy.get().is_err(), "not there yet");
         a.save(d.path()).unwrap();
-        let lazy = LazyHostKey::read(&d.path().join(PRIVATE_FILE)).unwrap();
         assert_eq!(lazy.get().unwrap().fingerprint(), a.fingerprint());
         fs::write(d.path().join("junk.pem"), "not a key").unwrap();
-        let junk = LazyHostKey::read(&d.path().join("junk.pem")).unwrap();
+        let junk = LazyHostKey::at(&d.path().join("junk.pem"));
         let err = junk.get().unwrap_err().to_string();
         assert!(err.contains("junk.pem"), "{err}");
-        assert!(LazyHostKey::read(&d.path().join("missing.pem")).is_err());
     }
 
     #[test]

@@ -426,10 +426,13 @@ pub fn erase_with_tombstone(dir: &Path, tombstone: &[u8]) -> Result<(), StateDir
         Err(e) if e.kind() != ErrorKind::NotFound => return Err(io_err("remove", &vol)(e)),
         _ => {}
     }
-    let marker = dir.join(MARKER);
-    match fs::remove_file(&marker) {
-        Err(e) if e.kind() != ErrorKind::NotFound => return Err(io_err("remove", &marker)(e)),
-        _ => {}
+    // The marker, and what bound saves to this TPM: it lives elsewhere now.
+    for name in [MARKER, IDENTITY, ROLLBACKS, ROLLBACK_ALLOW] {
+        let p = dir.join(name);
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(io_err("remove", &p)(e)),
+            _ => {}
+        }
     }
     sync_dir(dir)
 }
@@ -538,6 +541,8 @@ mod tests {
             "vtpmd-00.permall",
             "vtpmd-00.volatilestate",
             MARKER,
+            IDENTITY,
+            ROLLBACKS,
             ".lock",
         ] {
             fs::write(d.path().join(f), b"x").unwrap();

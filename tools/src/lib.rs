@@ -6,6 +6,7 @@
 
 pub mod ioctl;
 pub mod offline;
+pub mod saves;
 
 use thiserror::Error;
 pub use vtpm_common::admin::{call, ClientError};
@@ -19,6 +20,15 @@ pub enum CtlError {
     StateDir(#[from] StateDirError),
     #[error("{0}")]
     Input(String),
+}
+
+/// The admin socket a vtpmd run as swtpm (libvirt's emulator backend)
+/// listens on in `dir`, if one answers there.
+pub fn running_admin(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let sock = dir.join(vtpm_common::statedir::ADMIN_SOCKET);
+    std::os::unix::net::UnixStream::connect(&sock)
+        .is_ok()
+        .then_some(sock)
 }
 
 /// The destination's public key from what the operator was handed: a PEM

@@ -9,10 +9,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vtpm_common::admin::{
-    IncomingInfo, KeysPreloaded, Prepared, Receipt, Request, Status, Tombstone,
+    IncomingInfo, KeysPreloaded, Prepared, Receipt, Request, SaveStatus, Status, Tombstone,
 };
 use vtpm_common::hostkey::HostKey;
-use vtpmctl::{call, ioctl, offline, peer_key_pem, CtlError};
+use vtpm_common::statedir::RollbackPolicy;
+use vtpmctl::{call, ioctl, offline, peer_key_pem, saves, CtlError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,8 +32,12 @@ enum Cmd {
     /// (host-key.pem, mode 0600, and host-key.pub.pem).
     Keygen {
         /// Directory to write the key pair into (created if missing).
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
+        #[arg(long, value_name = "DIR", required_unless_present = "system")]
+        out: Option<PathBuf>,
+        /// Make (or show) the host's default key, the one vtpmd uses
+        /// without --host-key: /var/lib/vtpm ($VTPM_HOST_KEY_DIR).
+        #[arg(long, conflicts_with = "out")]
+        system: bool,
     },
     /// Destination: issue a fresh single-use migration id and show this
     /// host's public key (vtpmd must run with --migration incoming).
@@ -93,6 +98,29 @@ enum Cmd {
         #[command(flatten)]
         at: Target,
     },
+    /// Saves of this TPM: instance id, generation, rollback policy, the
+    /// allowed older generation, how many rollbacks were recorded.
+    Saves {
+        #[command(flatten)]
+        at: Target,
+    },
+    /// What restoring an older save (a snapshot revert) does: `allow`
+    /// (default: logged and recorded in vtpmd-rollbacks.log) or `refuse`
+    /// (until `vtpmctl allow-rollback` allows that generation).
+    RollbackPolicy {
+        #[arg(value_parser = ["allow", "refuse"])]
+        policy: String,
+        #[command(flatten)]
+        at: Target,
+    },
+    /// Allow one restore of an older save under the policy `refuse` (the
+    /// generation vtpmd's refusal named).
+    AllowRollback {
+        #[arg(long)]
+        generation: u64,
+        #[command(flatten)]
+        at: Target,
+    },
     /// swtpm_ioctl's command line on a control socket, e.g.
     /// `vtpmctl swtpm-ioctl --unix SOCK -s` (stop the TPM and vtpmd).
     /// Plain text output as swtpm_ioctl's; `swtpm-ioctl --help` lists it.
@@ -116,11 +144,31 @@ struct Target {
     /// vtpmd's admin socket (the path given to `vtpmd --admin path=`).
     #[arg(long, value_name = "SOCK")]
     admin: Option<PathBuf>,
-    /// The state directory, while no vtpmd runs on it (after QEMU quit on
-    /// a migration source, vtpmd has exited and holds the state until the
-    /// receipt).
+    /// The state directory: through the admin socket a vtpmd run as swtpm
+    /// keeps there (vtpmd-admin.sock) if one runs, else on the files while
+    /// no vtpmd runs (after QEMU quit on a migration source, vtpmd has
+    /// exited and holds the state until the receipt).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+}
+
+/// Where a command goes.
+enum At {
+    Admin(PathBuf),
+    Offline(PathBuf),
+}
+
+impl Target {
+    fn resolve(self) -> At {
+        match (self.admin, self.state_dir) {
+            (Some(admin), _) => At::Admin(admin),
+            (None, Some(dir)) => match vtpmctl::running_admin(&dir) {
+                Some(sock) => At::Admin(sock),
+                None => At::Offline(dir),
+            },
+            (None, None) => unreachable!("clap requires one"),
+        }
+    }
 }
 
 fn read(path: &PathBuf) -> Result<String, CtlError> {
@@ -134,7 +182,20 @@ fn json<T: serde::Serialize>(v: T) -> Result<serde_json::Value, CtlError> {
 
 fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
     match cmd {
-        Cmd::Keygen { out } => {
+        Cmd::Keygen { system: true, .. } => {
+            let dir = vtpm_common::hostkey::system_key_dir();
+            let (key, made) = HostKey::load_or_create(&dir).map_err(|e| {
+                CtlError::Input(format!("{e} (the host key lives in {})", dir.display()))
+            })?;
+            Ok(serde_json::json!({
+                "private_key": dir.join(vtpm_common::hostkey::PRIVATE_FILE),
+                "public_key": dir.join(vtpm_common::hostkey::PUBLIC_FILE),
+                "fingerprint": key.fingerprint(),
+                "created": made,
+            }))
+        }
+        Cmd::Keygen { out, .. } => {
+            let out = out.unwrap_or_default();
             std::fs::create_dir_all(&out)
                 .map_err(|e| CtlError::Input(format!("cannot create {}: {e}", out.display())))?;
             let key = HostKey::generate().map_err(|e| CtlError::Input(e.to_string()))?;
@@ -161,10 +222,9 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
                 migration_id,
             },
         )?),
-        Cmd::Status { at } => match (at.admin, at.state_dir) {
-            (Some(admin), _) => json(call::<Status>(&admin, &Request::Status)?),
-            (None, Some(dir)) => offline::status(&dir),
-            (None, None) => unreachable!("clap requires one"),
+        Cmd::Status { at } => match at.resolve() {
+            At::Admin(admin) => json(call::<Status>(&admin, &Request::Status)?),
+            At::Offline(dir) => offline::status(&dir),
         },
         Cmd::Receipt { admin, out } => {
             let r = json(call::<Receipt>(&admin, &Request::Receipt)?)?;
@@ -176,19 +236,42 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
             let r: Receipt = serde_json::from_str(&read(&receipt)?).map_err(|e| {
                 CtlError::Input(format!("{} is not a receipt: {e}", receipt.display()))
             })?;
-            match (at.admin, at.state_dir) {
-                (Some(admin), _) => json(call::<Tombstone>(
+            match at.resolve() {
+                At::Admin(admin) => json(call::<Tombstone>(
                     &admin,
                     &Request::Complete { receipt: r },
                 )?),
-                (None, Some(dir)) => json(offline::complete(&dir, &r)?),
-                (None, None) => unreachable!("clap requires one"),
+                At::Offline(dir) => json(offline::complete(&dir, &r)?),
             }
         }
-        Cmd::Abort { at } => match (at.admin, at.state_dir) {
-            (Some(admin), _) => json(call::<Status>(&admin, &Request::Abort)?),
-            (None, Some(dir)) => offline::abort(&dir),
-            (None, None) => unreachable!("clap requires one"),
+        Cmd::Abort { at } => match at.resolve() {
+            At::Admin(admin) => json(call::<Status>(&admin, &Request::Abort)?),
+            At::Offline(dir) => offline::abort(&dir),
+        },
+        Cmd::Saves { at } => match at.resolve() {
+            At::Admin(admin) => json(call::<SaveStatus>(&admin, &Request::Saves)?),
+            At::Offline(dir) => json(saves::status(&dir)?),
+        },
+        Cmd::RollbackPolicy { policy, at } => {
+            let policy = if policy == "refuse" {
+                RollbackPolicy::Refuse
+            } else {
+                RollbackPolicy::Allow
+            };
+            match at.resolve() {
+                At::Admin(admin) => json(call::<SaveStatus>(
+                    &admin,
+                    &Request::RollbackPolicy { policy },
+                )?),
+                At::Offline(dir) => json(saves::set_policy(&dir, policy)?),
+            }
+        }
+        Cmd::AllowRollback { generation, at } => match at.resolve() {
+            At::Admin(admin) => json(call::<SaveStatus>(
+                &admin,
+                &Request::AllowRollback { generation },
+            )?),
+            At::Offline(dir) => json(saves::allow(&dir, generation)?),
         },
         Cmd::SwtpmIoctl { .. } => unreachable!("handled in main"),
     }

@@ -162,6 +162,11 @@ impl Host {
         }
         opts.rollback_refuse = cfg.rollback_refuse;
         let host_key = sealing::host_key(cfg)?;
+        // Read when first needed, after confinement: it must stay readable.
+        let key_file = host_key
+            .as_ref()
+            .and_then(|k| k.path().parent())
+            .map(confine::absolute);
         let mut session = Session::new(
             host_key,
             cfg.trusted_peers.clone(),
@@ -227,6 +232,7 @@ impl Host {
                         .trusted_peers
                         .iter()
                         .map(|p| confine::absolute(p))
+                        .chain(key_file)
                         .collect(),
                 },
                 cfg.seccomp,

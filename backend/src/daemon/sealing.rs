@@ -5,7 +5,7 @@
 //!  --host-key FILE ──▶ that key, checked now
 //!  --no-host-key / --allow-plaintext-migration / --migration-key ──▶ none
 //!  otherwise ──▶ the host's key in /var/lib/vtpm ($VTPM_HOST_KEY_DIR):
-//!                read now, parsed on first use; made if missing
+//!                loaded on first use; made now if missing
 //! ```
 
 use super::RunError;
@@ -27,9 +27,12 @@ pub fn host_key(cfg: &InstanceConfig) -> Result<Option<Arc<LazyHostKey>>, RunErr
     }
     let dir = hostkey::system_key_dir();
     let file = dir.join(PRIVATE_FILE);
-    let found = match LazyHostKey::read(&file) {
-        Ok(k) => Ok(k),
-        Err(_) if !file.exists() => HostKey::load_or_create(&dir).map(|(k, made)| {
+    if file.exists() {
+        // Loaded when first needed: an idle vTPM never reads it.
+        return Ok(Some(Arc::new(LazyHostKey::at(&file))));
+    }
+    match HostKey::load_or_create(&dir) {
+        Ok((k, made)) => {
             if made {
                 log::warn!(
                     "made this host's key {} (fingerprint {}): saves and snapshots are sealed to it; back it up, they cannot be restored without it",
@@ -37,15 +40,11 @@ pub fn host_key(cfg: &InstanceConfig) -> Result<Option<Arc<LazyHostKey>>, RunErr
                     k.fingerprint()
                 );
             }
-            LazyHostKey::ready(k, &file)
-        }),
-        Err(e) => Err(e),
-    };
-    match found {
-        Ok(k) => Ok(Some(Arc::new(k))),
+            Ok(Some(Arc::new(LazyHostKey::ready(k, &file))))
+        }
         Err(e) => {
             log::warn!(
-                "no host key ({e}): the TPM state will not be handed out (save, snapshot, migration). Fix: make the key as root with `vtpmctl keygen --out {}` and give it to the user vtpmd runs as, or pass --host-key FILE; --allow-plaintext-migration hands the state out unencrypted",
+                "no host key ({e}): the TPM state will not be handed out (save, snapshot, migration). Fix: make the key as root with `vtpmctl keygen --system` (it goes to {}) and give it to the user vtpmd runs as, or pass --host-key FILE; --allow-plaintext-migration hands the state out unencrypted",
                 dir.display()
             );
             Ok(None)

@@ -17,7 +17,8 @@
 //! given up once the savestate blob (the last) went out.
 
 use super::{BlobKind, InitFlags, InstanceError, TpmState, Vtpm};
-use crate::migration::piece::Purpose;
+use crate::migration::piece::{PieceError, Purpose};
+use crate::migration::session::SessionError;
 use crate::storage::{blob, swtpm_crypt, VOLATILE};
 use vtpm_common::admin::Phase;
 use zeroize::Zeroizing;
@@ -112,6 +113,11 @@ impl Vtpm {
         }
         if st.session.has_host_key() {
             // Sealed migration only: no plaintext or swtpm blobs (no downgrade).
+            if Purpose::of(data).is_none() {
+                let e = SessionError::Piece(PieceError::NotSealed);
+                log::error!("state import refused: {e}");
+                return Err(e.into());
+            }
             return Ok(st.session.import(kind.number(), data)?);
         }
         let result = if data.is_empty() {

@@ -15,6 +15,7 @@ use super::wire::{
     STATE_FLAG_ENCRYPTED,
 };
 use crate::instance::{BlobKind, InitFlags, InstanceError, Vtpm};
+use crate::migration::piece::PieceError;
 use crate::migration::save::SaveError;
 use crate::migration::session::SessionError;
 use crate::storage::blob::BlobError;
@@ -44,6 +45,7 @@ pub fn result_code(e: &InstanceError) -> u32 {
             _ => rc::BAD_PARAMETER,
         },
         InstanceError::Migration(SessionError::UnknownBlobType(_)) => rc::FAIL,
+        InstanceError::Migration(SessionError::Piece(p)) => piece_code(p),
         // QEMU prints its words for these codes next to the code: chosen
         // so that its log points at the cause (vtpmd's log says the rest).
         InstanceError::Save(e) => save_code(e),
@@ -84,15 +86,24 @@ pub fn execute(vtpm: &Vtpm, req: &Request, data: &[u8]) -> Response {
 /// host's save, "decryption error" for a damaged or altered one,
 /// "encryption error" when there is no key to seal to.
 fn save_code(e: &SaveError) -> u32 {
-    use crate::migration::piece::PieceError as P;
     match e {
         SaveError::NoHostKey | SaveError::Key(_) => rc::ENCRYPT_ERROR,
-        SaveError::Piece(P::WrongHost { .. } | P::Unwrap) => rc::KEYNOTFOUND,
-        SaveError::Piece(P::WrongPurpose { .. } | P::NotSealed | P::Version(_)) => {
-            rc::BAD_PARAMETER
-        }
+        SaveError::Piece(p) => piece_code(p),
         SaveError::UnknownBlobType(_) | SaveError::Random | SaveError::NotStarted(_) => rc::FAIL,
-        SaveError::Piece(_) | SaveError::Incomplete => rc::DECRYPT_ERROR,
+        SaveError::Incomplete => rc::DECRYPT_ERROR,
+    }
+}
+
+/// A refused sealed blob. A plaintext or swtpm-format blob where sealed
+/// state is required gets swtpm's answer to a blob it has no key for.
+fn piece_code(p: &PieceError) -> u32 {
+    match p {
+        PieceError::WrongHost { .. } | PieceError::Unwrap | PieceError::NotSealed => {
+            rc::KEYNOTFOUND
+        }
+        PieceError::WrongPurpose { .. } | PieceError::Version(_) => rc::BAD_PARAMETER,
+        PieceError::Random | PieceError::Wrap(_) => rc::FAIL,
+        _ => rc::DECRYPT_ERROR,
     }
 }
 

@@ -93,7 +93,7 @@ impl Purpose {
 
 #[derive(Debug, Error)]
 pub enum PieceError {
-    #[error("not a sealed vtpmd migration blob: plaintext or swtpm-format state is refused while a host key is configured")]
+    #[error("not a sealed vtpmd blob: plaintext or swtpm-format state is refused while vtpmd has a host key (no downgrade); to take swtpm's plaintext state, start this vtpmd with --allow-plaintext-migration")]
     NotSealed,
     #[error("blob is truncated or malformed ({0})")]
     Malformed(&'static str),
