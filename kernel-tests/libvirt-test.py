@@ -891,6 +891,27 @@ def vtpmctl(*args):
     return sh(["vtpmctl", *args], env=dict(os.environ, PATH=SYSTEM_PATH))
 
 
+def saves(d):
+    """`vtpmctl saves --state-dir D` (through vtpmd's admin socket while it
+    runs, else from the files): instance id, generation, policy."""
+    import json
+    r = vtpmctl("saves", "--state-dir", d)
+    try:
+        return json.loads(r.stdout)
+    except ValueError:
+        return {"error": (r.stdout + r.stderr).strip()}
+
+
+def generation_grew(d, before, what):
+    """The save generation is above BEFORE's, the instance id the same."""
+    now = saves(d)
+    ok = isinstance(now.get("generation"), int) and now["generation"] > before.get("generation", 0) \
+        and now.get("instance_id") and before.get("instance_id") in (None, now.get("instance_id"))
+    check(ok, "%s: the save generation grew (%s -> %s), same instance id (vtpmctl saves)"
+          % (what, before.get("generation"), now.get("generation")), now)
+    return now
+
+
 def rollback_lines(d):
     try:
         return [l for l in open(os.path.join(d, "vtpmd-rollbacks.log")).read().splitlines() if l.strip()]
@@ -935,9 +956,11 @@ def save_part(daemon):
     at_snap = dict(write_nv64(con, "sealed", define=True), keyname=key.get("keyname"))
 
     # The snapshot (its TPM state: at_snap); the state then moves on.
+    gen = saves(tdir)
     r = virsh("snapshot-create-as", name, "snap1", "--description", "TPM state at_snap")
     snap_ok = check(r.returncode == 0, "sealed: virsh snapshot-create-as (internal, with memory) on the running domain",
                     (r.stdout + r.stderr).strip())
+    gen = generation_grew(tdir, gen, "snapshot")
     check(os.path.exists(os.path.join(HOST_KEY_DIR, "host-key.pem")),
           "sealed: vtpmd made the system host key %s/host-key.pem on first use" % HOST_KEY_DIR, os.listdir(HOST_KEY_DIR) if os.path.isdir(HOST_KEY_DIR) else "no " + HOST_KEY_DIR)
     now = dict(write_nv64(con, "sealed, after the snapshot"), keyname=key.get("keyname"))
@@ -948,6 +971,7 @@ def save_part(daemon):
     r = virsh("save", name, f1)
     if check(r.returncode == 0, "sealed: virsh save %s" % f1, r.stderr.strip()):
         sealed_save_file(f1, secrets, "save")
+        gen = generation_grew(tdir, gen, "save")
         if restored(con, virsh("restore", f1), "save: virsh restore of the sealed save file"):
             same_tpm(con, "save", now, "virsh save / restore")
         check(proc_running(name), "save: the TPM is served by vtpmd after the restore", tpm_process(name))
@@ -955,6 +979,7 @@ def save_part(daemon):
     # 2. virsh managedsave + start
     r = virsh("managedsave", name)
     if check(r.returncode == 0, "sealed: virsh managedsave", r.stderr.strip()):
+        gen = generation_grew(tdir, gen, "managedsave")
         mf = "/var/lib/libvirt/qemu/save/%s.save" % name
         if os.path.exists(mf):
             sealed_save_file(mf, secrets, "managedsave")
