@@ -961,8 +961,10 @@ def save_part(daemon):
     snap_ok = check(r.returncode == 0, "sealed: virsh snapshot-create-as (internal, with memory) on the running domain",
                     (r.stdout + r.stderr).strip())
     gen = generation_grew(tdir, gen, "snapshot")
-    check(os.path.exists(os.path.join(HOST_KEY_DIR, "host-key.pem")),
-          "sealed: vtpmd made the system host key %s/host-key.pem on first use" % HOST_KEY_DIR, os.listdir(HOST_KEY_DIR) if os.path.isdir(HOST_KEY_DIR) else "no " + HOST_KEY_DIR)
+    key_file = os.path.join(HOST_KEY_DIR, "host-key.pem")
+    readable = sh(["runuser", "-u", "tss", "--", "test", "-r", key_file]).returncode == 0
+    check(readable, "sealed: the system host key %s exists and the user libvirt runs vtpmd as (tss) can read it" % key_file,
+          sh(["ls", "-la", HOST_KEY_DIR]).stdout if os.path.isdir(HOST_KEY_DIR) else "no " + HOST_KEY_DIR)
     now = dict(write_nv64(con, "sealed, after the snapshot"), keyname=key.get("keyname"))
     secrets = [at_snap["nv64"], now["nv64"]]
 
