@@ -100,7 +100,7 @@ install:
 	@for b in $(INSTALL_BINS); do [ -x $(RELEASE)/$$b ] || { echo "install: $(RELEASE)/$$b is missing: run 'make build' first" >&2; exit 1; }; done
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(SYSTEMD_UNIT_DIR) $(DESTDIR)$(SWTPM_LINKDIR)
 	install -m 0755 $(addprefix $(RELEASE)/,$(INSTALL_BINS)) $(DESTDIR)$(BINDIR)/
-	sed 's|@SWTPM_LINKDIR@|$(SWTPM_LINKDIR)|g' packaging/vtpm-libvirt.in > $(DESTDIR)$(BINDIR)/.vtpm-libvirt.tmp
+	sed 's|@SWTPM_LINKDIR@|$(SWTPM_LINKDIR)|g; s|@BINDIR@|$(BINDIR)|g' packaging/vtpm-libvirt.in > $(DESTDIR)$(BINDIR)/.vtpm-libvirt.tmp
 	chmod 0755 $(DESTDIR)$(BINDIR)/.vtpm-libvirt.tmp
 	mv -f $(DESTDIR)$(BINDIR)/.vtpm-libvirt.tmp $(DESTDIR)$(BINDIR)/vtpm-libvirt
 	install -m 0644 $(addprefix docs/man/,$(addsuffix .8,$(MAN8))) $(DESTDIR)$(MANDIR)/man8/

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Sealed live migration of a running Linux guest between two QEMU processes,
 each with its own vtpmd, state directory and host key (vtpmctl prepares it),
-a plain one (no host keys, --allow-plaintext-migration),
+a plain one (no host keys, --allow-plaintext-migration), a save to a file
+and restores with default options (sealed to this host, rollback recorded,
+refused under the policy refuse until allowed),
 plus a save-to-file secrecy check against swtpm, the attack matrix through
 QEMU's own migration stream, and a destination killed mid-migration.
 
@@ -177,6 +179,88 @@ def plain_migration():
 def read_file(p):
     with open(p, "rb") as f:
         return f.read()
+
+
+def rollbacks(state):
+    try:
+        return [json.loads(l) for l in open(os.path.join(state, "vtpmd-rollbacks.log")) if l.strip()]
+    except OSError:
+        return []
+
+
+def restore_into(name, path):
+    """A fresh vtpmd with default options on the "save" directory and QEMU
+    loading PATH (as `virsh restore` / managedsave + start do). Returns
+    (backend, guest, loaded)."""
+    b = Backend("save", extra=["--admin", "path=" + os.path.join(WORK, "save", "admin.sock")])
+    g = guest(name, b, incoming="exec:cat " + path)
+    try:
+        g.p.wait(20)
+        loaded = False
+    except subprocess.TimeoutExpired:
+        loaded = g.migration_status() != "failed"
+    return b, g, loaded
+
+
+def quit_both(b, g):
+    g.stop(quit_cmd=g.p.poll() is None)
+    b.p.terminate()
+    b.p.wait(10)
+
+
+def save_and_restore():
+    """Default options (the host key in $VTPM_HOST_KEY_DIR): QEMU's migration
+    to a file, as `virsh save` does, holds the TPM sealed to this host; a new
+    QEMU and vtpmd restore it; a second restore of the same file after the
+    guest ran is a rollback (recorded); under the policy refuse it is refused
+    until vtpmctl allow-rollback."""
+    print("== save to a file and restore with default options (sealed to this host)", flush=True)
+    b = Backend("save", extra=["--admin", "path=" + os.path.join(WORK, "save", "admin.sock")])
+    state = b.state
+    g = boot_source("save", b)
+    before = g.run(SETUP)
+    g.run(SCRUB)
+    secret = bytes.fromhex(before.get("secret", ""))
+    path = os.path.join(WORK, "saved-default.mig")
+    status = g.migrate("exec:cat > " + path)
+    data = read_file(path)
+    check(status == "completed" and b"VTPMSAV1" in data and len(secret) == 64 and secret not in data,
+          "default vtpmd: the saved stream holds the TPM sealed (VTPMSAV1), not the guest's 64-byte NV secret",
+          (status, len(data)))
+    quit_both(b, g)
+    b, g, loaded = restore_into("save-restore", path)
+    after = g.run(AFTER) if loaded else {}
+    check(loaded and after.get("pcr") == before.get("pcr") and after.get("secret") == before.get("secret")
+          and after.get("verified") == "yes",
+          "restored by a new QEMU + vtpmd: same PCR, NV and persistent key", after)
+    check(rollbacks(state) == [], "save then restore with nothing in between is not a rollback", rollbacks(state))
+    quit_both(b, g)
+    # The guest ran after the restore: the same file again rolls it back.
+    b, g, loaded = restore_into("save-again", path)
+    rec = rollbacks(state)
+    check(loaded and len(rec) == 1 and rec[0]["decision"] == "allowed",
+          "restoring the same save after the guest ran: allowed by default, recorded in vtpmd-rollbacks.log", rec)
+    check("ROLLBACK" in open(b.log).read(), "the rollback is in vtpmd's log")
+    g.run("tpm2_getrandom --hex 8 >/dev/null && echo R:ok=1")
+    quit_both(b, g)
+    ok, v = ctl("rollback-policy", "refuse", "--state-dir", state)
+    check(ok and v.get("rollback") == "refuse", "vtpmctl rollback-policy refuse --state-dir (offline)", v)
+    b, g, loaded = restore_into("save-refused", path)
+    qlog = open(g.log).read() if os.path.exists(g.log) else ""
+    check(not loaded and "ROLLBACK REFUSED" in open(b.log).read(),
+          "under the policy refuse the restore fails and vtpmd's log says why", qlog[-300:])
+    generation = rollbacks(state)[-1]["restored_generation"] if rollbacks(state) else 0
+    err = open(b.log + ".stderr").read()
+    check("vtpmctl allow-rollback --generation %d" % generation in err,
+          "vtpmd's stderr names the fix (vtpmctl allow-rollback --generation N)", err[-300:])
+    quit_both(b, g)
+    ok, v = ctl("allow-rollback", "--generation", str(generation), "--state-dir", state)
+    check(ok and v.get("allowed_generation") == generation, "vtpmctl allow-rollback --generation N --state-dir (offline)", v)
+    b, g, loaded = restore_into("save-allowed", path)
+    r = g.run(AFTER) if loaded else {}
+    check(loaded and r.get("secret") == before.get("secret"),
+          "after vtpmctl allow-rollback the restore works, once", (rollbacks(state)[-1:], r.get("secret", "")[:16]))
+    quit_both(b, g)
 
 
 def secrecy_vs_swtpm(ka, kb):
@@ -373,6 +457,7 @@ def main():
         live_migration(ka, kb)
         plain_migration()
         if not LIVE_ONLY:
+            save_and_restore()
             swtpm_file = secrecy_vs_swtpm(ka, kb)
             attack_matrix(ka, kb, swtpm_file)
             killed_destination(ka, kb)

@@ -72,7 +72,7 @@ for page in "$dest"/usr/local/share/man/man8/*.8; do
   text=$(MANWIDTH=200 man -l "$page" 2>/dev/null)
   case $name in
     vtpmd) opts=$( { options target/release/vtpmd socket; options target/release/vtpmd vhost-user; } | sort -u) ;;
-    vtpmctl) opts=$(for c in keygen incoming-info incoming-key outgoing status receipt complete abort; do options target/release/vtpmctl "$c"; done
+    vtpmctl) opts=$(for c in keygen incoming-info incoming-key outgoing status receipt complete abort saves rollback-policy allow-rollback; do options target/release/vtpmctl "$c"; done
                     target/release/vtpmctl swtpm-ioctl --help | grep -oE '^--[a-z-]+' | sort -u) ;;
     vtpm-setup) opts=$(options target/release/vtpm-setup) ;;
     *) opts= ;;
@@ -98,10 +98,12 @@ fi
 units=$work/units
 helper=$prefix/bin/vtpm-libvirt
 export VTPM_LIBVIRT_UNIT_DIR=$units
+export VTPM_HOST_KEY_DIR=$work/hostkey
 out=$("$helper" status)
 check "vtpm-libvirt status: disabled before enable" grep -q 'libvirt emulator backend: disabled' <<<"$out"
 "$helper" enable >/dev/null
 dropin=$units/libvirtd.service.d/50-vtpmd.conf
+check "vtpm-libvirt enable made the host key (0600) vtpmd seals saves to" test "$(stat -c %a "$work/hostkey/host-key.pem")" = 600
 check "vtpm-libvirt enable wrote the libvirtd and virtqemud drop-ins" test -f "$dropin" -a -f "$units/virtqemud.service.d/50-vtpmd.conf"
 check "drop-in puts the link directory first in PATH" grep -qx "Environment=\"PATH=$prefix/lib/vtpmd/swtpm:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\"" "$dropin"
 check "vtpm-libvirt path matches the drop-in" test "Environment=\"$("$helper" path)\"" = "$(grep '^Environment=' "$dropin")"
@@ -122,7 +124,7 @@ mv "$prefix/lib/vtpmd/swtpm/swtpm" "$work/swtpm.link"
 if "$helper" enable >/dev/null 2>"$work/err"; then fail "vtpm-libvirt enable with a missing link"
 else check "vtpm-libvirt enable refuses when a link is missing, naming it" grep -q "swtpm/swtpm is missing" "$work/err"; fi
 mv "$work/swtpm.link" "$prefix/lib/vtpmd/swtpm/swtpm"
-unset VTPM_LIBVIRT_UNIT_DIR
+unset VTPM_LIBVIRT_UNIT_DIR VTPM_HOST_KEY_DIR
 
 # 4. uninstall
 make -s uninstall DESTDIR="$dest" >/dev/null 2>&1
