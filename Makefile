@@ -37,10 +37,12 @@ unit-and-integration: build
 # libvirt-test.py (libvirtd started by the test in a private namespace, the
 # system instance): the external backend as the README has it, and libvirt's
 # emulator backend running vtpm-setup, vtpmd and vtpmctl (plain, PCR banks,
-# encrypted, switching from and back to swtpm); libvirt-migrate-test.py (two
-# libvirt hosts in namespaces of their own joined by a veth pair: virsh
-# migrate with swtpm as the baseline, then `vtpmctl migrate` with vtpmd,
-# stream captured and replayed).
+# encrypted, switching from and back to swtpm), and virsh save/restore,
+# managedsave and an internal memory snapshot with vtpmd sealing the TPM to
+# the host (refusals: another host key, a flipped byte, a refused rollback);
+# libvirt-migrate-test.py (two libvirt hosts in namespaces of their own
+# joined by a veth pair: virsh migrate with swtpm as the baseline, then
+# `vtpmctl migrate` with vtpmd, stream captured and replayed).
 # Then QEMU 11.1 (from a Debian sid root under build/): the virtio-tpm guest
 # on `vtpmd vhost-user` with our guest driver, crb/tis, and migration again.
 # The host-side tests' vtpmd processes use a host key under build/ rather

@@ -19,6 +19,20 @@ running TCG domains with direct kernel boot of the kernel-tests guest.
    change is applied at the next start; an <encryption secret=...> domain
    works across restarts and its state files hold no plaintext of the NV
    secret the guest wrote (the plain domain's do: the search works).
+3. Switching: a domain swtpm made runs on vtpmd, `vtpm-libvirt disable`
+   hands it back to swtpm.
+4. Save, managedsave, snapshots (issue 12), vtpmd with default options (the
+   system host key): `virsh save` / `restore`, `managedsave` / `start` and
+   an internal memory snapshot on a qcow2 disk with `snapshot-revert` keep
+   the guest's PCRs, a 64-byte NV secret and the persistent key (after a
+   revert: as at the snapshot); the save files carry the TPM sealed
+   (VTPMSAV1, no NV secret in their bytes; swtpm's do hold it: the search
+   works); a save file restored under another host key and one with a byte
+   flipped in the sealed TPM section are refused, the TPM state on disk
+   untouched, vtpmd's reason in the domain's swtpm log; a revert is
+   recorded in vtpmd-rollbacks.log and, with `vtpmctl rollback-policy
+   refuse`, refused until `vtpmctl allow-rollback` allows it.
+   `libvirt-test.py save` runs this part alone.
 
 Guests boot one at a time; each boot serves several checks. Prints
 "PASS: ..." / "FAIL: ..." per check and "N passed, M failed" last.
@@ -673,6 +687,474 @@ def switch_part(daemon, before):
     virsh("undefine", "vm4", "--tpm")
 
 
+# ---------------------------------------------------------------- 4. save, managedsave, snapshots
+
+NV64 = "0x1500017"  # a 64-byte NV secret (two 32-byte random draws)
+# All 24 sha256 PCRs at once: the digest of tpm2_pcrread's listing.
+PCRS = "echo R:pcrs=$(tpm2_pcrread sha256 | sha256sum | cut -c1-64)"
+NV64_DEFINE = "tpm2_nvdefine {nv} -C o -s 64 -a 'ownerread|ownerwrite' >/dev/null && ".format(nv=NV64)
+# The guest's own copies of the secret are overwritten in place once used
+# (and its kernel runs with init_on_free=1), so a save file's RAM holds it
+# no more: only the TPM's state can (swtpm_save_reference shows where).
+SCRUB = "for f in {files}; do dd if=/dev/zero of=$f bs=64 count=1 conv=notrunc 2>/dev/null; rm -f $f; done"
+NV64_WRITE = ("tpm2_getrandom -o /tmp/a 32 >/dev/null && tpm2_getrandom -o /tmp/b 32 >/dev/null && "
+              "cat /tmp/a /tmp/b > /tmp/s64 && tpm2_nvwrite {nv} -C o -i /tmp/s64 && "
+              "echo R:nv64=$(od -An -tx1 -v /tmp/s64 | tr -d ' \\n'); " + SCRUB.format(files="/tmp/a /tmp/b /tmp/s64") + "; "
+              "tpm2_pcrextend 16:sha256=$(head -c 32 /dev/urandom | sha256sum | cut -d' ' -f1) && "
+              "echo R:pcr16=$(tpm2_pcrread sha256:16 | tail -n 1 | awk '{{print $2}}'); " + PCRS).format(nv=NV64)
+NV64_READ = ("tpm2_nvread {nv} -C o -s 64 -o /tmp/n64 2>/dev/null && echo R:nv64=$(od -An -tx1 -v /tmp/n64 | tr -d ' \\n'); " +
+             SCRUB.format(files="/tmp/n64") + "; "
+             "echo R:keyname=$(tpm2_readpublic -c {key} 2>/dev/null | awk '/^name:/ {{print $2}}'); "
+             "printf signed > /tmp/m && tpm2_sign -c {key} -g sha256 -o /tmp/sig /tmp/m && "
+             "tpm2_verifysignature -c {key} -g sha256 -m /tmp/m -s /tmp/sig && echo R:signs=yes; "
+             "echo R:pcr16=$(tpm2_pcrread sha256:16 | tail -n 1 | awk '{{print $2}}'); " + PCRS).format(nv=NV64, key=PERSIST)
+SEALED_MAGIC = b"VTPMSAV1"
+HOST_KEY_DIR = "/var/lib/vtpm"
+SAVES = "/var/lib/libvirt/images"
+
+
+def save_xml(name, disk=None):
+    """The emulator domain NAME, its guest kernel wiping freed memory
+    (init_on_free=1), and optionally a small qcow2 disk DISK (internal
+    snapshots keep the memory, and with it the TPM's state, in a qcow2
+    image)."""
+    path = domain_xml("libvirt-emulator.xml", name=name)
+    tree = ET.parse(path)
+    cmdline = tree.getroot().find("os/cmdline")
+    cmdline.text += " init_on_free=1"
+    if disk is None:
+        tree.write(path)
+        return path
+    devices = tree.getroot().find("devices")
+    d = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(d, "driver", name="qemu", type="qcow2")
+    ET.SubElement(d, "source", file=disk)
+    ET.SubElement(d, "target", dev="vda", bus="virtio")
+    tree.write(path)
+    return path
+
+
+def tpm_now(con):
+    """The guest's TPM state: the 64-byte NV secret, the persistent key
+    (name, and whether it signs), PCR 16 and a digest of all sha256 PCRs."""
+    return con.run(NV64_READ)
+
+
+def same_tpm(con, who, expect, when):
+    """The TPM state after WHEN is EXPECT (nv64, keyname, pcr16, pcrs): nothing
+    reset, nothing lost, nothing from another time."""
+    r = tpm_now(con)
+    ok_nv = len(expect.get("nv64", "")) == 128 and r.get("nv64") == expect.get("nv64")
+    check(ok_nv, "%s: the guest's 64-byte NV secret is as expected after %s" % (who, when), (expect.get("nv64"), r.get("nv64")))
+    check(r.get("keyname") == expect.get("keyname") and r.get("signs") == "yes",
+          "%s: persistent key %s intact after %s (same name, signs)" % (who, PERSIST, when), r)
+    check(r.get("pcr16") == expect.get("pcr16") and r.get("pcr16") != ZERO_PCR,
+          "%s: PCR 16 as expected after %s (the TPM was not reset)" % (who, when), (expect.get("pcr16"), r.get("pcr16")))
+    check(len(r.get("pcrs", "")) == 64 and r.get("pcrs") == expect.get("pcrs"),
+          "%s: all 24 sha256 PCRs as expected after %s (digest of tpm2_pcrread sha256)" % (who, when),
+          (expect.get("pcrs"), r.get("pcrs")))
+    return r
+
+
+def tpm_dir(name):
+    uuid = virsh("domuuid", name).stdout.strip()
+    return "/var/lib/libvirt/swtpm/%s/tpm2" % uuid
+
+
+def dir_snapshot(d):
+    """Name -> content of the regular files in D (the TPM state on disk)."""
+    out = {}
+    for f in sorted(os.listdir(d)):
+        p = os.path.join(d, f)
+        if os.path.isfile(p) and not os.path.islink(p):
+            out[f] = open(p, "rb").read()
+    return out
+
+
+def swtpm_log(name):
+    try:
+        return open("/var/log/swtpm/libvirt/qemu/%s-swtpm.log" % name, errors="replace").read()
+    except OSError:
+        return ""
+
+
+def qemu_log(name):
+    try:
+        return open("/var/log/libvirt/qemu/%s.log" % name, errors="replace").read()
+    except OSError:
+        return ""
+
+
+class LogMark:
+    """What domain NAME's swtpm and QEMU logs gained since this mark."""
+
+    def __init__(self, name):
+        self.name = name
+        self.tpm, self.qemu = len(swtpm_log(name)), len(qemu_log(name))
+
+    def tpm_since(self):
+        return swtpm_log(self.name)[self.tpm:]
+
+    def qemu_since(self):
+        return qemu_log(self.name)[self.qemu:]
+
+
+def last_lines(text, n=4):
+    return " | ".join(l.strip() for l in text.strip().splitlines()[-n:])
+
+
+def occurrences(data, needle):
+    out, at = [], data.find(needle)
+    while at >= 0:
+        out.append(at)
+        at = data.find(needle, at + 1)
+    return out
+
+
+def tpm_section(data):
+    """Offset of QEMU's tpm-emulator device section in a save image (its
+    section header: length-prefixed idstr), or -1. Device sections follow
+    the guest's RAM."""
+    return data.rfind(b"\x0ctpm-emulator")
+
+
+def where(data, hexstr):
+    """Where the secret HEXSTR is in DATA, for messages."""
+    at = occurrences(data, bytes.fromhex(hexstr))
+    return "secret at offsets %s; tpm-emulator section at %d; %d bytes" % (at[:8], tpm_section(data), len(data))
+
+
+def restored(con, r, what):
+    """After virsh restore/start/snapshot-revert: the console again (QEMU
+    re-bound the socket); the guest runs on from its saved memory."""
+    if not check(r.returncode == 0, what, (r.stdout + r.stderr).strip()[-400:]):
+        return False
+    con.connect()
+    return True
+
+
+def refused(name, r, mark, words, what):
+    """A restore-like command R that must fail: virsh fails, the domain does
+    not run, and vtpmd's reason (one of WORDS) is in the domain's swtpm
+    log. Prints what virsh and QEMU's log said (for the operator's view)."""
+    tpm = mark.tpm_since()
+    state = virsh("domstate", name).stdout.strip()
+    check(r.returncode != 0 and state != "running", "%s: refused (virsh fails, domain %s)" % (what, state or "?"),
+          (r.stdout + r.stderr).strip()[-400:])
+    hit = [w for w in words if w.lower() in tpm.lower()]
+    check(hit, "%s: the domain's swtpm log (vtpmd's stderr) names the cause (%s)" % (what, " / ".join(words)),
+          last_lines(tpm, 6) or "(nothing new in the swtpm log)")
+    print("INFO: %s: virsh said: %s" % (what, last_lines(r.stderr, 3)), flush=True)
+    print("INFO: %s: QEMU's log: %s" % (what, last_lines(mark.qemu_since(), 3)), flush=True)
+    print("INFO: %s: swtpm log: %s" % (what, last_lines(tpm, 3)), flush=True)
+
+
+def write_nv64(con, who, define=False):
+    r = con.run((NV64_DEFINE if define else "") + NV64_WRITE)
+    check(len(r.get("nv64", "")) == 128 and len(r.get("pcr16", "")) == 66 and len(r.get("pcrs", "")) == 64,
+          "%s: guest wrote a 64-byte NV secret at %s and extended PCR 16" % (who, NV64), r)
+    return r
+
+
+def swtpm_save_reference():
+    """The same flow on swtpm (libvirt without vtpm-libvirt): the save
+    file holds the guest's 64-byte NV secret in clear, so the search for
+    it in vtpmd's save files can find what it looks for."""
+    print("== save/restore with swtpm (reference for the save-file search)", flush=True)
+    name = "vm5"
+    con = boot(save_xml(name), name, "swtpm save")
+    if not con:
+        return
+    proc = tpm_process(name)
+    check(proc and proc[2] == "/usr/bin/swtpm", "swtpm save: libvirt runs swtpm for this domain", proc and proc[2])
+    key = write_state(con, "swtpm save")
+    state = dict(write_nv64(con, "swtpm save", define=True), keyname=key.get("keyname"))
+    f = os.path.join(SAVES, name + ".save")
+    r = virsh("save", name, f)
+    if check(r.returncode == 0, "swtpm save: virsh save %s" % f, r.stderr.strip()):
+        data = open(f, "rb").read()
+        at, sect = occurrences(data, bytes.fromhex(state["nv64"])), tpm_section(data)
+        check(sect >= 0 and any(a > sect for a in at),
+              "swtpm save: the save file holds the guest's 64-byte NV secret in clear, in QEMU's tpm-emulator section "
+              "(the search works)", where(data, state["nv64"]))
+        check(not any(a < sect for a in at),
+              "swtpm save: nowhere else (the guest's RAM in the file holds no copy: the search sees only the TPM's)",
+              where(data, state["nv64"]))
+        if restored(con, virsh("restore", f), "swtpm save: virsh restore"):
+            same_tpm(con, "swtpm save", state, "virsh save / restore")
+        os.remove(f)
+    destroy(name)
+    virsh("undefine", name, "--tpm")
+
+
+def vtpmctl(*args):
+    return sh(["vtpmctl", *args], env=dict(os.environ, PATH=SYSTEM_PATH))
+
+
+def saves(d):
+    """`vtpmctl saves --state-dir D` (through vtpmd's admin socket while it
+    runs, else from the files): instance id, generation, policy."""
+    import json
+    r = vtpmctl("saves", "--state-dir", d)
+    try:
+        return json.loads(r.stdout)
+    except ValueError:
+        return {"error": (r.stdout + r.stderr).strip()}
+
+
+def generation_grew(d, before, what):
+    """The save generation is above BEFORE's, the instance id the same."""
+    now = saves(d)
+    ok = isinstance(now.get("generation"), int) and now["generation"] > before.get("generation", 0) \
+        and now.get("instance_id") and before.get("instance_id") in (None, now.get("instance_id"))
+    check(ok, "%s: the save generation grew (%s -> %s), same instance id (vtpmctl saves)"
+          % (what, before.get("generation"), now.get("generation")), now)
+    return now
+
+
+def rollback_lines(d):
+    try:
+        return [l for l in open(os.path.join(d, "vtpmd-rollbacks.log")).read().splitlines() if l.strip()]
+    except OSError:
+        return []
+
+
+def sealed_save_file(f, secrets, who):
+    """F (a libvirt save image) carries the TPM sealed: VTPMSAV1 in it, none
+    of SECRETS (hex) in its bytes."""
+    data = open(f, "rb").read()
+    check(SEALED_MAGIC in data, "%s: the save file (%d bytes) carries the TPM state sealed (%s)" % (who, len(data), SEALED_MAGIC.decode()))
+    check(not any(bytes.fromhex(s) in data for s in secrets),
+          "%s: the save file does not hold the guest's 64-byte NV secrets (searched all %d bytes)" % (who, len(data)),
+          "; ".join(where(data, s) for s in secrets))
+    return data
+
+
+def save_part(daemon):
+    """virsh save / restore, managedsave / start, an internal memory snapshot
+    and its revert, with vtpmd as libvirt's emulator backend and default
+    options: the TPM leaves vtpmd sealed to this host (system host key)."""
+    swtpm_save_reference()
+    print("== save, managedsave, snapshots with vtpmd (vtpm-libvirt enable, system host key)", flush=True)
+    if not os.path.exists(DROPIN):
+        run_readme(readme_block("emulator-enable"), "emulator (save)")
+        daemon.stop()
+        daemon.start(dropin_path())
+    name = "vm6"
+    disk = os.path.join(IMAGES, name + ".qcow2")
+    r = sh(["qemu-img", "create", "-f", "qcow2", disk, "16M"])
+    if not check(r.returncode == 0, "qemu-img made a 16 MiB qcow2 disk for internal snapshots", r.stderr):
+        return
+    con = boot(save_xml(name, disk), name, "sealed")
+    if not con:
+        return
+    proc = tpm_process(name)
+    check(proc and proc[2] == "/usr/local/bin/vtpmd" and not any("host-key" in a or "plaintext" in a for a in proc[0]),
+          "sealed: libvirt runs vtpmd with no key options (%s)" % " ".join(proc[0][1:] if proc else []), proc)
+    tdir = tpm_dir(name)
+    key = write_state(con, "sealed")
+    at_snap = dict(write_nv64(con, "sealed", define=True), keyname=key.get("keyname"))
+
+    # The snapshot (its TPM state: at_snap); the state then moves on.
+    gen = saves(tdir)
+    r = virsh("snapshot-create-as", name, "snap1", "--description", "TPM state at_snap")
+    snap_ok = check(r.returncode == 0, "sealed: virsh snapshot-create-as (internal, with memory) on the running domain",
+                    (r.stdout + r.stderr).strip())
+    gen = generation_grew(tdir, gen, "snapshot")
+    key_file = os.path.join(HOST_KEY_DIR, "host-key.pem")
+    readable = sh(["runuser", "-u", "tss", "--", "test", "-r", key_file]).returncode == 0
+    check(readable, "sealed: the system host key %s exists and the user libvirt runs vtpmd as (tss) can read it" % key_file,
+          sh(["ls", "-la", HOST_KEY_DIR]).stdout if os.path.isdir(HOST_KEY_DIR) else "no " + HOST_KEY_DIR)
+    now = dict(write_nv64(con, "sealed, after the snapshot"), keyname=key.get("keyname"))
+    secrets = [at_snap["nv64"], now["nv64"]]
+
+    # 1. virsh save + restore
+    f1 = os.path.join(SAVES, name + "-1.save")
+    r = virsh("save", name, f1)
+    if check(r.returncode == 0, "sealed: virsh save %s" % f1, r.stderr.strip()):
+        sealed_save_file(f1, secrets, "save")
+        gen = generation_grew(tdir, gen, "save")
+        if restored(con, virsh("restore", f1), "save: virsh restore of the sealed save file"):
+            same_tpm(con, "save", now, "virsh save / restore")
+        check(proc_running(name), "save: the TPM is served by vtpmd after the restore", tpm_process(name))
+
+    # 2. virsh managedsave + start
+    r = virsh("managedsave", name)
+    if check(r.returncode == 0, "sealed: virsh managedsave", r.stderr.strip()):
+        gen = generation_grew(tdir, gen, "managedsave")
+        mf = "/var/lib/libvirt/qemu/save/%s.save" % name
+        if os.path.exists(mf):
+            sealed_save_file(mf, secrets, "managedsave")
+        else:
+            check(False, "managedsave: libvirt's managed save file is at " + mf, os.listdir(os.path.dirname(mf)))
+        r = virsh("start", name)
+        if restored(con, r, "managedsave: virsh start restores the managed save"):
+            same_tpm(con, "managedsave", now, "virsh managedsave / start")
+
+    # 4. and 5.: a save file on a host with another key; a flipped byte.
+    f2 = os.path.join(SAVES, name + "-2.save")
+    r = virsh("save", name, f2)
+    if check(r.returncode == 0, "sealed: virsh save %s (for the refusals)" % f2, r.stderr.strip()):
+        data = sealed_save_file(f2, secrets, "save 2")
+        on_disk = dir_snapshot(tdir)
+        other_host(name, f2, tdir, on_disk)
+        tampered(name, f2, data, tdir, on_disk)
+        if restored(con, virsh("restore", f2), "sealed: the unmodified save file restores afterwards (same host key)"):
+            same_tpm(con, "sealed, after the refused restores", now, "the refused restores and a good one")
+
+    # 3. and 6.: revert to the snapshot: a rollback (save generations came after it).
+    if snap_ok:
+        revert_part(con, name, tdir, at_snap)
+    destroy(name)
+    virsh("undefine", name, "--tpm", "--managed-save", "--snapshots-metadata")
+    for f in (f1, f2):
+        if os.path.exists(f):
+            os.remove(f)
+
+
+def proc_running(name):
+    p = tpm_process(name)
+    return p and p[2] == "/usr/local/bin/vtpmd"
+
+
+def other_host(name, f, tdir, on_disk):
+    """The save file restored where the system host key is another one, as
+    on another host set up by the README: /var/lib/vtpm moved away, then
+    `vtpm-libvirt enable` again (it makes the host key libvirt's vtpmd uses)."""
+    pub = os.path.join(HOST_KEY_DIR, "host-key.pub.pem")
+    if not check(os.path.exists(pub), "other host key: this host's key is in %s" % HOST_KEY_DIR):
+        return
+    ours = open(pub).read()
+    away = HOST_KEY_DIR + ".orig"
+    os.rename(HOST_KEY_DIR, away)
+    try:
+        run_readme(readme_block("emulator-enable"), "emulator (another host key)")
+        theirs = open(pub).read() if os.path.exists(pub) else ""
+        check(theirs and theirs != ours, "other host key: vtpm-libvirt enable made another host key in %s" % HOST_KEY_DIR,
+              os.listdir(HOST_KEY_DIR) if os.path.isdir(HOST_KEY_DIR) else "no " + HOST_KEY_DIR)
+        mark = LogMark(name)
+        r = virsh("restore", f)
+        refused(name, r, mark, ["host key", "another host", "other host"], "other host key: virsh restore")
+        destroy(name)
+        check(dir_snapshot(tdir) == on_disk, "other host key: the TPM state on disk is untouched by the refused restore",
+              changed_files(on_disk, dir_snapshot(tdir)))
+    finally:
+        shutil.rmtree(HOST_KEY_DIR, ignore_errors=True)
+        os.rename(away, HOST_KEY_DIR)
+
+
+def changed_files(a, b):
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def sealed_layout(data, at):
+    """(wrapped key start, its length, first piece's ciphertext start, its
+    length) of the sealed blob at AT, from its header (docs/migration.md:
+    magic 8, version 1, type 1, id 32, fingerprint 32, be16 wrapped length,
+    wrapped key, be16 piece count; a piece: seq 4, kind 1, flags 1, plain
+    length 4, iv 16, be32 ciphertext length, ciphertext, mac 32)."""
+    wrapped_len = int.from_bytes(data[at + 74:at + 76], "big")
+    piece = at + 76 + wrapped_len + 2
+    ct_len = int.from_bytes(data[piece + 26:piece + 30], "big")
+    return at + 76, wrapped_len, piece + 30, ct_len
+
+
+def tampered(name, f, data, tdir, on_disk):
+    """One byte flipped in the sealed TPM section: inside the first piece's
+    ciphertext (the TPM's permanent state), then inside the wrapped key."""
+    at = data.find(SEALED_MAGIC)
+    if not check(at >= 0, "tampered: the save file has the sealed TPM section (%s at %d)" % (SEALED_MAGIC.decode(), at)):
+        return
+    wrapped, wrapped_len, ct, ct_len = sealed_layout(data, at)
+    if not check(wrapped_len in (256, 384, 512) and 0 < ct_len < len(data) - ct,
+                 "tampered: the sealed blob's header parses (wrapped key %d bytes, first ciphertext %d bytes at +%d)"
+                 % (wrapped_len, ct_len, ct - at)):
+        return
+    for pos, part, words in ((ct + min(ct_len // 2, 300), "ciphertext", ["tamper", "altered", "authentic"]),
+                             (wrapped + wrapped_len // 2, "wrapped key", None)):
+        bad = bytearray(data)
+        bad[pos] ^= 0x01
+        bf = f + ".tampered"
+        open(bf, "wb").write(bad)
+        what = "tampered (byte %d after %s, in the %s, flipped): virsh restore" % (pos - at, SEALED_MAGIC.decode(), part)
+        mark = LogMark(name)
+        r = virsh("restore", bf)
+        if words:
+            refused(name, r, mark, words, what)
+        else:
+            state = virsh("domstate", name).stdout.strip()
+            check(r.returncode != 0 and state != "running", "%s: refused (virsh fails, domain %s)" % (what, state),
+                  (r.stdout + r.stderr).strip()[-400:])
+            print("INFO: %s: swtpm log: %s" % (what, last_lines(mark.tpm_since(), 3)), flush=True)
+        destroy(name)
+        check(dir_snapshot(tdir) == on_disk, "tampered (%s): the TPM state on disk is untouched by the refused restore" % part,
+              changed_files(on_disk, dir_snapshot(tdir)))
+        os.remove(bf)
+
+
+def revert_part(con, name, tdir, at_snap):
+    before = rollback_lines(tdir)
+    r = virsh("snapshot-revert", name, "snap1")
+    if restored(con, r, "snapshot: virsh snapshot-revert to the memory snapshot"):
+        same_tpm(con, "snapshot revert", at_snap, "the revert (as at the snapshot)")
+    after = rollback_lines(tdir)
+    check(len(after) == len(before) + 1, "snapshot revert: recorded as a rollback (one new line in %s/vtpmd-rollbacks.log)" % tdir,
+          after[len(before):] or after)
+    print("INFO: rollback record: %s" % (after[-1] if after else "(none)"), flush=True)
+    try:
+        print("INFO: vtpmd-identity.json: %s" % open(os.path.join(tdir, "vtpmd-identity.json")).read().strip(), flush=True)
+    except OSError as e:
+        print("INFO: vtpmd-identity.json: %s" % e, flush=True)
+    generation = rollback_generation(after[-1] if after else "")
+
+    # The refuse policy, set through the running vtpmd (its admin socket).
+    r = vtpmctl("rollback-policy", "refuse", "--state-dir", tdir)
+    if not check(r.returncode == 0, "rollback policy: vtpmctl rollback-policy refuse --state-dir DIR (vtpmd running)",
+                 (r.stdout + r.stderr).strip()):
+        return
+    write_nv64(con, "rollback policy, state moved on")
+    mark = LogMark(name)
+    r = virsh("snapshot-revert", name, "snap1")
+    refused(name, r, mark, ["rollback", "roll back", "older generation"], "rollback policy refuse: virsh snapshot-revert")
+    destroy(name)
+    if generation is None:
+        generation = rollback_generation(mark.tpm_since())
+    if not check(generation is not None, "rollback policy: the snapshot's generation is known (from the rollback record or the refusal)",
+                 after[-1:] + [last_lines(mark.tpm_since())]):
+        return
+    r = vtpmctl("allow-rollback", "--generation", str(generation), "--state-dir", tdir)
+    check(r.returncode == 0, "rollback policy: vtpmctl allow-rollback --generation %s --state-dir DIR (no vtpmd running)" % generation,
+          (r.stdout + r.stderr).strip())
+    n = len(rollback_lines(tdir))
+    r = virsh("snapshot-revert", name, "snap1")
+    if restored(con, r, "rollback policy: the allowed revert works"):
+        same_tpm(con, "allowed revert", at_snap, "the allowed revert (as at the snapshot)")
+    check(len(rollback_lines(tdir)) == n + 1, "allowed revert: recorded in vtpmd-rollbacks.log too", rollback_lines(tdir)[n:])
+    mark = LogMark(name)
+    destroy(name)
+    r = virsh("snapshot-revert", name, "snap1")
+    refused(name, r, mark, ["rollback", "roll back", "older generation"],
+            "rollback policy: the allowance was for one revert; the next is refused again")
+    destroy(name)
+
+
+def rollback_generation(text):
+    """The restored (older) generation a rollback record or message names."""
+    import json
+    for line in reversed(text.splitlines()):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            m = re.search(r"generation[ =:]+(\d+)", line)
+            if m:
+                return int(m.group(1))
+            continue
+        for k in ("restored_generation", "generation", "restored"):
+            if isinstance(rec.get(k), int):
+                return rec[k]
+    return None
+
+
 # ---------------------------------------------------------------- main
 
 def collect_logs():
@@ -686,6 +1168,10 @@ def collect_logs():
 
 
 def main():
+    # `libvirt-test.py save`: only the save/managedsave/snapshot part.
+    only = sys.argv[1] if len(sys.argv) > 1 else None
+    if only not in (None, "save"):
+        sys.exit("usage: libvirt-test.py [save]")
     os.makedirs(LOGS, exist_ok=True)
     enter_namespace()
     for f in glob.glob(os.path.join(LOGS, "libvirt-*")):
@@ -698,13 +1184,15 @@ def main():
         check(re.search(r"Running hypervisor: QEMU \d", version) and "libvirt" in version,
               "libvirtd started without systemd in a private namespace; virsh reaches its QEMU driver (%s)"
               % " / ".join(l.strip() for l in version.splitlines() if l.strip()), version)
-        external_part()
-        made = swtpm_made_domain() if define_secret() else None
-        emulator_part(daemon)
-        encrypted_part()
-        if made:
-            switch_part(daemon, made)
-        virsh("secret-undefine", SECRET_UUID)
+        if only is None:
+            external_part()
+            made = swtpm_made_domain() if define_secret() else None
+            emulator_part(daemon)
+            encrypted_part()
+            if made:
+                switch_part(daemon, made)
+            virsh("secret-undefine", SECRET_UUID)
+        save_part(daemon)
     except Exception as e:  # a crashed step is a failure, not a pass
         import traceback
         traceback.print_exc()

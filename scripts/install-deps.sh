@@ -9,6 +9,7 @@ PACKAGES=(
   tpm2-tools                      # host and guest TPM clients
   openssl                         # vtpm-setup and libvirt tests: certificate chains checked with openssl verify
   qemu-system-x86                 # boots the test guests (TCG)
+  qemu-utils                      # qemu-img: the qcow2 disk of libvirt-test.py's internal snapshots
   busybox-static cpio             # guest initramfs
   iproute2 procps                 # ss/pgrep used by test scripts
   debootstrap                     # sid roots: QEMU 11 (kernel-tests/prepare-qemu11.sh), swtpm 0.10 (bench/prepare-swtpm-sid.sh)
