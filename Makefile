@@ -46,9 +46,10 @@ unit-and-integration: build
 # Then QEMU 11.1 (from a Debian sid root under build/): the virtio-tpm guest
 # on `vtpmd vhost-user` with our guest driver, crb/tis, and migration again.
 # The host-side tests' vtpmd processes use a host key under build/ rather
-# than the machine's /var/lib/vtpm (libvirt's run in their own namespace).
+# than the machine's /var/lib/vtpm-hostkey (libvirt's run in their own namespace).
 TEST_KEYS := VTPM_HOST_KEY_DIR=$(CURDIR)/build/test-host-key
 kernel-tests: build
+	$(TEST_KEYS) ./target/release/vtpmctl keygen --system >/dev/null
 	$(TEST_KEYS) TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-tests.sh
 	$(TEST_KEYS) TPM_BACKEND_BIN=$(VTPMD) python3 kernel-tests/migration-test.py
 	$(TEST_KEYS) TPM_BACKEND_BIN=$(VTPMD) bash kernel-tests/run-qemu10-tests.sh
@@ -61,11 +62,13 @@ kernel-tests: build
 # (not a timed test).
 bench: build
 	bash bench/prepare-swtpm-sid.sh
+	$(TEST_KEYS) ./target/release/vtpmctl keygen --system >/dev/null
 	$(TEST_KEYS) ./target/release/vtpm-bench
 
 # A few iterations of every benchmark row, so the harness cannot rot (sid's
 # swtpm only if its root is already there).
 bench-smoke: build
+	$(TEST_KEYS) ./target/release/vtpmctl keygen --system >/dev/null
 	$(TEST_KEYS) ./target/release/vtpm-bench --smoke
 
 # Every kept fuzz input (fuzz/corpus, fuzz/regressions) through the fuzz

@@ -313,9 +313,9 @@ def use_vtpmd(src, dst):
         else:
             h.helper("readme", "emulator-enable")
         # (vtpm-libvirt enable made the host key, for libvirt's TPM user.)
-        key = h.path("/var/lib/vtpm/host-key.pem")
+        key = h.path("/var/lib/vtpm-hostkey/host-key.pem")
         check(os.path.exists(key) and os.stat(key).st_uid == pwd.getpwnam("tss").pw_uid,
-              "%s: vtpm-libvirt enable made the host key (/var/lib/vtpm), owned by tss" % h.name)
+              "%s: vtpm-libvirt enable made the host key (/var/lib/vtpm-hostkey), owned by tss" % h.name)
         path = h.sh(["vtpm-libvirt", "path"], env=dict(os.environ, PATH=lt.SYSTEM_PATH)).stdout.strip()
         h.stop_libvirtd()
         h.start_libvirtd(path)

@@ -709,7 +709,7 @@ NV64_READ = ("tpm2_nvread {nv} -C o -s 64 -o /tmp/n64 2>/dev/null && echo R:nv64
              "tpm2_verifysignature -c {key} -g sha256 -m /tmp/m -s /tmp/sig && echo R:signs=yes; "
              "echo R:pcr16=$(tpm2_pcrread sha256:16 | tail -n 1 | awk '{{print $2}}'); " + PCRS).format(nv=NV64, key=PERSIST)
 SEALED_MAGIC = b"VTPMSAV1"
-HOST_KEY_DIR = "/var/lib/vtpm"
+HOST_KEY_DIR = "/var/lib/vtpm-hostkey"
 SAVES = "/var/lib/libvirt/images"
 
 
@@ -1019,7 +1019,7 @@ def proc_running(name):
 
 def other_host(name, f, tdir, on_disk):
     """The save file restored where the system host key is another one, as
-    on another host set up by the README: /var/lib/vtpm moved away, then
+    on another host set up by the README: /var/lib/vtpm-hostkey moved away, then
     `vtpm-libvirt enable` again (it makes the host key libvirt's vtpmd uses)."""
     pub = os.path.join(HOST_KEY_DIR, "host-key.pub.pem")
     if not check(os.path.exists(pub), "other host key: this host's key is in %s" % HOST_KEY_DIR):
@@ -1071,7 +1071,7 @@ def tampered(name, f, data, tdir, on_disk):
                  % (wrapped_len, ct_len, ct - at)):
         return
     for pos, part, words in ((ct + min(ct_len // 2, 300), "ciphertext", ["tamper", "altered", "authentic"]),
-                             (wrapped + wrapped_len // 2, "wrapped key", None)):
+                             (wrapped + wrapped_len // 2, "wrapped key", ["damaged", "altered"])):
         bad = bytearray(data)
         bad[pos] ^= 0x01
         bf = f + ".tampered"

@@ -4,7 +4,7 @@
 //! with SHA-256).
 //!
 //! Without `--host-key`, vtpmd uses the host's key in the system location
-//! ([`system_key_dir`]: `/var/lib/vtpm`, or `$VTPM_HOST_KEY_DIR`), made on
+//! ([`system_key_dir`]: `/var/lib/vtpm-hostkey`, or `$VTPM_HOST_KEY_DIR`), made on
 //! first use as swtpm_setup makes its local CA, so a fresh install seals by
 //! default.
 
@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 /// Where the host key lives when none is given.
-pub const SYSTEM_KEY_DIR: &str = "/var/lib/vtpm";
+pub const SYSTEM_KEY_DIR: &str = "/var/lib/vtpm-hostkey";
 /// Environment variable that replaces [`SYSTEM_KEY_DIR`] (tests, packagers).
 pub const SYSTEM_KEY_DIR_ENV: &str = "VTPM_HOST_KEY_DIR";
 /// The private key's file name in a key directory (`vtpmctl keygen --out`).

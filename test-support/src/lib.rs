@@ -32,6 +32,19 @@ pub static VTPMD: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 });
 
 /// vtpm-setup, from the same build as [`VTPMD`] (`$VTPM_SETUP_BIN` if set).
+/// Makes the host key the tests' vtpmd processes use by default
+/// (`$VTPM_HOST_KEY_DIR`, set by the workspace's .cargo/config.toml) once,
+/// before any of them starts, so parallel tests do not all generate one.
+pub fn ensure_host_key() {
+    static MADE: std::sync::Once = std::sync::Once::new();
+    MADE.call_once(|| {
+        if let Some(dir) = std::env::var_os(vtpm_common::hostkey::SYSTEM_KEY_DIR_ENV) {
+            vtpm_common::hostkey::HostKey::load_or_create(Path::new(&dir))
+                .expect("make the tests' host key");
+        }
+    });
+}
+
 pub static VTPM_SETUP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     std::env::var("VTPM_SETUP_BIN").unwrap_or_else(|_| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/vtpm-setup").to_string()
@@ -172,6 +185,7 @@ impl Daemon {
         args: &[String],
         env: &[(&str, &str)],
     ) -> Daemon {
+        ensure_host_key();
         let log = dir.join("vtpmd.log");
         let child = Command::new(bin)
             .envs(env.iter().copied())

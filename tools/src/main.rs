@@ -35,7 +35,7 @@ enum Cmd {
         #[arg(long, value_name = "DIR", required_unless_present = "system")]
         out: Option<PathBuf>,
         /// Make (or show) the host's default key, the one vtpmd uses
-        /// without --host-key: /var/lib/vtpm ($VTPM_HOST_KEY_DIR).
+        /// without --host-key: /var/lib/vtpm-hostkey ($VTPM_HOST_KEY_DIR).
         #[arg(long, conflicts_with = "out")]
         system: bool,
     },
@@ -132,7 +132,7 @@ enum Cmd {
         #[arg(long, value_name = "SECS", default_value_t = 300)]
         expires: u64,
         /// This host's private key (default: the system host key in
-        /// /var/lib/vtpm or $VTPM_HOST_KEY_DIR, made on first use).
+        /// /var/lib/vtpm-hostkey or $VTPM_HOST_KEY_DIR, made on first use).
         #[arg(long, value_name = "FILE")]
         host_key: Option<PathBuf>,
         /// Who the TPM process runs as (libvirt's swtpm_user): USER or

@@ -125,7 +125,7 @@ pub struct InstanceArgs {
     /// This host's key (private RSA key, PEM, from `vtpmctl keygen`):
     /// sealed migration, saves sealed to this host; plaintext or
     /// swtpm-format blobs are then refused. Default: the host's key in
-    /// /var/lib/vtpm ($VTPM_HOST_KEY_DIR), made on first use.
+    /// /var/lib/vtpm-hostkey ($VTPM_HOST_KEY_DIR), made on first use.
     #[arg(long, value_name = "FILE", conflicts_with = "no_host_key")]
     pub host_key: Option<PathBuf>,
     /// Use no host key, not even the default one: state exports are then

@@ -4,8 +4,9 @@
 //! ```text
 //!  --host-key FILE ──▶ that key, checked now
 //!  --no-host-key / --allow-plaintext-migration / --migration-key ──▶ none
-//!  otherwise ──▶ the host's key in /var/lib/vtpm ($VTPM_HOST_KEY_DIR):
-//!                loaded on first use; made now if missing
+//!  otherwise ──▶ the host's key in /var/lib/vtpm-hostkey ($VTPM_HOST_KEY_DIR):
+//!                loaded on first use; made now if missing, except when
+//!                run as swtpm (libvirt gives the socket about a second)
 //! ```
 
 use super::RunError;
@@ -29,6 +30,15 @@ pub fn host_key(cfg: &InstanceConfig) -> Result<Option<Arc<LazyHostKey>>, RunErr
     let file = dir.join(PRIVATE_FILE);
     if file.exists() {
         // Loaded when first needed: an idle vTPM never reads it.
+        return Ok(Some(Arc::new(LazyHostKey::at(&file))));
+    }
+    if super::invoked_as_swtpm() {
+        // Run by libvirt, which waits about a second for the socket: no
+        // RSA key generation here (`vtpm-libvirt enable` makes the key).
+        log::warn!(
+            "no host key at {} yet: saves and snapshots are refused until it exists (make it with `vtpm-libvirt enable` or `vtpmctl keygen --system` as root, then restart the VM)",
+            file.display()
+        );
         return Ok(Some(Arc::new(LazyHostKey::at(&file))));
     }
     match HostKey::load_or_create(&dir) {

@@ -52,7 +52,7 @@ pub enum InstanceError {
     Handover(#[source] StorageError),
     #[error(transparent)]
     Migration(#[from] SessionError),
-    #[error("the TPM state is not handed out: no migration is prepared (`vtpmctl outgoing`) and there is no host key to seal a save to (vtpmd makes one in /var/lib/vtpm, or $VTPM_HOST_KEY_DIR, unless --no-host-key; or pass --host-key FILE). --allow-plaintext-migration hands it out unencrypted, as swtpm does")]
+    #[error("the TPM state is not handed out: no migration is prepared (`vtpmctl outgoing`) and there is no host key to seal a save to (vtpmd makes one in /var/lib/vtpm-hostkey, or $VTPM_HOST_KEY_DIR, unless --no-host-key; or pass --host-key FILE). --allow-plaintext-migration hands it out unencrypted, as swtpm does")]
     ExportNotPrepared,
     #[error(
         "exporting state still under the state-file key is not supported (request decrypted blobs)"

@@ -27,9 +27,9 @@ pub type InstanceId = [u8; INSTANCE_ID_LEN];
 
 #[derive(Debug, Error)]
 pub enum SaveError {
-    #[error("no host key to seal the state to, so it is not handed out (a save file would hold the TPM's secrets in clear). Fix: let vtpmd make this host's key (it does so in /var/lib/vtpm, or $VTPM_HOST_KEY_DIR, when that directory is writable; or `vtpmctl keygen --system` as root), pass --host-key FILE, or pass --allow-plaintext-migration to hand it out unencrypted as swtpm does")]
+    #[error("no host key to seal the state to, so it is not handed out (a save file would hold the TPM's secrets in clear). Fix: make this host's key with `vtpmctl keygen --system` as root (in /var/lib/vtpm-hostkey, or $VTPM_HOST_KEY_DIR; `vtpm-libvirt enable` does it for libvirt), pass --host-key FILE, or pass --allow-plaintext-migration to hand it out unencrypted as swtpm does")]
     NoHostKey,
-    #[error("the host key does not load: {0}")]
+    #[error("the host key does not load: {0} (make it with `vtpmctl keygen --system` as root, or `vtpm-libvirt enable` for libvirt's TPM user, which must be able to read it)")]
     Key(#[from] KeyError),
     #[error("sealing or opening the saved state failed: {0}")]
     Piece(#[from] PieceError),

@@ -109,9 +109,9 @@ pub enum PieceError {
     WrongMigration { got: String, want: String },
     #[error("blob is wrapped for host key {got}, this host is {want}")]
     WrongHost { got: String, want: String },
-    #[error("the wrapped instance key does not open with this host's key")]
+    #[error("the wrapped instance key does not open with this host's key, though the blob names it: the blob is damaged or was altered")]
     Unwrap,
-    #[error("piece {0}: authentication failed (tampered, reordered or from another migration)")]
+    #[error("piece {0}: authentication failed: the blob is damaged or was altered, or its pieces come from different migrations or saves")]
     BadMac(u32),
     #[error("piece {seq}: {why}")]
     BadPiece { seq: u32, why: &'static str },
