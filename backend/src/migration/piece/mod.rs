@@ -107,7 +107,7 @@ pub enum PieceError {
     WrongPurpose { got: Purpose, want: Purpose },
     #[error("blob belongs to migration {got}, this destination expects {want} (replayed or spliced stream)")]
     WrongMigration { got: String, want: String },
-    #[error("blob is wrapped for host key {got}, this host is {want}")]
+    #[error("blob is wrapped for host key {got}, this host is {want}: a save restores only on the host that made it (with that host key), and a migration must be prepared to this host's key (vtpmctl outgoing with this host's incoming-info, or vtpmctl migrate)")]
     WrongHost { got: String, want: String },
     #[error("the wrapped instance key does not open with this host's key, though the blob names it: the blob is damaged or was altered")]
     Unwrap,
