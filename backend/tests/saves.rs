@@ -138,6 +138,63 @@ fn another_host_or_a_damaged_save_is_refused_with_the_reason_on_stderr() {
     assert_eq!(nv(&mut data), SECRET, "the TPM's own state survived");
 }
 
+/// `vtpmd socket` on `<dir>/state` with its host key in `keys`.
+fn start_with_keys(dir: &Path, keys: &Path, extra: &[&str]) -> Daemon {
+    let ctrl = dir.join("ctrl.sock");
+    let mut args = vec![
+        "socket".to_string(),
+        "--tpm2".into(),
+        "--ctrl".into(),
+        format!("type=unixio,path={}", ctrl.display()),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut d = Daemon::spawn_env(
+        &VTPMD,
+        dir,
+        ctrl,
+        &args,
+        &[(hostkey::SYSTEM_KEY_DIR_ENV, keys.to_str().unwrap())],
+    );
+    d.wait_for_socket(true);
+    d
+}
+
+#[test]
+fn a_replaced_host_key_listed_for_restores_still_opens_old_saves() {
+    let (old_keys, new_keys, listed) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    HostKey::load_or_create(old_keys.path()).unwrap();
+    HostKey::load_or_create(new_keys.path()).unwrap();
+    let t = state_dir();
+    let mut d = start_with_keys(t.path(), old_keys.path(), &[]);
+    let (c, _) = running_with_secret(&d);
+    let blobs = get_blobs(&mut Ctrl::connect(&d.ctrl).s);
+    quit(c, &mut d);
+    // The host key was replaced; the old one is listed for restores.
+    std::fs::copy(
+        old_keys.path().join(hostkey::PRIVATE_FILE),
+        listed.path().join("old-host-key.pem"),
+    )
+    .unwrap();
+    let d = start_with_keys(
+        t.path(),
+        new_keys.path(),
+        &["--restore-keys", listed.path().to_str().unwrap()],
+    );
+    let mut c = Ctrl::connect(&d.ctrl);
+    assert_eq!(put_blobs(&mut c.s, &blobs), 0, "{}", d.log_text());
+    let (_, mut data) = c.set_datafd();
+    assert_eq!(nv(&mut data), SECRET);
+    // New saves go to the new key only.
+    let fresh = get_blobs(&mut c.s);
+    drop(d);
+    let d = start_with_keys(t.path(), old_keys.path(), &[]);
+    assert_eq!(put_blobs(&mut Ctrl::connect(&d.ctrl).s, &fresh), 0x0d);
+}
+
 #[test]
 fn rollback_under_the_refuse_policy_waits_for_the_operator() {
     let t = state_dir();

@@ -137,6 +137,11 @@ pub struct InstanceArgs {
     /// (unless `vtpmctl allow-rollback` allowed that one).
     #[arg(long, value_name = "allow|refuse")]
     pub rollback: Option<String>,
+    /// More private keys (*.pem) a save may be wrapped to, for restores
+    /// only: an earlier host key, or another host's whose saves this host
+    /// takes over. Default: restore/ next to the default host key.
+    #[arg(long, value_name = "DIR")]
+    pub restore_keys: Option<PathBuf>,
     /// Only wrap migrations to destination keys found (as *.pem) here.
     #[arg(long, value_name = "DIR")]
     pub trusted_peers: Option<PathBuf>,
@@ -235,6 +240,7 @@ pub struct InstanceConfig {
     /// --no-host-key, --allow-plaintext-migration or --migration-key).
     pub system_host_key: bool,
     pub rollback_refuse: bool,
+    pub restore_keys: Option<PathBuf>,
     pub trusted_peers: Option<PathBuf>,
     pub admin: Option<PathBuf>,
     /// A sealed-migration destination (`--migration incoming` with
@@ -317,6 +323,7 @@ impl InstanceArgs {
                     ))
                 }
             },
+            restore_keys: self.restore_keys.clone(),
             trusted_peers: self.trusted_peers.clone(),
             admin: self.admin.as_deref().map(parse_admin).transpose()?,
             seccomp: self

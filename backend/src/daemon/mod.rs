@@ -161,6 +161,7 @@ impl Host {
             store.require_empty()?;
         }
         opts.rollback_refuse = cfg.rollback_refuse;
+        opts.restore_keys = sealing::restore_keys(cfg);
         let host_key = sealing::host_key(cfg)?;
         // Read when first needed, after confinement: it must stay readable.
         let key_file = host_key
@@ -233,6 +234,7 @@ impl Host {
                         .iter()
                         .map(|p| confine::absolute(p))
                         .chain(key_file)
+                        .chain(cfg.restore_keys.iter().map(|p| confine::absolute(p)))
                         .collect(),
                 },
                 cfg.seccomp,

@@ -62,6 +62,31 @@ pub fn host_key(cfg: &InstanceConfig) -> Result<Option<Arc<LazyHostKey>>, RunErr
     }
 }
 
+/// The keys listed for restores: `*.pem` in `--restore-keys DIR`, or in
+/// `restore/` next to the default host key. Loaded when a save names one.
+pub fn restore_keys(cfg: &InstanceConfig) -> Vec<Arc<LazyHostKey>> {
+    let dir = match &cfg.restore_keys {
+        Some(d) => d.clone(),
+        None if cfg.system_host_key => hostkey::system_key_dir().join("restore"),
+        None => return Vec::new(),
+    };
+    let mut files: Vec<_> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "pem"))
+            .collect(),
+        Err(e) => {
+            if cfg.restore_keys.is_some() {
+                log::warn!("--restore-keys {}: {e}", dir.display());
+            }
+            Vec::new()
+        }
+    };
+    files.sort();
+    files.iter().map(|f| Arc::new(LazyHostKey::at(f))).collect()
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

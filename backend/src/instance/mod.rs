@@ -62,6 +62,9 @@ pub struct Options {
     /// the operator allowed that generation (also settable per state
     /// directory with `vtpmctl rollback-policy`).
     pub rollback_refuse: bool,
+    /// More keys saves may be wrapped to (`--restore-keys`), for restores
+    /// only.
+    pub restore_keys: Vec<Arc<vtpm_common::hostkey::LazyHostKey>>,
 }
 
 /// How often, 10 ms apart, a released or deferred state directory lock is
@@ -161,7 +164,7 @@ impl Vtpm {
             }
         }
         let size = tpm.set_buffer_size(0).size;
-        let saves = Saves::new(session.host_key());
+        let saves = Saves::new(session.host_key()).with_restore_keys(opts.restore_keys.clone());
         Ok(Vtpm {
             controls: tpm.controls(),
             state: Mutex::new(TpmState {

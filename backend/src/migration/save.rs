@@ -10,12 +10,19 @@
 //!           identity and rollback checks
 //! ```
 //!
+//! A save opens with this host's key or with one of the keys the operator
+//! listed for restores (`--restore-keys DIR`, by default `restore/` next to
+//! the host key: the keys of earlier hosts or of a replaced host key), the
+//! one whose fingerprint the save names.
+//!
 //! A save's 32-byte id is `instance_id[16] | generation (be64) | nonce[8]`:
 //! it goes into the MAC chain's start and every piece's MAC, so the
 //! instance and generation a blob claims are authenticated with it. The
 //! TPM keeps running: a save is a copy, not a move.
 
-use super::piece::{peek_id, Exporter, Importer, MigrationId, PieceError, Purpose};
+use super::piece::{
+    peek_fingerprint, peek_id, Exporter, Importer, MigrationId, PieceError, Purpose,
+};
 use std::sync::Arc;
 use thiserror::Error;
 use vtpm_common::hex;
@@ -101,11 +108,15 @@ struct Handout {
 struct Restore {
     save: SaveId,
     importer: Importer,
+    /// The key the save is wrapped to: this host's or a listed one.
+    key: Arc<LazyHostKey>,
 }
 
 /// Saves and restores of one instance.
 pub struct Saves {
     host: Option<Arc<LazyHostKey>>,
+    /// Keys the operator listed for restores (not used to seal).
+    restore_keys: Vec<Arc<LazyHostKey>>,
     handout: Option<Handout>,
     restore: Option<Restore>,
 }
@@ -132,9 +143,35 @@ impl Saves {
     pub fn new(host: Option<Arc<LazyHostKey>>) -> Saves {
         Saves {
             host,
+            restore_keys: Vec::new(),
             handout: None,
             restore: None,
         }
+    }
+
+    /// Also opens saves wrapped to these keys.
+    pub fn with_restore_keys(mut self, keys: Vec<Arc<LazyHostKey>>) -> Saves {
+        self.restore_keys = keys;
+        self
+    }
+
+    /// The key among this host's and the listed ones whose fingerprint is
+    /// `fpr`; this host's if none is (the importer then says whose it is).
+    fn key_for(&self, fpr: Option<[u8; 32]>) -> Result<Arc<LazyHostKey>, SaveError> {
+        let host = self.host.clone().ok_or(SaveError::NoHostKey)?;
+        let Some(fpr) = fpr else {
+            return Ok(host);
+        };
+        for k in std::iter::once(&host).chain(&self.restore_keys) {
+            match k.get() {
+                Ok(key) if vtpm_common::hostkey::fingerprint_bytes(key.public()) == fpr => {
+                    return Ok(k.clone())
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("restore key {}: {e}", k.path().display()),
+            }
+        }
+        Ok(host)
     }
 
     /// Whether states can be sealed to this host.
@@ -194,20 +231,24 @@ impl Saves {
     /// the restore poisoned, so the INIT that follows fails.
     pub fn accept(&mut self, blob_type: u32, data: &[u8]) -> Result<(), SaveError> {
         check_type(blob_type)?;
-        let lazy = self.host.clone().ok_or(SaveError::NoHostKey)?;
+        if self.host.is_none() {
+            return Err(SaveError::NoHostKey);
+        }
         if blob_type == 1 {
             let id = peek_id(data).ok_or(SaveError::Piece(PieceError::NotSealed))?;
+            let key = self.key_for(peek_fingerprint(data))?;
             self.restore = Some(Restore {
                 save: SaveId::from_id(&id),
                 importer: Importer::new(id, Purpose::Save),
+                key,
             });
         }
         let r = self
             .restore
             .as_mut()
             .ok_or(SaveError::NotStarted(blob_type))?;
-        let host = lazy.get()?;
-        r.importer.accept(blob_type, data, host)?;
+        let key = r.key.get()?;
+        r.importer.accept(blob_type, data, key)?;
         Ok(())
     }
 
@@ -298,6 +339,24 @@ mod tests {
         t[0][10 + 16 + 7] ^= 1;
         assert!(restore(&mut r, &t).is_err());
         assert!(restore(&mut r, &blobs).is_ok());
+    }
+
+    #[test]
+    fn a_listed_restore_key_opens_saves_made_under_it() {
+        // Saves made while this host had key 1 (or on the host with key 1).
+        let mut old = Saves::new(Some(lazy(1)));
+        let blobs = save(&mut old, SaveId::new([3; 16], 9).unwrap(), b"kept");
+        let mut without = Saves::new(Some(lazy(0)));
+        assert!(matches!(
+            restore(&mut without, &blobs),
+            Err(SaveError::Piece(PieceError::WrongHost { .. }))
+        ));
+        let mut listed = Saves::new(Some(lazy(0))).with_restore_keys(vec![lazy(1)]);
+        assert_eq!(restore(&mut listed, &blobs).unwrap().generation, 9);
+        // New saves are sealed to this host's own key, not a listed one.
+        let fresh = save(&mut listed, SaveId::new([3; 16], 10).unwrap(), b"new");
+        let mut only_own = Saves::new(Some(lazy(0)));
+        assert!(restore(&mut only_own, &fresh).is_ok());
     }
 
     #[test]

@@ -259,6 +259,14 @@ pub fn peek_id(blob: &[u8]) -> Option<MigrationId> {
         .map(|h| h.id)
 }
 
+/// Reads the fingerprint of the key a sealed blob is wrapped to, without
+/// verifying anything.
+pub fn peek_fingerprint(blob: &[u8]) -> Option<[u8; 32]> {
+    BlobHeader::parse(&mut ByteReader::new(blob))
+        .ok()
+        .map(|h| h.dest_fpr)
+}
+
 fn id_hex(id: &MigrationId) -> String {
     hex::encode(id)
 }
