@@ -99,23 +99,7 @@ fn another_host_or_a_damaged_save_is_refused_with_the_reason_on_stderr() {
     quit(c, &mut d);
     // Another host's key (a vtpmd whose key directory is elsewhere).
     let other_keys = tempfile::tempdir().unwrap();
-    let other = Daemon::spawn_env(
-        &VTPMD,
-        t.path(),
-        t.path().join("other.sock"),
-        &[
-            "socket".into(),
-            "--tpm2".into(),
-            "--ctrl".into(),
-            format!("type=unixio,path={}", t.path().join("other.sock").display()),
-        ],
-        &[(
-            hostkey::SYSTEM_KEY_DIR_ENV,
-            other_keys.path().to_str().unwrap(),
-        )],
-    );
-    let mut other = other;
-    other.wait_for_socket(true);
+    let other = start_with_keys(t.path(), other_keys.path(), &[]);
     let mut c = Ctrl::connect(&other.ctrl);
     // TPM_KEYNOTFOUND: QEMU prints "key could not be found".
     assert_eq!(put_blobs(&mut c.s, &blobs), 0x0d);
@@ -140,23 +124,8 @@ fn another_host_or_a_damaged_save_is_refused_with_the_reason_on_stderr() {
 
 /// `vtpmd socket` on `<dir>/state` with its host key in `keys`.
 fn start_with_keys(dir: &Path, keys: &Path, extra: &[&str]) -> Daemon {
-    let ctrl = dir.join("ctrl.sock");
-    let mut args = vec![
-        "socket".to_string(),
-        "--tpm2".into(),
-        "--ctrl".into(),
-        format!("type=unixio,path={}", ctrl.display()),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut d = Daemon::spawn_env(
-        &VTPMD,
-        dir,
-        ctrl,
-        &args,
-        &[(hostkey::SYSTEM_KEY_DIR_ENV, keys.to_str().unwrap())],
-    );
-    d.wait_for_socket(true);
-    d
+    let env = [(hostkey::SYSTEM_KEY_DIR_ENV, keys.to_str().unwrap())];
+    Daemon::start_env(&VTPMD, dir, "ctrl.sock", extra, &env)
 }
 
 #[test]
@@ -231,22 +200,8 @@ fn swtpm_link(dir: &Path) -> String {
 
 /// A vtpmd run as swtpm on `<dir>/state` whose host key is in `keys`.
 fn start_as_swtpm(dir: &Path, keys: &Path) -> Daemon {
-    let bin = swtpm_link(dir);
-    let ctrl = dir.join("ctrl.sock");
-    let mut d = Daemon::spawn_env(
-        &bin,
-        dir,
-        ctrl.clone(),
-        &[
-            "socket".into(),
-            "--tpm2".into(),
-            "--ctrl".into(),
-            format!("type=unixio,path={}", ctrl.display()),
-        ],
-        &[(hostkey::SYSTEM_KEY_DIR_ENV, keys.to_str().unwrap())],
-    );
-    d.wait_for_socket(true);
-    d
+    let env = [(hostkey::SYSTEM_KEY_DIR_ENV, keys.to_str().unwrap())];
+    Daemon::start_env(&swtpm_link(dir), dir, "ctrl.sock", &[], &env)
 }
 
 fn reserve(state: &Path, key: &HostKey, expires_in: i64) -> String {

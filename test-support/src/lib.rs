@@ -141,6 +141,18 @@ impl Daemon {
     /// As [`Daemon::start_bin`], with the control socket at `<dir>/<sock>`
     /// (two processes on one state directory).
     pub fn start_named(bin: &str, dir: &Path, sock: &str, extra: &[&str]) -> Daemon {
+        Self::start_env(bin, dir, sock, extra, &[])
+    }
+
+    /// As [`Daemon::start_named`], with extra environment variables (e.g.
+    /// another host key directory).
+    pub fn start_env(
+        bin: &str,
+        dir: &Path,
+        sock: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let ctrl = dir.join(sock);
         let mut args = vec![
             "socket".to_string(),
@@ -150,7 +162,7 @@ impl Daemon {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let _ = std::fs::remove_file(&ctrl);
-        let mut d = Self::spawn(bin, dir, ctrl, &args);
+        let mut d = Self::spawn_env(bin, dir, ctrl, &args, env);
         d.wait_for_socket(true);
         d
     }
