@@ -373,11 +373,19 @@ fn sealed_device_state_migration_between_two_processes() {
     assert!(!bytes.windows(8).any(|w| w == b"VTPMMIG1"));
     assert!(!bytes.windows(secret.len()).any(|w| w == secret));
     a.resume_ring();
-    assert_eq!(
-        pcr16(&mut a),
-        value,
-        "source still serves after a refused SAVE"
+    assert_eq!(pcr16(&mut a), value, "source still serves after the SAVE");
+    // The device LOADs its own save back (a restore on this host): the
+    // TPM ran since, so it is a rollback, allowed by default and recorded.
+    a.stop_ring();
+    assert!(
+        a.load_state(&bytes),
+        "LOAD of its own save: {}",
+        src.log_text()
     );
+    a.resume_ring();
+    assert_eq!(pcr16(&mut a), value, "restored from the save");
+    let rec = vtpm_common::statedir::read_rollbacks(&ts.path().join("state")).unwrap();
+    assert_eq!(rec.len(), 1, "the restore after the TPM ran is recorded");
     a.stop_ring();
 
     let _id = prepare(&src_admin, &dst_admin);
