@@ -128,6 +128,21 @@ struct TpmState {
     saves: Saves,
 }
 
+/// Hands a received permanent state (and volatile state, if any) to the
+/// engine, for the power-on that follows.
+fn load_into_engine(
+    st: &mut TpmState,
+    perm: &[u8],
+    vol: &[u8],
+) -> std::result::Result<(), crate::engine::TpmResult> {
+    st.tpm
+        .set_state(StateType::Permanent, Some(perm))
+        .and_then(|()| {
+            st.tpm
+                .set_state(StateType::Volatile, (!vol.is_empty()).then_some(vol))
+        })
+}
+
 /// A vTPM shared by the frontends.
 #[derive(Debug)]
 pub struct Vtpm {
@@ -322,14 +337,7 @@ impl Vtpm {
         // Nothing touches the disk before INIT is answered: the state is
         // made durable right after, and the receipt waits for that.
         self.store.defer_writes();
-        let set = st
-            .tpm
-            .set_state(StateType::Permanent, Some(&perm))
-            .and_then(|()| {
-                st.tpm
-                    .set_state(StateType::Volatile, (!vol.is_empty()).then_some(&vol[..]))
-            });
-        if let Err(r) = set {
+        if let Err(r) = load_into_engine(st, &perm, &vol) {
             log::error!("the engine rejected the migrated state ({r:#x}); staying locked");
             st.session.relock_destination();
             self.store.discard_deferred();

@@ -106,14 +106,7 @@ impl Vtpm {
         let (perm, vol, save) = st.saves.take_restored()?;
         let ident = self.check_restore(&save)?;
         self.power_off_locked(st);
-        let set = st
-            .tpm
-            .set_state(StateType::Permanent, Some(&perm))
-            .and_then(|()| {
-                st.tpm
-                    .set_state(StateType::Volatile, (!vol.is_empty()).then_some(&vol[..]))
-            });
-        if let Err(r) = set {
+        if let Err(r) = super::load_into_engine(st, &perm, &vol) {
             log::error!("the engine rejected the restored state ({r:#x})");
             return Err(InstanceError::Engine(r));
         }
