@@ -23,13 +23,32 @@ pub fn recv_with_fds(
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> io::Result<usize> {
+    recv_flags(sock, buf, fds, MsgFlags::empty())
+}
+
+/// [`recv_with_fds`] without waiting: `WouldBlock` when nothing has
+/// arrived (the socket itself stays blocking).
+pub fn try_recv_with_fds(
+    sock: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<usize> {
+    recv_flags(sock, buf, fds, MsgFlags::MSG_DONTWAIT)
+}
+
+fn recv_flags(
+    sock: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    flags: MsgFlags,
+) -> io::Result<usize> {
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
         &mut iov,
         Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC,
+        MsgFlags::MSG_CMSG_CLOEXEC | flags,
     )
     .map_err(io::Error::from)?;
     for c in msg.cmsgs().map_err(io::Error::from)? {

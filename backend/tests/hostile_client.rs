@@ -59,9 +59,16 @@ fn descriptors_beyond_four_get_a_reply_and_are_all_closed() {
     let pid = d.child.id();
     let mut c = Ctrl::connect(&d.ctrl);
     assert_eq!(c.cmd(1, &[], 8)[..4], [0, 0, 0, 0]);
-    let before = open_fds(pid);
     let null = std::fs::File::open("/dev/null").unwrap();
     let fds = [null.as_raw_fd(); 8];
+    // The first request with descriptors moves the connection from the
+    // accept loop to a thread of its own (which keeps one duplicate of
+    // it to close it by): counted from there.
+    send_with_fds(&c.s, &1u32.to_be_bytes(), &fds);
+    let mut r = [0u8; 8];
+    c.s.read_exact(&mut r).unwrap();
+    assert_eq!(r[..4], [0, 0, 0, 0]);
+    let before = open_fds(pid);
     for round in 0..20 {
         send_with_fds(&c.s, &1u32.to_be_bytes(), &fds);
         let mut r = [0u8; 8];
@@ -227,4 +234,84 @@ fn clients_that_never_read_their_replies_cannot_lock_the_channel() {
         "the VMM's connection"
     );
     drop(flood);
+}
+
+/// One TPM command on a new connection, tpm2-tss's way: the response, or
+/// `None` if the connection was refused or closed.
+fn one_shot(path: &Path, command: &[u8]) -> Option<Vec<u8>> {
+    let mut s = UnixStream::connect(path).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(command).ok()?;
+    let mut head = [0u8; 10];
+    s.read_exact(&mut head).ok()?;
+    let size = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize;
+    let mut resp = head.to_vec();
+    resp.resize(size.max(10), 0);
+    s.read_exact(&mut resp[10..]).ok()?;
+    Some(resp)
+}
+
+#[test]
+fn silent_connections_on_the_accept_loop_are_bounded_and_keep_no_one_out() {
+    let t = state_dir();
+    let data = t.path().join("data.sock");
+    let server = format!("type=unixio,path={}", data.display());
+    let d = Daemon::start(
+        t.path(),
+        &[
+            "--server",
+            &server,
+            "--flags",
+            "not-need-init,startup-clear",
+        ],
+    );
+    let pid = d.child.id();
+    // tpm2-tss's pattern: the accept loop answers each one itself.
+    for _ in 0..50 {
+        let r = one_shot(&data, &cmd::get_random(16)).expect("one-shot command answered");
+        assert_eq!(rc(&r), 0);
+    }
+    let before = open_fds(pid);
+    // Squatters connect to both listeners and never send a byte.
+    let squatters: Vec<UnixStream> = (0..40)
+        .flat_map(|_| [UnixStream::connect(&data), UnixStream::connect(&d.ctrl)])
+        .map(Result::unwrap)
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // New clients on both are still served at once...
+    let r = one_shot(&data, &cmd::get_random(16)).expect("a data client was locked out");
+    assert_eq!(rc(&r), 0);
+    assert!(
+        answers(&d.ctrl, Duration::from_secs(5)),
+        "a control client was locked out"
+    );
+    // ...the loop held at most 8 per listener, closing the oldest...
+    let held = open_fds(pid);
+    assert!(
+        held <= before + 2 * 8,
+        "vtpmd holds {held} descriptors for 80 silent connections ({before} before)"
+    );
+    let closed = squatters
+        .iter()
+        .filter(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            matches!((&**s).read(&mut [0u8; 1]), Ok(0))
+        })
+        .count();
+    assert!(
+        closed >= 80 - 2 * 8 - 2,
+        "only {closed} of 80 squatters were closed"
+    );
+    // ...and a command split across two writes is still served (it moves
+    // to a connection thread with its first half).
+    let mut s = UnixStream::connect(&data).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let c = cmd::get_random(8);
+    s.write_all(&c[..5]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    s.write_all(&c[5..]).unwrap();
+    let mut head = [0u8; 10];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(rc(&head), 0);
+    drop(squatters);
 }

@@ -10,7 +10,9 @@
 //! keeps vtpmctl out.
 
 use crate::instance::Vtpm;
-use crate::transport::{is_timeout, Acceptor, Listener, Slot, Slots, Stream, Workers};
+use crate::transport::{
+    is_timeout, Acceptor, Carry, Channel, Listener, Slot, Slots, Stream, Workers,
+};
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
@@ -85,8 +87,9 @@ fn read_line(
     }
 }
 
-fn serve(mut conn: UnixStream, vtpm: &Vtpm, slot: &Slot) -> std::io::Result<()> {
-    let mut pending = Vec::new();
+fn serve(mut conn: UnixStream, vtpm: &Vtpm, slot: &Slot, carry: Carry) -> std::io::Result<()> {
+    conn.write_all(&carry.unsent)?;
+    let mut pending = carry.received;
     loop {
         let line = read_line(&mut conn, &mut pending, slot.idle_timeout())?;
         slot.busy(true);
@@ -103,33 +106,45 @@ fn serve(mut conn: UnixStream, vtpm: &Vtpm, slot: &Slot) -> std::io::Result<()> 
     }
 }
 
-/// What the daemon's accept loop does with each admin connection on `l`:
-/// serve it on a thread of its own ([`Workers`]); at most [`MAX_CONNECTIONS`] at once,
-/// an idle one closed after `transport::IDLE_TIMEOUT` or when a new client
-/// needs its slot.
-pub fn acceptor(l: UnixListener, vtpm: Arc<Vtpm>) -> Acceptor {
-    let slots = Slots::new("admin", MAX_CONNECTIONS);
-    let workers = Workers::new("admin");
-    let handler = move |c: Stream| {
-        let Some(slot) = slots.admit(&c) else {
+/// The admin listener's connections, each served on a thread of its own
+/// ([`Workers`]); at most [`MAX_CONNECTIONS`] at once, an idle one closed
+/// after `transport::IDLE_TIMEOUT` or when a new client needs its slot.
+#[derive(Debug)]
+struct AdminChannel {
+    vtpm: Arc<Vtpm>,
+    slots: Arc<Slots>,
+    workers: Arc<Workers>,
+}
+
+impl Channel for AdminChannel {
+    fn hand_off(&mut self, c: Stream, carry: Carry) {
+        let Some(slot) = self.slots.admit(&c) else {
             return;
         };
         let Stream::Unix(conn) = c else {
             return;
         };
-        let vtpm = vtpm.clone();
-        let r = workers.run(move || {
-            if let Err(e) = serve(conn, &vtpm, &slot) {
+        let vtpm = self.vtpm.clone();
+        let r = self.workers.run(move || {
+            if let Err(e) = serve(conn, &vtpm, &slot, carry) {
                 log::warn!("admin connection: {e}");
             }
         });
         if r.is_err() {
             log::error!("admin: cannot start a connection thread");
         }
-    };
+    }
+}
+
+/// The daemon's accept loop's part for the admin listener `l`.
+pub fn acceptor(l: UnixListener, vtpm: Arc<Vtpm>) -> Acceptor {
     Acceptor {
         name: "admin",
         listener: Listener::Unix(l),
-        handler: Box::new(handler),
+        channel: Box::new(AdminChannel {
+            vtpm,
+            slots: Slots::new("admin", MAX_CONNECTIONS),
+            workers: Workers::new("admin"),
+        }),
     }
 }

@@ -205,6 +205,16 @@ impl Vtpm {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether no command or request holds the TPM right now (a hint: it
+    /// can change at once). The accept loop answers on its own thread only
+    /// then, so it never waits behind a long command.
+    pub fn is_idle(&self) -> bool {
+        !matches!(
+            self.state.try_lock(),
+            Err(std::sync::TryLockError::WouldBlock)
+        )
+    }
+
     pub fn is_running(&self) -> bool {
         self.running.load(Ordering::SeqCst)
     }

@@ -16,7 +16,9 @@ use super::data::{DataChannel, DataFdError};
 use super::wire::{self, cmd, rc, DecodeError, Request, Response};
 use crate::exit::{self, Exit, ExitTx};
 use crate::instance::{Vtpm, MAX_STATE_BLOB};
-use crate::transport::{is_timeout, Acceptor, Listener, Slot, Slots, Stream, Workers};
+use crate::transport::{
+    is_timeout, Acceptor, Carry, Channel, Listener, Slot, Slots, Stream, Workers,
+};
 use std::io::{self, ErrorKind, Write};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -51,17 +53,22 @@ enum Next {
     Closed,
 }
 
-/// Reads one request. Leftover bytes past the fixed part are returned for
-/// the streaming commands.
+/// Reads one request, starting from `first` (bytes the accept loop read;
+/// when empty, the first read waits up to `idle`). Leftover bytes past the
+/// fixed part are returned for the streaming commands.
 fn read_request(
     c: &mut Stream,
     fds: &mut Vec<OwnedFd>,
     idle: Option<Duration>,
+    first: Vec<u8>,
 ) -> io::Result<Next> {
-    let mut buf = vec![0u8; 4104];
-    let mut have;
-    c.set_read_timeout(idle)?;
-    loop {
+    let mut have = first.len();
+    let mut buf = first;
+    buf.resize(have.max(4104), 0);
+    if have == 0 {
+        c.set_read_timeout(idle)?;
+    }
+    while have == 0 {
         match c.recv(&mut buf, fds) {
             Ok(0) => return Ok(Next::Closed),
             Ok(n) => {
@@ -232,11 +239,13 @@ fn streamed(
 }
 
 /// Serves requests on one connection until it closes, sits idle too long
-/// (unless pinned), or SHUTDOWN arrives.
-pub fn serve(c: &mut Stream, ctx: &Context, slot: &Slot) -> io::Result<()> {
+/// (unless pinned), or SHUTDOWN arrives; starts from what the accept loop
+/// read or could not send (`carry`).
+pub fn serve(c: &mut Stream, ctx: &Context, slot: &Slot, carry: Carry) -> io::Result<()> {
+    c.write_all(&carry.unsent)?;
+    let (mut first, mut fds) = (carry.received, carry.fds);
     loop {
-        let mut fds = Vec::new();
-        let next = read_request(c, &mut fds, slot.idle_timeout())?;
+        let next = read_request(c, &mut fds, slot.idle_timeout(), std::mem::take(&mut first))?;
         slot.busy(true);
         let (req, extra) = match next {
             Next::Closed => return Ok(()),
@@ -279,6 +288,7 @@ pub fn serve(c: &mut Stream, ctx: &Context, slot: &Slot) -> io::Result<()> {
             exit::report(&ctx.exits, Exit::Shutdown);
             return Ok(());
         }
+        fds = Vec::new();
     }
 }
 
@@ -300,7 +310,7 @@ fn set_data_fd(ctx: &Context, mut fds: Vec<OwnedFd>) -> u32 {
     }
 }
 
-fn spawn_conn(mut conn: Stream, ctx: &Context, workers: &Arc<Workers>, pinned: bool) {
+fn spawn_conn(mut conn: Stream, ctx: &Context, workers: &Arc<Workers>, pinned: bool, carry: Carry) {
     let Some(slot) = ctx.slots.admit(&conn) else {
         return;
     };
@@ -309,8 +319,8 @@ fn spawn_conn(mut conn: Stream, ctx: &Context, workers: &Arc<Workers>, pinned: b
     }
     let ctx = ctx.clone();
     let r = workers.run(move || {
-        if let Err(e) = serve(&mut conn, &ctx, &slot) {
-            log::warn!("control connection: {e}");
+        if let Err(e) = serve(&mut conn, &ctx, &slot, carry) {
+            log::warn!("control: {e}");
         }
         drop(slot);
         if ctx.exit_on_close {
@@ -322,19 +332,83 @@ fn spawn_conn(mut conn: Stream, ctx: &Context, workers: &Arc<Workers>, pinned: b
     }
 }
 
-/// What the daemon's accept loop does with each control connection on `l`:
-/// serve it on a thread of its own ([`Workers`]).
+/// Requests the accept loop answers itself when they arrive whole and the
+/// TPM is free: short, no data streamed, no descriptor, no long work, and
+/// the connection goes on as before. (tpm2-tss opens a control connection
+/// for SET_LOCALITY at each start.)
+fn answered_on_loop(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::GetCapability
+            | Request::GetTpmEstablished
+            | Request::SetLocality(_)
+            | Request::ResetTpmEstablished(_)
+            | Request::CancelTpmCmd
+            | Request::GetConfig
+            | Request::SetBufferSize(_)
+            | Request::GetInfo { .. }
+    )
+}
+
+/// Decodes `bytes` as one whole request, the way [`read_request`] would
+/// take it from a single read.
+fn whole_request(bytes: &[u8]) -> Option<Request> {
+    let req = match wire::decode(bytes, false) {
+        Ok(req) if wire::fixed_len(&req) == bytes.len() => req,
+        Err(DecodeError::Incomplete { usable: true, .. }) => wire::decode(bytes, true).ok()?,
+        _ => return None,
+    };
+    Some(req)
+}
+
+/// The control listener's connections: see [`answered_on_loop`]; every
+/// other request, and everything after it, on a thread of the
+/// connection's own ([`Workers`]).
+#[derive(Debug)]
+struct CtrlChannel {
+    ctx: Context,
+    workers: Arc<Workers>,
+}
+
+impl Channel for CtrlChannel {
+    fn answer(&mut self, request: &[u8], reply: &mut Vec<u8>) -> bool {
+        let Some(req) = whole_request(request).filter(answered_on_loop) else {
+            return false;
+        };
+        if !self.ctx.vtpm.is_idle() {
+            return false;
+        }
+        log::debug!("control: {req:?}");
+        reply.clear();
+        reply.extend_from_slice(&commands::execute(&self.ctx.vtpm, &req, &[]).encode());
+        true
+    }
+
+    fn hand_off(&mut self, s: Stream, carry: Carry) {
+        spawn_conn(s, &self.ctx, &self.workers, false, carry)
+    }
+
+    fn closed(&mut self) {
+        if self.ctx.exit_on_close {
+            exit::report(&self.ctx.exits, Exit::CtrlClosed);
+        }
+    }
+}
+
+/// The daemon's accept loop's part for the control listener `l`.
 pub fn acceptor(l: Listener, ctx: Context) -> Acceptor {
-    let workers = Workers::new("ctrl");
     Acceptor {
         name: "control",
         listener: l,
-        handler: Box::new(move |s| spawn_conn(s, &ctx, &workers, false)),
+        channel: Box::new(CtrlChannel {
+            ctx,
+            workers: Workers::new("ctrl"),
+        }),
     }
 }
 
 /// Serves the control client the parent handed over (`clientfd=`), on its
 /// own thread: the owner's connection, never closed for idling.
 pub fn serve_client(conn: Stream, ctx: &Context) {
-    spawn_conn(conn, ctx, &Workers::new("ctrl"), true)
+    spawn_conn(conn, ctx, &Workers::new("ctrl"), true, Carry::default())
 }

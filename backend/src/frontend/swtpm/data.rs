@@ -12,7 +12,7 @@
 use crate::engine::tpm2;
 use crate::exit::{self, Exit, ExitTx};
 use crate::instance::Vtpm;
-use crate::transport::{is_timeout, Acceptor, Listener, Slots, Stream, Workers};
+use crate::transport::{is_timeout, Acceptor, Carry, Channel, Listener, Slots, Stream, Workers};
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -57,11 +57,13 @@ struct Inbox {
 }
 
 impl Inbox {
-    fn new() -> Inbox {
-        Inbox {
-            buf: vec![0u8; 4096],
-            have: 0,
-        }
+    /// Holding `received` (what the accept loop read before handing the
+    /// connection over), with room for a command of the usual size.
+    fn new(received: Vec<u8>) -> Inbox {
+        let have = received.len();
+        let mut buf = received;
+        buf.resize(have.max(4096), 0);
+        Inbox { buf, have }
     }
 
     /// Reads until at least `want` bytes are held (the caller has checked
@@ -142,8 +144,15 @@ fn skip_body(s: &mut Stream, len: usize, unread: usize) -> io::Result<()> {
 /// Serves TPM commands on `s` until the peer closes it or, with `idle`,
 /// sends nothing for that long.
 pub fn serve(s: &mut Stream, vtpm: &Vtpm, idle: Option<Duration>) -> io::Result<()> {
+    serve_from(s, vtpm, idle, Carry::default())
+}
+
+/// [`serve`], starting from what the accept loop already read or could not
+/// send (`carry`; descriptors are not used on the data channel and close).
+fn serve_from(s: &mut Stream, vtpm: &Vtpm, idle: Option<Duration>, carry: Carry) -> io::Result<()> {
+    s.write_all(&carry.unsent)?;
     s.set_read_timeout(Some(COMMAND_TIMEOUT))?;
-    let mut inbox = Inbox::new();
+    let mut inbox = Inbox::new(carry.received);
     let mut out = Vec::with_capacity(4096);
     loop {
         match inbox.fill(s, tpm2::HEADER_LEN, false, idle)? {
@@ -325,20 +334,51 @@ pub fn serve_connection(mut s: Stream, vtpm: Arc<Vtpm>, exits: ExitTx) -> io::Re
 /// `--server` connections served at once.
 pub const MAX_SERVER_CONNECTIONS: usize = 8;
 
-/// What the daemon's accept loop does with each `--server` connection on
-/// `l`: serve it on a thread of its own ([`Workers`]; TPM commands still
-/// run one at a time). An idle client is closed after `transport::IDLE_TIMEOUT`, and
-/// when all slots are taken the one idle longest makes room.
-pub fn acceptor(l: Listener, vtpm: Arc<Vtpm>, exit_on_close: bool, exits: ExitTx) -> Acceptor {
-    let slots = Slots::new("data server", MAX_SERVER_CONNECTIONS);
-    let workers = Workers::new("data-client");
-    let handler = move |mut s: Stream| {
-        let Some(slot) = slots.admit(&s) else {
+/// Whether `request` is exactly one whole command of an acceptable size.
+fn one_whole_command(request: &[u8], max: u32) -> bool {
+    tpm2::Header::parse(request).is_some_and(|h| {
+        h.size as usize == request.len() && tpm2::command_size_ok(request.len(), max as usize)
+    })
+}
+
+/// The `--server` listener's connections: a command that arrives whole
+/// while the TPM is free is answered on the accept loop; anything else
+/// (a partial or oversized command, several at once, a busy TPM) is served
+/// on a thread of the connection's own ([`Workers`]; TPM commands still
+/// run one at a time). An idle client is closed after
+/// `transport::IDLE_TIMEOUT`, and when all slots are taken the one idle
+/// longest makes room.
+#[derive(Debug)]
+struct ServerChannel {
+    vtpm: Arc<Vtpm>,
+    slots: Arc<Slots>,
+    workers: Arc<Workers>,
+    exit_on_close: bool,
+    exits: ExitTx,
+}
+
+impl Channel for ServerChannel {
+    fn answer(&mut self, request: &[u8], reply: &mut Vec<u8>) -> bool {
+        if !one_whole_command(request, self.vtpm.io_size()) || !self.vtpm.is_idle() {
+            return false;
+        }
+        log::trace!(
+            "data: command {:#x}, {} bytes",
+            tpm2::command_code(request).unwrap_or(0),
+            request.len()
+        );
+        self.vtpm.process(request, reply);
+        true
+    }
+
+    fn hand_off(&mut self, mut s: Stream, carry: Carry) {
+        let Some(slot) = self.slots.admit(&s) else {
             return;
         };
-        let (vtpm, exits) = (vtpm.clone(), exits.clone());
-        let r = workers.run(move || {
-            if let Err(e) = serve(&mut s, &vtpm, slot.idle_timeout()) {
+        let (vtpm, exits, exit_on_close) =
+            (self.vtpm.clone(), self.exits.clone(), self.exit_on_close);
+        let r = self.workers.run(move || {
+            if let Err(e) = serve_from(&mut s, &vtpm, slot.idle_timeout(), carry) {
                 log::warn!("data client: {e}");
             }
             drop(slot);
@@ -349,10 +389,26 @@ pub fn acceptor(l: Listener, vtpm: Arc<Vtpm>, exit_on_close: bool, exits: ExitTx
         if r.is_err() {
             log::error!("data server: cannot start a connection thread");
         }
-    };
+    }
+
+    fn closed(&mut self) {
+        if self.exit_on_close {
+            exit::report(&self.exits, Exit::DataClosed);
+        }
+    }
+}
+
+/// The daemon's accept loop's part for the `--server` listener `l`.
+pub fn acceptor(l: Listener, vtpm: Arc<Vtpm>, exit_on_close: bool, exits: ExitTx) -> Acceptor {
     Acceptor {
         name: "data server",
         listener: l,
-        handler: Box::new(handler),
+        channel: Box::new(ServerChannel {
+            vtpm,
+            slots: Slots::new("data server", MAX_SERVER_CONNECTIONS),
+            workers: Workers::new("data-client"),
+            exit_on_close,
+            exits,
+        }),
     }
 }
