@@ -6,13 +6,16 @@
 //!                              ▲  │                                       held again
 //!                              └──┘
 //!                                 │ partial, streamed, several requests, descriptors,
-//!                                 │ the TPM busy, or a reply the client does not take
+//!                                 │ the TPM busy, a reply the client does not take,
+//!                                 │ or a second request answered (a lasting client)
 //!                                 ▼
 //!                       Channel::hand_off(stream, Carry) ─▶ a thread of its own
 //! ```
 //!
 //! A client that opens a connection per command (tpm2-tss) is thus served
-//! with no thread hand-off, no timeout set and no descriptor duplicated.
+//! with no thread hand-off, no timeout set and no descriptor duplicated. A
+//! connection that comes back for more moves to a thread after its second
+//! reply: there a request costs one blocking read, not a poll and a read.
 //! The loop never waits on a client: reads and writes do not block, and a
 //! request the channel cannot answer at once goes to a thread with what was
 //! read. At most [`MAX_HELD`] connections per listener are held; a new one
@@ -29,6 +32,8 @@ use std::time::{Duration, Instant};
 
 /// Connections the loop holds per listener.
 pub const MAX_HELD: usize = 8;
+/// Requests answered on the loop before a connection moves to a thread.
+const ANSWERED_ON_LOOP: u64 = 2;
 /// One read on a held connection: a request that fills it is handed off
 /// (more of it may be on the way).
 const READ_SIZE: usize = 8192;
@@ -296,13 +301,17 @@ fn step(mut h: Held, a: &mut Acceptor, bufs: &mut Buffers) -> Option<Held> {
         return None;
     }
     h.answered += 1;
-    if h.answered == 2 {
+    if h.answered == ANSWERED_ON_LOOP {
         h.stream.no_delay();
     }
     match h.stream.try_send(&bufs.reply) {
-        Ok(k) if k == bufs.reply.len() => {
+        Ok(k) if k == bufs.reply.len() && h.answered < ANSWERED_ON_LOOP => {
             h.idle_since = Instant::now();
             Some(h)
+        }
+        Ok(k) if k == bufs.reply.len() => {
+            a.channel.hand_off(h.stream, Carry::default());
+            None
         }
         // The client is not taking replies: a thread waits for it, within
         // the write timeout.
@@ -423,9 +432,11 @@ mod tests {
     #[test]
     fn whole_quick_requests_are_answered_on_the_loop_thread() {
         let (_d, path, rx, wake, t) = start(IDLE_TIMEOUT);
-        let mut c = UnixStream::connect(&path).unwrap();
         let mut tid = None;
         for _ in 0..3 {
+            // One request per connection, as tpm2-tss: the loop answers
+            // and closes when the client does.
+            let mut c = UnixStream::connect(&path).unwrap();
             assert_eq!(exchange(&mut c, b"ping"), b"pong");
             match next(&rx) {
                 Seen::Answered(r, id) => {
@@ -435,9 +446,22 @@ mod tests {
                 }
                 other => panic!("expected an answer, saw {other:?}"),
             }
+            drop(c);
+            assert!(matches!(next(&rx), Seen::Closed));
         }
-        drop(c);
-        assert!(matches!(next(&rx), Seen::Closed));
+        // A connection that comes back: answered twice, then it moves to
+        // a thread with nothing pending.
+        let mut c = UnixStream::connect(&path).unwrap();
+        for _ in 0..ANSWERED_ON_LOOP {
+            assert_eq!(exchange(&mut c, b"ping"), b"pong");
+            assert!(matches!(next(&rx), Seen::Answered(..)));
+        }
+        match next(&rx) {
+            Seen::HandedOff(carry) => {
+                assert!(carry.received.is_empty() && carry.unsent.is_empty());
+            }
+            other => panic!("expected a hand-off, saw {other:?}"),
+        }
         stop(wake, t);
     }
 
@@ -523,6 +547,7 @@ mod tests {
         for c in &mut others {
             assert_eq!(exchange(c, b"ping"), b"pong", "the others are still served");
             assert!(matches!(next(&rx), Seen::Answered(..)));
+            assert!(matches!(next(&rx), Seen::HandedOff(..)), "a second request");
         }
         stop(wake, t);
     }
