@@ -312,6 +312,15 @@ pub fn read_rollbacks(dir: &Path) -> Result<Vec<RollbackRecord>, StateDirError> 
         .collect())
 }
 
+/// Now, in seconds since the Unix epoch: the clock the state directory's
+/// records (reservations, rollbacks, saves) are stamped with.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Reads a JSON file of at most 64 KiB written by [`write_json`];
 /// `Ok(None)` if there is none. A symlink is not followed.
 pub fn read_json<T: serde::de::DeserializeOwned>(

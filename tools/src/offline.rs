@@ -14,13 +14,6 @@ fn pending(dir: &Path) -> Result<statedir::PendingHandover, CtlError> {
         .ok_or_else(|| StateDirError::NoMarker(dir.display().to_string()).into())
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Checks the destination's receipt, then erases the state and leaves the
 /// tombstone.
 pub fn complete(dir: &Path, r: &Receipt) -> Result<Tombstone, CtlError> {
@@ -35,7 +28,7 @@ pub fn complete(dir: &Path, r: &Receipt) -> Result<Tombstone, CtlError> {
         destination_key: hostkey::fingerprint(&peer),
         digest: r.digest.clone(),
         confirmed_by: "receipt".into(),
-        unix_time: now(),
+        unix_time: vtpm_common::statedir::unix_now(),
     };
     let json = serde_json::to_vec_pretty(&t).unwrap_or_default();
     statedir::erase_with_tombstone(dir, &json)?;

@@ -112,13 +112,6 @@ pub fn owner(spec: &str) -> Result<(Uid, Gid), ReserveError> {
     Ok((u.uid, gid))
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Makes `dir` as libvirt would (parents 0711, `dir` 0700 for `who`), or
 /// checks the one that is there is a real directory.
 fn make_dir(dir: &Path, who: (Uid, Gid)) -> Result<(), ReserveError> {
@@ -213,7 +206,7 @@ pub fn reserve(
     let r = Reservation {
         migration_id: hex::encode(&id),
         host_key: key.fingerprint(),
-        expires: now() + expires,
+        expires: vtpm_common::statedir::unix_now() + expires,
     };
     statedir::write_json(dir, statedir::RESERVATION, &r)?;
     give(&dir.join(statedir::RESERVATION), who)?;

@@ -87,13 +87,6 @@ pub fn restore_keys(cfg: &InstanceConfig) -> Vec<Arc<LazyHostKey>> {
     files.iter().map(|f| Arc::new(LazyHostKey::at(f))).collect()
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Takes a reservation left in the state directory: if it is valid, for
 /// this host's key and unexpired, and the directory holds no TPM yet, the
 /// session becomes a sealed destination for its id. The file is removed
@@ -113,7 +106,7 @@ pub fn take_reservation(store: &StateDir, session: &mut Session) -> Result<bool,
     let ours = session
         .host_key()
         .and_then(|k| k.get().ok().map(|k| k.fingerprint()));
-    let why_not = if r.expires < now() {
+    let why_not = if r.expires < vtpm_common::statedir::unix_now() {
         Some("it expired".to_string())
     } else if ours.as_deref() != Some(r.host_key.as_str()) {
         Some(format!(

@@ -25,13 +25,6 @@ use zeroize::Zeroizing;
 
 type Result<T> = std::result::Result<T, InstanceError>;
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 fn parse_instance(id: &Identity) -> Result<[u8; INSTANCE_ID_LEN]> {
     hex::decode(&id.instance_id)
         .ok()
@@ -161,7 +154,7 @@ impl Vtpm {
             "refused"
         };
         let record = RollbackRecord {
-            unix_time: now(),
+            unix_time: vtpm_common::statedir::unix_now(),
             restored_generation: save.generation,
             newest_generation: ident.generation,
             decision: decision.into(),
