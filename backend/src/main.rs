@@ -12,12 +12,12 @@ use vtpmd::storage::StateDir;
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Socket(args) => {
-            if args.print_capabilities {
+            if args.socket.print_capabilities {
                 let sizes = vtpmd::engine::libtpms::rsa_key_sizes();
                 println!("{}", config::capabilities_json(&sizes));
                 return ExitCode::SUCCESS;
             }
-            if args.print_states {
+            if args.socket.print_states {
                 return print_states(&args.instance);
             }
             let cfg = args.validate();

@@ -62,7 +62,15 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The subcommands. Only the one given is built (`defer`): clap builds
+/// every `Arg` of a subcommand on the main thread's stack and heap, and
+/// the pages touched stay resident in an idle daemon, so building the
+/// other two as well cost each instance about 28 KiB (docs/PERFORMANCE.md,
+/// "Memory per instance"). A deferred subcommand's arguments are added
+/// after its variant's attributes, so the argument structs below carry no
+/// doc comment: one would replace the variant's text in `--help`.
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum Command {
     /// Serve a TPM over swtpm's control and data socket protocol (QEMU
     /// `-tpmdev emulator`, cloud-hypervisor `--tpm`, libvirt, tpm2-tss).
@@ -77,7 +85,7 @@ pub enum Command {
     SwtpmExport(SwtpmExportArgs),
 }
 
-/// `vtpmd swtpm-export`.
+// `vtpmd swtpm-export` (no doc comment: see `Command`).
 #[derive(Debug, Args)]
 pub struct SwtpmExportArgs {
     /// State directory: dir=DIR (as for `vtpmd socket`).
@@ -89,8 +97,8 @@ pub struct SwtpmExportArgs {
     pub key: Option<String>,
 }
 
-/// Options every frontend shares: where the TPM state lives and how it is
-/// protected, migrated and administered.
+// Options every frontend shares: where the TPM state lives and how it is
+// protected, migrated and administered (no doc comment: see `Command`).
 #[derive(Debug, Args)]
 pub struct InstanceArgs {
     /// State directory: dir=DIR[,mode=0600] or backend-uri=dir://DIR. The
@@ -570,6 +578,24 @@ fn parse_admin(s: &str) -> Result<PathBuf, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every subcommand's `--help` shows its variant's text, though its
+    /// arguments are added later (`defer`), and the command is sound.
+    #[test]
+    fn deferred_subcommands_keep_their_help_text() {
+        use clap::CommandFactory;
+        let mut cli = Cli::command();
+        cli.build();
+        cli.clone().debug_assert();
+        let about = |name: &str| {
+            let sub = cli.find_subcommand(name).expect(name);
+            assert!(sub.get_arguments().count() > 2, "{name}: arguments built");
+            sub.get_about().map(|a| a.to_string()).unwrap_or_default()
+        };
+        assert!(about("socket").starts_with("Serve a TPM over swtpm's control and data socket"));
+        assert!(about("vhost-user").starts_with("Serve a TPM as a vhost-user virtio-tpm device"));
+        assert!(about("swtpm-export").starts_with("Write the state back in swtpm's file format"));
+    }
 
     #[test]
     fn kv_parser_edge_cases() {

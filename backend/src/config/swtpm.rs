@@ -9,10 +9,24 @@ use super::channel::{parse_endpoint, Channel, Endpoint};
 use super::{invalid, ConfigError, InstanceArgs, InstanceConfig};
 use clap::Args;
 
+// `vtpmd socket`'s options: the shared ones, then the socket's own, in
+// two flattened halves so that clap builds them one after the other. A
+// derived `augment_args` keeps every `Arg` it builds in a stack slot of
+// its own (13 KiB for each half); one half nested in the other left 12 KiB
+// more of the main thread's stack resident for the life of the process
+// (docs/PERFORMANCE.md, "Memory per instance"). No doc comments on either
+// struct: see `config::Command`.
 #[derive(Debug, Args)]
 pub struct SocketArgs {
     #[command(flatten)]
     pub instance: InstanceArgs,
+    #[command(flatten)]
+    pub socket: SocketOptions,
+}
+
+// The options only `vtpmd socket` has.
+#[derive(Debug, Args)]
+pub struct SocketOptions {
     /// Emulate a TPM 2.0 (required: TPM 1.2 is not supported).
     #[arg(long)]
     pub tpm2: bool,
@@ -82,35 +96,36 @@ pub struct SocketConfig {
 impl SocketArgs {
     /// Validates the arguments into a configuration.
     pub fn validate(&self) -> Result<SocketConfig, ConfigError> {
+        let opts = &self.socket;
         let refused: [(&str, bool); 4] = [
-            ("--locality", self.locality.is_some()),
-            ("--chroot", self.chroot.is_some()),
-            ("--profile", self.profile.is_some()),
-            ("--vtpm-proxy", self.vtpm_proxy),
+            ("--locality", opts.locality.is_some()),
+            ("--chroot", opts.chroot.is_some()),
+            ("--profile", opts.profile.is_some()),
+            ("--vtpm-proxy", opts.vtpm_proxy),
         ];
         if let Some((name, _)) = refused.iter().find(|(_, given)| *given) {
             return Err(ConfigError::Unsupported(name.to_string()));
         }
-        if !self.tpm2 {
+        if !opts.tpm2 {
             return Err(ConfigError::NeedTpm2);
         }
         let instance = self.instance.validate()?;
-        let (ctrl, ctrl_terminate) = match &self.ctrl {
+        let (ctrl, ctrl_terminate) = match &opts.ctrl {
             Some(s) => {
                 let (ep, t) = parse_endpoint(Channel::Ctrl, s)?;
                 (Some(ep), t)
             }
             None => (None, false),
         };
-        if let Some(v) = self
+        if let Some(v) = opts
             .port
             .iter()
-            .chain(self.fd.iter())
+            .chain(opts.fd.iter())
             .find(|v| v.contains(','))
         {
             return Err(invalid("--port/--fd", format!("'{v}' is not a number")));
         }
-        let server = match (&self.server, &self.port, &self.fd) {
+        let server = match (&opts.server, &opts.port, &opts.fd) {
             (Some(s), None, None) => Some(s.clone()),
             (None, Some(p), None) => Some(format!("type=tcp,port={p}")),
             (None, None, Some(fd)) => Some(format!("type=tcp,fd={fd}")),
@@ -142,10 +157,10 @@ impl SocketArgs {
             not_need_init: false,
             startup: None,
             disable_auto_shutdown: false,
-            terminate: self.terminate,
-            daemon: self.daemon,
+            terminate: opts.terminate,
+            daemon: opts.daemon,
         };
-        if let Some(flags) = &self.flags {
+        if let Some(flags) = &opts.flags {
             apply_flags(&mut cfg, flags)?;
         }
         if cfg.instance.incoming && cfg.not_need_init {
