@@ -313,6 +313,14 @@ pub(crate) fn migrate_once(src: &mut TcpStream, dst: &mut TcpStream) {
     assert_eq!(blobs::put_blobs(dst, &got), 0, "SET_STATEBLOB/INIT");
 }
 
+/// After the timed window: the destination runs the migrated TPM, resumed
+/// without a TPM2_Startup (INIT answering is not enough: a destination
+/// that lost the volatile state answers TPM_RC_INITIALIZE here).
+fn assert_resumed(dst: &mut Remote) {
+    let rc = c::rc(&dst.cmd(&c::get_random(8)));
+    assert_eq!(rc, 0, "{}: the migrated TPM did not resume", dst.name());
+}
+
 pub(crate) fn populate(t: &mut Remote) {
     for k in 0..4u32 {
         assert_eq!(c::rc(&t.cmd(&c::nv_define(0x0150_0200 + k, 64))), 0);
@@ -354,7 +362,7 @@ fn swtpm_migrations(bin: &str, iters: usize, mk: &str, seed: u32) -> (Stat, Stat
         // destinations are (their ids are single use): a destination
         // reused warm would measure a case no real migration has.
         for i in 0..iters {
-            let dst = Remote::start_with(
+            let mut dst = Remote::start_with(
                 "swtpm",
                 bin,
                 crate::targets::Transport::Tcp,
@@ -366,6 +374,7 @@ fn swtpm_migrations(bin: &str, iters: usize, mk: &str, seed: u32) -> (Stat, Stat
             let t = Instant::now();
             migrate_once(&mut sc, &mut dc);
             v.push(us(t.elapsed()));
+            assert_resumed(&mut dst);
         }
         results.push(stat(v));
     }
@@ -424,7 +433,7 @@ pub(crate) fn migration_rows(o: &Opts, keys: &Path) -> Row {
             "incoming".into(),
         ];
         let da: Vec<&str> = dst_args.iter().map(String::as_str).collect();
-        let dst = Remote::start_with(
+        let mut dst = Remote::start_with(
             "vtpmd",
             &o.vtpmd,
             crate::targets::Transport::Tcp,
@@ -462,6 +471,7 @@ pub(crate) fn migration_rows(o: &Opts, keys: &Path) -> Row {
         } else {
             unloaded.push(us(t.elapsed()));
         }
+        assert_resumed(&mut dst);
         // The source resumes, as after QEMU's LOCK_STORAGE.
         assert_eq!(blobs::ctrl_cmd(&mut sc, 0x13, &[0, 0, 0, 1], 4), vec![0; 4]);
     }

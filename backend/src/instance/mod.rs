@@ -156,6 +156,10 @@ pub struct Vtpm {
     /// No TPM command ran since the last save or restore: the state is
     /// still that save's generation.
     unchanged_since_save: AtomicBool,
+    /// A migrated state went live and waits to be written durably (its
+    /// migration id): started by [`Vtpm::start_pending_durability`] once
+    /// INIT's answer is out.
+    durable_pending: Mutex<Option<String>>,
 }
 
 type Result<T> = std::result::Result<T, InstanceError>;
@@ -198,6 +202,7 @@ impl Vtpm {
             established: AtomicBool::new(false),
             io_size: AtomicU32::new(size),
             unchanged_since_save: AtomicBool::new(false),
+            durable_pending: Mutex::new(None),
         })
     }
 
@@ -258,6 +263,7 @@ impl Vtpm {
     /// TPM cannot run now gets a bare TPM_RC_FAILURE response.
     pub fn process(&self, command: &[u8], out: &mut Vec<u8>) {
         out.clear();
+        self.start_pending_durability();
         let mut st = self.lock();
         if !st.running {
             out.extend_from_slice(&tpm2::error_response(tpm2::RC_FAILURE));
@@ -341,24 +347,31 @@ impl Vtpm {
     }
 
     /// The migrated state verified: load it and start.
+    ///
+    /// Nothing touches the disk before INIT is answered: the received
+    /// state becomes the directory's state in memory (deferred writes),
+    /// the engine loads it from there as it loads a state from disk (one
+    /// unmarshalling, in its start-up; handing it over with
+    /// `TPMLIB_SetState` would unmarshal the permanent state three times),
+    /// and the frontend starts the durable write once INIT's answer is
+    /// out ([`Vtpm::start_pending_durability`]). The receipt waits for it.
     fn unlock_destination(&self, st: &mut TpmState, flags: InitFlags) -> Result<()> {
         let (perm, vol, id) = st.session.take_verified()?;
         self.power_off_locked(st);
-        // Nothing touches the disk before INIT is answered: the state is
-        // made durable right after, and the receipt waits for that.
         self.store.defer_writes();
-        if let Err(r) = load_into_engine(st, &perm, &vol) {
-            log::error!("the engine rejected the migrated state ({r:#x}); staying locked");
-            st.session.relock_destination();
-            self.store.discard_deferred();
-            return Err(InstanceError::Engine(r));
-        }
-        st.permanent_set = true;
-        match self.power_on_locked(st, flags) {
+        let held = self.hold_migrated_state(&perm, &vol);
+        drop((perm, vol));
+        // The store holds the received permanent state: nothing to persist
+        // after the power-on.
+        st.permanent_set = false;
+        match held.and_then(|()| self.power_on_locked(st, flags)) {
             Ok(()) => {
                 let id = vtpm_common::hex::encode(&id);
                 log::info!("migration {id}: digest verified, destination unlocked");
-                self.make_durable_soon(id);
+                *self
+                    .durable_pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(id);
                 Ok(())
             }
             Err(e) => {
@@ -369,8 +382,38 @@ impl Vtpm {
         }
     }
 
-    /// Writes the received state to disk on a thread of its own, right
-    /// after INIT was answered (or inline if no thread can be started).
+    /// Puts the received state into the (deferred) store for the engine's
+    /// start-up to load. Nothing was handed to the engine with `set_state`
+    /// on a destination (that would shadow the store; even `None` would,
+    /// as an explicitly absent blob).
+    fn hold_migrated_state(&self, perm: &[u8], vol: &[u8]) -> Result<()> {
+        let held = if vol.is_empty() {
+            self.store.remove_blob(VOLATILE)
+        } else {
+            self.store.write_blob(VOLATILE, vol)
+        };
+        held.and_then(|()| self.store.write_blob(PERMANENT, perm))
+            .map_err(InstanceError::Persist)
+    }
+
+    /// Starts writing a migrated state durably, on a thread of its own, if
+    /// one went live since the last call. Frontends call this once their
+    /// answer to the power-on is out, so neither the thread's start nor its
+    /// disk work delays that answer; TPM commands call it too, so the
+    /// write starts at the latest with the first command.
+    pub fn start_pending_durability(&self) {
+        let pending = self
+            .durable_pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(id) = pending {
+            self.make_durable_soon(id);
+        }
+    }
+
+    /// Writes the received state to disk on a thread of its own (or
+    /// inline if no thread can be started).
     fn make_durable_soon(&self, id: String) {
         fn commit(store: &StateDir, id: &str) {
             match store.commit_deferred() {

@@ -198,7 +198,9 @@ impl Vtpm {
         for (kind, data) in blobs {
             self.import_blob(*kind, data, false)?;
         }
-        self.power_on(InitFlags::default())
+        self.power_on(InitFlags::default())?;
+        self.start_pending_durability();
+        Ok(())
     }
 }
 

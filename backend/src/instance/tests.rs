@@ -399,6 +399,41 @@ fn sealed_migration_locks_source_unlocks_destination_and_erases_on_receipt() {
 }
 
 #[test]
+fn destination_answers_init_before_any_disk_write_then_makes_it_durable() {
+    let (src, dst) = prepared_pair();
+    let blobs = src.vtpm.export_all().unwrap();
+    // As QEMU drives it over the control channel: SET_STATEBLOB x3, INIT.
+    for (kind, b) in &blobs {
+        dst.vtpm.import_blob(*kind, b, false).unwrap();
+    }
+    dst.vtpm
+        .power_on(InitFlags {
+            delete_volatile: true,
+        })
+        .unwrap();
+    // INIT is answered with the migrated state live and nothing written.
+    assert_eq!(dst.vtpm.phase(), Phase::Running);
+    assert_eq!(dst.on_disk(), None, "no disk write before INIT's answer");
+    assert!(!dst.path().join("vtpmd-00.permall").exists());
+    // The frontend's answer is out: the durable write starts.
+    dst.vtpm.start_pending_durability();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while dst.on_disk().is_none() {
+        assert!(std::time::Instant::now() < deadline, "never made durable");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let on_disk = dst.on_disk().unwrap();
+    assert!(on_disk.starts_with(MAGIC) && on_disk.ends_with(b"secret-nv"));
+    assert_eq!(dst.blob_on_disk("volatilestate"), None, "DELETE_VOLATILE");
+    // A TPM command runs on the migrated state; the receipt is signed.
+    assert_eq!(rc_of(&dst.vtpm, &cmd(0x17b, &[])), tpm2::RC_SUCCESS);
+    assert!(matches!(
+        admin(&dst.vtpm, Request::Receipt),
+        Ok(Reply::Receipt(_))
+    ));
+}
+
+#[test]
 fn tampered_stream_keeps_destination_locked_and_burns_the_id() {
     let (src, dst) = prepared_pair();
     let mut blobs = src.vtpm.export_all().unwrap();

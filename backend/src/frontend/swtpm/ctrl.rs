@@ -283,6 +283,9 @@ pub fn serve(c: &mut Stream, ctx: &Context, slot: &Slot, carry: Carry) -> io::Re
             _ => commands::execute(&ctx.vtpm, &req, &[]),
         };
         c.write_all(&resp.encode())?;
+        // A migrated state that went live with this answer (INIT) is
+        // written durably from now on, not before the answer.
+        ctx.vtpm.start_pending_durability();
         slot.busy(false);
         if req == Request::Shutdown {
             exit::report(&ctx.exits, Exit::Shutdown);
