@@ -348,99 +348,105 @@ pub(crate) fn ctrl_of(t: &Remote) -> TcpStream {
     connect(t.port.expect("TCP backend") + 1, Duration::from_secs(2)).unwrap()
 }
 
-/// swtpm's plain cycle, and with `--migration-key` (a static AES key).
-fn swtpm_migrations(bin: &str, iters: usize, mk: &str, seed: u32) -> (Stat, Stat) {
-    let mut results = Vec::new();
-    for (k, extra) in [vec![], vec!["--migration-key", mk]].iter().enumerate() {
-        let seed = seed + 2 * k as u32;
-        let mut src = Remote::start("swtpm", bin, extra, seed);
-        populate(&mut src);
-        let mut sc = ctrl_of(&src);
-        let mut v = Vec::new();
-        // A fresh destination process per migration, started before the
-        // timed window as QEMU's -incoming side starts it, and as vtpmd's
-        // destinations are (their ids are single use): a destination
-        // reused warm would measure a case no real migration has.
-        for i in 0..iters {
-            let mut dst = Remote::start_with(
-                "swtpm",
-                bin,
-                crate::targets::Transport::Tcp,
-                extra,
-                seed * 1000 + 1 + i as u32,
-                false,
-            );
-            let mut dc = ctrl_of(&dst);
-            let t = Instant::now();
-            migrate_once(&mut sc, &mut dc);
-            v.push(us(t.elapsed()));
-            assert_resumed(&mut dst);
-        }
-        results.push(stat(v));
+/// The control connection of a migration destination as QEMU leaves it
+/// before the migration stream arrives (`-incoming`: GET_CAPABILITY, then
+/// the reset's STOP, SET_BUFFERSIZE(0), STOP, SET_BUFFERSIZE(3968) and no
+/// INIT; docs in ../shared/reference/swtpm-qemu-protocol.md, section 3.1).
+/// The same for every backend, before the timed window.
+fn incoming_ctrl(t: &Remote) -> TcpStream {
+    let mut c = ctrl_of(t);
+    assert_eq!(blobs::be32(&blobs::ctrl_cmd(&mut c, 0x01, &[], 8), 0), 0);
+    for size in [0u32, 3968] {
+        assert_eq!(
+            blobs::be32(&blobs::ctrl_cmd(&mut c, 0x0e, &[], 4), 0),
+            0,
+            "STOP"
+        );
+        let r = blobs::ctrl_cmd(&mut c, 0x11, &size.to_be_bytes(), 16);
+        assert_eq!(blobs::be32(&r, 0), 0, "SET_BUFFERSIZE({size})");
     }
-    let keyed = results.pop().unwrap();
-    (results.pop().unwrap(), keyed)
+    c
 }
 
-pub(crate) fn migration_rows(o: &Opts, keys: &Path) -> Row {
-    let iters = n(o, 30);
-    let mkey = keys.join("migration.key");
-    std::fs::write(
-        &mkey,
-        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
-    )
-    .unwrap();
-    let mk = format!("file={},format=hex,mode=aes-256-cbc", mkey.display());
-    let mut refs = Vec::new();
-    let mut extra = Vec::new();
-    for (k, a) in o.anchors.iter().enumerate() {
-        let (plain, keyed) = swtpm_migrations(&a.bin, iters, &mk, 700 + 10 * k as u32);
-        refs.push(plain);
-        extra.push((format!("{} --migration-key", a.label), keyed));
+/// A migration source and its fresh destinations, one per migration,
+/// started before the timed window as QEMU's -incoming side starts them
+/// (vtpmd's migration ids are single use; a destination reused warm
+/// would measure a case no real migration has).
+struct Migrations {
+    bin: String,
+    extra: Vec<String>,
+    seed: u32,
+    src: Remote,
+    sc: TcpStream,
+    done: u32,
+}
+
+impl Migrations {
+    fn new(name: &str, bin: &str, extra: Vec<String>, seed: u32) -> Migrations {
+        let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let mut src = Remote::start(name, bin, &args, seed);
+        populate(&mut src);
+        let sc = ctrl_of(&src);
+        Migrations {
+            bin: bin.into(),
+            extra,
+            seed,
+            src,
+            sc,
+            done: 0,
+        }
     }
-    // vtpmd sealed: a fresh destination per migration (its id is single use).
-    let mut samples = Vec::new();
-    let mut unloaded = Vec::new();
-    let kd = workdir();
-    for h in ["a", "b"] {
-        let st = Command::new(&o.vtpmctl)
-            .args(["keygen", "--out"])
-            .arg(keys.join(h))
-            .output()
-            .unwrap();
-        assert!(st.status.success(), "keygen: {st:?}");
+
+    /// A destination process for the next migration, with `more` options.
+    fn destination(&mut self, more: &[String]) -> Remote {
+        self.done += 1;
+        let args: Vec<&str> = self.extra.iter().chain(more).map(String::as_str).collect();
+        Remote::start_with(
+            self.src.name(),
+            &self.bin,
+            crate::targets::Transport::Tcp,
+            &args,
+            self.seed * 1000 + self.done,
+            false,
+        )
     }
-    let src_admin = kd.path().join("src.admin");
-    let hk = |h: &str| keys.join(h).join("host-key.pem").display().to_string();
-    let src_args = [
-        "--host-key".to_string(),
-        hk("a"),
-        "--admin".into(),
-        format!("path={}", src_admin.display()),
-    ];
-    let sa: Vec<&str> = src_args.iter().map(String::as_str).collect();
-    let mut src = Remote::start("vtpmd", &o.vtpmd, &sa, 760);
-    populate(&mut src);
-    let mut sc = ctrl_of(&src);
-    for i in 0..iters {
-        let dst_admin = kd.path().join(format!("dst{i}.admin"));
-        let dst_args = [
+
+    /// The timed window into `dst`, then a check that it resumed.
+    fn migrate(&mut self, dst: &mut Remote) -> f64 {
+        let mut dc = incoming_ctrl(dst);
+        let t = Instant::now();
+        migrate_once(&mut self.sc, &mut dc);
+        let took = us(t.elapsed());
+        assert_resumed(dst);
+        took
+    }
+
+    /// swtpm: one plain (or `--migration-key`) migration.
+    fn swtpm_once(&mut self) -> f64 {
+        let mut dst = self.destination(&[]);
+        self.migrate(&mut dst)
+    }
+
+    /// vtpmd sealed: the destination's id and key through the admin
+    /// sockets, as `vtpmctl migrate` does; with `preload`, the destination
+    /// unwraps the keys before the VM stops (vtpmctl incoming-key, as
+    /// docs/migration.md recommends), else inside the timed window.
+    fn vtpmd_once(&mut self, keys: &Path, admins: &Path, preload: bool) -> f64 {
+        let dst_admin = admins.join(format!("dst{}.admin", self.done + 1));
+        let more = [
             "--host-key".to_string(),
-            hk("b"),
+            keys.join("b/host-key.pem").display().to_string(),
             "--admin".into(),
             format!("path={}", dst_admin.display()),
             "--migration".into(),
             "incoming".into(),
         ];
-        let da: Vec<&str> = dst_args.iter().map(String::as_str).collect();
-        let mut dst = Remote::start_with(
-            "vtpmd",
-            &o.vtpmd,
-            crate::targets::Transport::Tcp,
-            &da,
-            770 + i as u32,
-            false,
-        );
+        // The source's own --host-key/--admin are in `extra`: not for the
+        // destination.
+        let extra = std::mem::take(&mut self.extra);
+        let mut dst = self.destination(&more);
+        self.extra = extra;
+        let src_admin = admins.join("src.admin");
         let info: IncomingInfo = admin::call(&dst_admin, &Request::IncomingInfo).unwrap();
         let out: Prepared = admin::call(
             &src_admin,
@@ -450,10 +456,6 @@ pub(crate) fn migration_rows(o: &Opts, keys: &Path) -> Row {
             },
         )
         .unwrap();
-        // Every other migration, the destination unwraps the keys before
-        // the VM stops (vtpmctl incoming-key), as docs/migration.md
-        // recommends; the others unwrap them inside the timed window.
-        let preload = i % 2 == 0;
         if preload {
             let _: KeysPreloaded = admin::call(
                 &dst_admin,
@@ -463,24 +465,88 @@ pub(crate) fn migration_rows(o: &Opts, keys: &Path) -> Row {
             )
             .unwrap();
         }
-        let mut dc = ctrl_of(&dst);
-        let t = Instant::now();
-        migrate_once(&mut sc, &mut dc);
-        if preload {
-            samples.push(us(t.elapsed()));
-        } else {
-            unloaded.push(us(t.elapsed()));
-        }
-        assert_resumed(&mut dst);
+        let took = self.migrate(&mut dst);
         // The source resumes, as after QEMU's LOCK_STORAGE.
-        assert_eq!(blobs::ctrl_cmd(&mut sc, 0x13, &[0, 0, 0, 1], 4), vec![0; 4]);
+        assert_eq!(
+            blobs::ctrl_cmd(&mut self.sc, 0x13, &[0, 0, 0, 1], 4),
+            vec![0; 4]
+        );
+        took
     }
+}
+
+/// Sealed migration with vtpmd against each reference's plain cycle (and
+/// its `--migration-key` one), interleaved: every round migrates once on
+/// each, the one going first rotating, so the machine's drift over the
+/// run hits all alike.
+pub(crate) fn migration_rows(o: &Opts, keys: &Path) -> Row {
+    let iters = n(o, 30);
+    let mkey = keys.join("migration.key");
+    std::fs::write(
+        &mkey,
+        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+    )
+    .unwrap();
+    let mk = format!("file={},format=hex,mode=aes-256-cbc", mkey.display());
+    for h in ["a", "b"] {
+        let st = Command::new(&o.vtpmctl)
+            .args(["keygen", "--out"])
+            .arg(keys.join(h))
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "keygen: {st:?}");
+    }
+    let mut swtpms: Vec<[Migrations; 2]> = o
+        .anchors
+        .iter()
+        .enumerate()
+        .map(|(k, a)| {
+            let seed = 700 + 10 * k as u32;
+            let keyed = vec!["--migration-key".to_string(), mk.clone()];
+            [
+                Migrations::new("swtpm", &a.bin, Vec::new(), seed),
+                Migrations::new("swtpm", &a.bin, keyed, seed + 2),
+            ]
+        })
+        .collect();
+    let admins = workdir();
+    let src_args = vec![
+        "--host-key".to_string(),
+        keys.join("a/host-key.pem").display().to_string(),
+        "--admin".into(),
+        format!("path={}", admins.path().join("src.admin").display()),
+    ];
+    let mut vt = Migrations::new("vtpmd", &o.vtpmd, src_args, 760);
+    let mut plain = vec![Vec::new(); swtpms.len()];
+    let mut keyed = vec![Vec::new(); swtpms.len()];
+    let (mut samples, mut unloaded) = (Vec::new(), Vec::new());
+    let sides = swtpms.len() + 1;
+    for i in 0..iters {
+        for k in (0..sides).map(|k| (k + i) % sides) {
+            match swtpms.get_mut(k) {
+                Some([p, m]) => {
+                    plain[k].push(p.swtpm_once());
+                    keyed[k].push(m.swtpm_once());
+                }
+                None => {
+                    samples.push(vt.vtpmd_once(keys, admins.path(), true));
+                    unloaded.push(vt.vtpmd_once(keys, admins.path(), false));
+                }
+            }
+        }
+    }
+    let mut extra: Vec<(String, Stat)> = o
+        .anchors
+        .iter()
+        .zip(keyed)
+        .map(|(a, v)| (format!("{} --migration-key", a.label), stat(v)))
+        .collect();
     extra.push(("vtpmd without incoming-key".into(), stat(unloaded)));
     Row {
         name: "migration: GET x3 + SET x3 + INIT".into(),
         unit: "us",
         vtpmd: stat(samples),
-        refs,
+        refs: plain.into_iter().map(stat).collect(),
         extra,
     }
 }

@@ -172,6 +172,15 @@ impl Remote {
         for attempt in 0..20 {
             let dir = workdir();
             let port = free_port(seed * 31 + attempt);
+            // A port some other process (another bench, an instance still
+            // running) answers on would have this start talk to it.
+            if transport == Transport::Tcp
+                && [port, port + 1]
+                    .iter()
+                    .any(|p| TcpStream::connect(("127.0.0.1", *p)).is_ok())
+            {
+                continue;
+            }
             let ctrl_path = dir.path().join("ctrl.sock");
             let endpoints: Vec<String> = match transport {
                 Transport::Tcp => vec![

@@ -15,7 +15,8 @@ pub struct StateBlob {
     pub data: Vec<u8>,
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
+/// The big-endian u32 at `at` (the wire's byte order).
+pub fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
 }
 
