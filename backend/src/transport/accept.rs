@@ -21,7 +21,12 @@
 //! read. At most [`MAX_HELD`] connections per listener are held; a new one
 //! closes the one idle longest. A held connection idle for
 //! [`IDLE_TIMEOUT`] is closed. Each round serves at most one request per
-//! connection, so no client starves another.
+//! connection, so no client starves another. While the loop runs a TPM
+//! command it answers, new connections and signals wait in the kernel for
+//! that one command (as every TPM request waits for the TPM anyway);
+//! QEMU's connections, which carry CANCEL_TPM_CMD, are on threads of their
+//! own by then (SET_DATAFD moves them), and a request that finds the TPM
+//! busy goes to a thread rather than waiting on the loop.
 
 use super::{Listener, Stream, IDLE_TIMEOUT};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
