@@ -397,10 +397,10 @@ impl Migrations {
         }
     }
 
-    /// A destination process for the next migration, with `more` options.
-    fn destination(&mut self, more: &[String]) -> Remote {
+    /// A destination process for the next migration, with `options`.
+    fn destination(&mut self, options: &[String]) -> Remote {
         self.done += 1;
-        let args: Vec<&str> = self.extra.iter().chain(more).map(String::as_str).collect();
+        let args: Vec<&str> = options.iter().map(String::as_str).collect();
         Remote::start_with(
             self.src.name(),
             &self.bin,
@@ -421,9 +421,11 @@ impl Migrations {
         took
     }
 
-    /// swtpm: one plain (or `--migration-key`) migration.
+    /// swtpm: one plain (or `--migration-key`) migration; the destination
+    /// has the source's options.
     fn swtpm_once(&mut self) -> f64 {
-        let mut dst = self.destination(&[]);
+        let options = self.extra.clone();
+        let mut dst = self.destination(&options);
         self.migrate(&mut dst)
     }
 
@@ -441,11 +443,8 @@ impl Migrations {
             "--migration".into(),
             "incoming".into(),
         ];
-        // The source's own --host-key/--admin are in `extra`: not for the
-        // destination.
-        let extra = std::mem::take(&mut self.extra);
+        // Not the source's own --host-key/--admin (`extra`).
         let mut dst = self.destination(&more);
-        self.extra = extra;
         let src_admin = admins.join("src.admin");
         let info: IncomingInfo = admin::call(&dst_admin, &Request::IncomingInfo).unwrap();
         let out: Prepared = admin::call(

@@ -160,6 +160,9 @@ pub struct Vtpm {
     /// migration id): started by [`Vtpm::start_pending_durability`] once
     /// INIT's answer is out.
     durable_pending: Mutex<Option<String>>,
+    /// Whether `durable_pending` holds an id: the check every command and
+    /// control answer makes without taking the mutex.
+    durable_due: AtomicBool,
 }
 
 type Result<T> = std::result::Result<T, InstanceError>;
@@ -203,6 +206,7 @@ impl Vtpm {
             io_size: AtomicU32::new(size),
             unchanged_since_save: AtomicBool::new(false),
             durable_pending: Mutex::new(None),
+            durable_due: AtomicBool::new(false),
         })
     }
 
@@ -372,6 +376,7 @@ impl Vtpm {
                     .durable_pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = Some(id);
+                self.durable_due.store(true, Ordering::SeqCst);
                 Ok(())
             }
             Err(e) => {
@@ -402,6 +407,9 @@ impl Vtpm {
     /// disk work delays that answer; TPM commands call it too, so the
     /// write starts at the latest with the first command.
     pub fn start_pending_durability(&self) {
+        if !self.durable_due.swap(false, Ordering::SeqCst) {
+            return;
+        }
         let pending = self
             .durable_pending
             .lock()

@@ -427,6 +427,14 @@ mod tests {
             .expect("the loop acted")
     }
 
+    /// The next thing seen, which must be a hand-off: what it carried.
+    fn handed_off(rx: &Receiver<Seen>) -> Carry {
+        match next(rx) {
+            Seen::HandedOff(carry) => carry,
+            other => panic!("expected a hand-off, saw {other:?}"),
+        }
+    }
+
     fn exchange(c: &mut UnixStream, request: &[u8]) -> Vec<u8> {
         c.write_all(request).unwrap();
         let mut reply = [0u8; 4];
@@ -461,12 +469,8 @@ mod tests {
             assert_eq!(exchange(&mut c, b"ping"), b"pong");
             assert!(matches!(next(&rx), Seen::Answered(..)));
         }
-        match next(&rx) {
-            Seen::HandedOff(carry) => {
-                assert!(carry.received.is_empty() && carry.unsent.is_empty());
-            }
-            other => panic!("expected a hand-off, saw {other:?}"),
-        }
+        let carry = handed_off(&rx);
+        assert!(carry.received.is_empty() && carry.unsent.is_empty());
         stop(wake, t);
     }
 
@@ -476,33 +480,22 @@ mod tests {
         // Not a request the channel answers: handed off with the bytes.
         let mut c = UnixStream::connect(&path).unwrap();
         c.write_all(b"pin").unwrap();
-        match next(&rx) {
-            Seen::HandedOff(carry) => {
-                assert_eq!(carry.received, b"pin");
-                assert!(carry.fds.is_empty() && carry.unsent.is_empty());
-            }
-            other => panic!("expected a hand-off, saw {other:?}"),
-        }
+        let carry = handed_off(&rx);
+        assert_eq!(carry.received, b"pin");
+        assert!(carry.fds.is_empty() && carry.unsent.is_empty());
         // A request that comes with a descriptor goes to a thread with
         // the descriptor, even if the bytes alone would be answered.
         let mut c = UnixStream::connect(&path).unwrap();
         let (passed, _keep) = UnixStream::pair().unwrap();
         crate::fdpass::send_with_fd(&c, b"ping", passed.as_raw_fd()).unwrap();
-        match next(&rx) {
-            Seen::HandedOff(carry) => {
-                assert_eq!(carry.received, b"ping");
-                assert_eq!(carry.fds.len(), 1);
-            }
-            other => panic!("expected a hand-off, saw {other:?}"),
-        }
+        let carry = handed_off(&rx);
+        assert_eq!(carry.received, b"ping");
+        assert_eq!(carry.fds.len(), 1);
         // More than one read's worth at once: handed off whole.
         let big = vec![b'p'; READ_SIZE + 100];
         c = UnixStream::connect(&path).unwrap();
         c.write_all(&big).unwrap();
-        match next(&rx) {
-            Seen::HandedOff(carry) => assert_eq!(carry.received.len(), READ_SIZE),
-            other => panic!("expected a hand-off, saw {other:?}"),
-        }
+        assert_eq!(handed_off(&rx).received.len(), READ_SIZE);
         stop(wake, t);
     }
 

@@ -243,8 +243,9 @@ fn streamed(
 /// read or could not send (`carry`).
 pub fn serve(c: &mut Stream, ctx: &Context, slot: &Slot, carry: Carry) -> io::Result<()> {
     c.write_all(&carry.unsent)?;
-    let (mut first, mut fds) = (carry.received, carry.fds);
+    let (mut first, mut first_fds) = (carry.received, carry.fds);
     loop {
+        let mut fds = std::mem::take(&mut first_fds);
         let next = read_request(c, &mut fds, slot.idle_timeout(), std::mem::take(&mut first))?;
         slot.busy(true);
         let (req, extra) = match next {
@@ -291,7 +292,6 @@ pub fn serve(c: &mut Stream, ctx: &Context, slot: &Slot, carry: Carry) -> io::Re
             exit::report(&ctx.exits, Exit::Shutdown);
             return Ok(());
         }
-        fds = Vec::new();
     }
 }
 
@@ -356,12 +356,11 @@ fn answered_on_loop(req: &Request) -> bool {
 /// Decodes `bytes` as one whole request, the way [`read_request`] would
 /// take it from a single read.
 fn whole_request(bytes: &[u8]) -> Option<Request> {
-    let req = match wire::decode(bytes, false) {
-        Ok(req) if wire::fixed_len(&req) == bytes.len() => req,
-        Err(DecodeError::Incomplete { usable: true, .. }) => wire::decode(bytes, true).ok()?,
-        _ => return None,
-    };
-    Some(req)
+    match wire::decode(bytes, false) {
+        Ok(req) if wire::fixed_len(&req) == bytes.len() => Some(req),
+        Err(DecodeError::Incomplete { usable: true, .. }) => wire::decode(bytes, true).ok(),
+        _ => None,
+    }
 }
 
 /// The control listener's connections: see [`answered_on_loop`]; every
