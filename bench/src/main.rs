@@ -1,5 +1,5 @@
 //! `make bench`: vtpmd against reference swtpm builds (same client, same
-//! transport, alternating per iteration) and against libtpms called in
+//! transport, alternating in turns) and against libtpms called in
 //! process with no transport at all. `--smoke` runs a few iterations of each
 //! row and small fleets so `make test` keeps the harness working; it asserts
 //! no timings.
@@ -8,7 +8,8 @@
 //! reference swtpm builds (default: the system's swtpm, plus Debian sid's
 //! through `build/swtpm-sid/swtpm` when `bench/prepare-swtpm-sid.sh` made
 //! it). Environment: `VTPMD_BIN`, `VTPMCTL_BIN`, `VTPM_BENCH_ONLY=text`
-//! (only rows whose name contains it), `VTPM_BENCH_PIN=0` (no pinning).
+//! (only rows whose name contains it), `VTPM_BENCH_PIN=0` (no pinning),
+//! `VTPM_BENCH_BLOCK=N` (calls per turn; `rows::block`).
 
 #![deny(unsafe_code)]
 

@@ -55,12 +55,19 @@ impl Drop for Remote {
     }
 }
 
+/// The CPUs this process could use when it started, counted once: after
+/// [`pin_client`] it can use fewer, and so would every later count.
+fn cpus() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// The CPU the backends are pinned to, if pinning is on and possible.
 pub(crate) fn backend_cpu() -> Option<usize> {
     if std::env::var("VTPM_BENCH_PIN").as_deref() == Ok("0") {
         return None;
     }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = cpus();
     let have_taskset = Command::new("taskset")
         .arg("-V")
         .stdout(Stdio::null())
@@ -90,12 +97,11 @@ pub(crate) fn pin_client() {
 /// CPU again: fleets are not pinned.
 pub(crate) fn unpin_client() {
     if backend_cpu().is_some() {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let _ = Command::new("taskset")
             .args([
                 "-p",
                 "-c",
-                &format!("0-{}", cpus - 1),
+                &format!("0-{}", cpus() - 1),
                 &std::process::id().to_string(),
             ])
             .stdout(Stdio::null())
@@ -108,13 +114,18 @@ pub(crate) fn free_port(seed: u32) -> u16 {
 }
 
 pub(crate) fn connect(port: u16, within: Duration) -> Option<TcpStream> {
+    connect_every(port, within, Duration::from_millis(2))
+}
+
+/// [`connect`], trying again every `every` until `within` has passed.
+pub(crate) fn connect_every(port: u16, within: Duration, every: Duration) -> Option<TcpStream> {
     let start = Instant::now();
     while start.elapsed() < within {
         if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
             let _ = s.set_nodelay(true);
             return Some(s);
         }
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(every);
     }
     None
 }
