@@ -380,6 +380,10 @@ def vtpmd_part(src, dst):
     check(dst.virsh("domstate", name).stdout.strip() == "running", "vtpmd: the domain runs on the destination")
     dproc = [p for p in cmdlines_of(dst) if p[1].endswith("/vtpmd")]
     check(dproc, "vtpmd: the destination's TPM process is vtpmd", dproc)
+    dlog = open(dst.path("/var/log/swtpm/libvirt/qemu/%s-swtpm.log" % name), errors="replace").read()
+    check("left with the reservation are unwrapped" in dlog and "instance keys were unwrapped ahead of time" in dlog,
+          "vtpmd: the destination vtpmd unwrapped the keys vtpmctl migrate left with the reservation when libvirt "
+          "started it, so the downtime held no RSA decryption", dlog[-600:])
     con2 = console_on(dst, name)
     kept_state(con2, "vtpmd", before, "vtpmctl migrate")
     check(con2.run(READ_EXT).get("ext") == EXT_VALUE, "vtpmd: the extend index has its value on the destination")

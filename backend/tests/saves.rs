@@ -216,6 +216,7 @@ fn reserve(state: &Path, key: &HostKey, expires_in: i64) -> String {
         migration_id: id.clone(),
         host_key: key.fingerprint(),
         expires: (now + expires_in) as u64,
+        wrapped_key: None,
     };
     statedir::write_json(state, statedir::RESERVATION, &r).unwrap();
     id
@@ -243,14 +244,7 @@ fn a_reservation_makes_the_next_vtpmd_a_sealed_destination() {
     let arg = format!("path={}", sadmin.display());
     let src = Daemon::start(ts.path(), &["--admin", &arg]);
     let (mut c, _) = running_with_secret(&src);
-    let _: Prepared = call(
-        &sadmin,
-        &Request::Outgoing {
-            peer_key: key.public_pem(),
-            migration_id: id.clone(),
-        },
-    )
-    .unwrap();
+    outgoing(&sadmin, &key, &id);
     let blobs = get_blobs(&mut c.s);
     assert!(blobs[0].data.starts_with(b"VTPMMIG1"));
     let mut cd = Ctrl::connect(&dst.ctrl);
@@ -269,6 +263,85 @@ fn a_reservation_makes_the_next_vtpmd_a_sealed_destination() {
     let mut c3 = Ctrl::connect(&third.ctrl);
     assert_ne!(put_blobs(&mut c3.s, &blobs), 0);
     assert!(third.log_text().contains("belongs to migration"));
+}
+
+/// `outgoing` on the source at `admin`, to `peer` for migration `id`.
+fn outgoing(admin: &Path, peer: &HostKey, id: &str) -> Prepared {
+    call(
+        admin,
+        &Request::Outgoing {
+            peer_key: peer.public_pem(),
+            migration_id: id.into(),
+        },
+    )
+    .unwrap()
+}
+
+/// What `vtpmctl migrate` does once the source prepared: the wrapped
+/// keys go into the reservation.
+fn leave_keys(state: &Path, wrapped: &str) {
+    let mut r: Reservation = statedir::read_json(state, statedir::RESERVATION)
+        .unwrap()
+        .unwrap();
+    r.wrapped_key = Some(wrapped.into());
+    statedir::write_json(state, statedir::RESERVATION, &r).unwrap();
+}
+
+#[test]
+fn keys_left_with_a_reservation_are_unwrapped_at_start_and_a_bad_one_costs_nothing() {
+    let dkeys = tempfile::tempdir().unwrap();
+    let key = HostKey::load_or_create(dkeys.path()).unwrap().0;
+    let ts = state_dir();
+    let sadmin = ts.path().join("admin.sock");
+    let arg = format!("path={}", sadmin.display());
+    let src = Daemon::start(ts.path(), &["--admin", &arg]);
+    let (mut c, _) = running_with_secret(&src);
+    // The destination's keys as `vtpmctl migrate` leaves them, then keys
+    // that do not open (another host's): both migrations go through, the
+    // second with blob 1's own key.
+    let other = HostKey::generate().unwrap();
+    for good in [true, false] {
+        let td = state_dir();
+        let dstate = td.path().join("state");
+        let id = reserve(&dstate, &key, 600);
+        let wrapped = if good {
+            outgoing(&sadmin, &key, &id).wrapped_key
+        } else {
+            let foreign = outgoing(&sadmin, &other, &id).wrapped_key;
+            let _: Status = call(&sadmin, &Request::Abort).unwrap();
+            outgoing(&sadmin, &key, &id);
+            foreign
+        };
+        leave_keys(&dstate, &wrapped);
+        let dst = start_as_swtpm(td.path(), dkeys.path());
+        let log = dst.log_text();
+        if good {
+            assert!(
+                log.contains("left with the reservation are unwrapped"),
+                "{log}"
+            );
+        } else {
+            assert!(
+                log.contains("left with the reservation do not open"),
+                "{log}"
+            );
+        }
+        let blobs = get_blobs(&mut c.s);
+        let mut cd = Ctrl::connect(&dst.ctrl);
+        assert_eq!(put_blobs(&mut cd.s, &blobs), 0, "{}", dst.log_text());
+        let (_, mut data) = cd.set_datafd();
+        assert_eq!(nv(&mut data), SECRET);
+        assert_eq!(
+            dst.log_text()
+                .contains("instance keys were unwrapped ahead of time"),
+            good,
+            "{}",
+            dst.log_text()
+        );
+        // The source resumes (as after a cancelled hand-over) for the
+        // next round.
+        let _: Status = call(&sadmin, &Request::Abort).unwrap();
+    }
 }
 
 #[test]

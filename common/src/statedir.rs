@@ -210,6 +210,13 @@ pub struct Reservation {
     pub host_key: String,
     /// Seconds since the epoch after which the reservation is void.
     pub expires: u64,
+    /// The source's instance keys wrapped to the host key (hex), once the
+    /// source prepared (`vtpmctl migrate` adds them): the destination
+    /// unwraps them at start, so no RSA work is left for the VM's
+    /// downtime. No secret: the same bytes travel in the stream's blob 1,
+    /// which wins if they differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrapped_key: Option<String>,
 }
 
 /// A TPM's identity for saves: restores are bound to `instance_id`, and

@@ -141,8 +141,17 @@ enum Cmd {
         owner: String,
         /// Remove the reservation instead (and the directory if it is
         /// otherwise empty).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "wrapped_key")]
         cancel: bool,
+        /// Instead of reserving: leave the source's wrapped keys (the
+        /// `wrapped_key` `outgoing` printed) with the reservation for --id,
+        /// so the destination vtpmd unwraps them when it starts rather
+        /// than in the VM's downtime. `vtpmctl migrate` does this.
+        #[arg(long, value_name = "HEX", requires = "id")]
+        wrapped_key: Option<String>,
+        /// The migration id the reservation must be for (with --wrapped-key).
+        #[arg(long, value_name = "ID", requires = "wrapped_key")]
+        id: Option<String>,
     },
     /// Source of a libvirt-driven migration: move the running DOMAIN to
     /// DEST_URI with `virsh migrate --live`, its vtpmd TPM sealed to the
@@ -369,9 +378,14 @@ fn run(cmd: Cmd) -> Result<serde_json::Value, CtlError> {
             host_key,
             owner,
             cancel,
+            wrapped_key,
+            id,
         } => {
             if cancel {
                 return json(reserve::cancel(&state_dir)?);
+            }
+            if let (Some(wrapped), Some(id)) = (wrapped_key, id) {
+                return json(reserve::leave_keys(&state_dir, &id, &wrapped)?);
             }
             let who = reserve::owner(&owner)?;
             let key = host_key.map_or(reserve::KeySource::System, reserve::KeySource::File);

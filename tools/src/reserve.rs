@@ -13,7 +13,7 @@ use nix::unistd::{Gid, Group, Uid, User};
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::ErrorKind;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 use vtpm_common::hostkey::{self, HostKey, KeyError};
@@ -63,7 +63,22 @@ pub enum ReserveError {
     NotOwner(String),
     #[error("no random numbers from the OS")]
     Random,
+    #[error("{0} holds no reservation (a vtpmd started there took it, it was cancelled, or it was never made): run `vtpmctl reserve-incoming --state-dir DIR` first")]
+    NoReservation(String),
+    #[error("the reservation in {dir} is for migration {has}, not {given}: these keys belong to another migration")]
+    OtherMigration {
+        dir: String,
+        has: String,
+        given: String,
+    },
+    #[error("the reservation in {0} expired: reserve again and prepare the source for the new id")]
+    Expired(String),
+    #[error("--wrapped-key: give the `wrapped_key` that `vtpmctl outgoing` printed (hex, 1 to {MAX_WRAPPED} bytes)")]
+    WrappedKey,
 }
+
+/// Largest wrapped key accepted (an RSA-8192 ciphertext is 1024 bytes).
+pub const MAX_WRAPPED: usize = 1024;
 
 fn io_err<'a>(
     op: &'static str,
@@ -207,6 +222,7 @@ pub fn reserve(
         migration_id: hex::encode(&id),
         host_key: key.fingerprint(),
         expires: vtpm_common::statedir::unix_now() + expires,
+        wrapped_key: None,
     };
     statedir::write_json(dir, statedir::RESERVATION, &r)?;
     give(&dir.join(statedir::RESERVATION), who)?;
@@ -218,6 +234,61 @@ pub fn reserve(
         expires: r.expires,
         state_dir: dir.display().to_string(),
         replaced: old.map(|o| o.migration_id),
+    })
+}
+
+/// What `--wrapped-key` did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeysLeft {
+    pub migration_id: String,
+    /// Size of the wrapped key now held by the reservation.
+    pub wrapped_key_bytes: usize,
+}
+
+/// Leaves the source's wrapped instance keys (what `outgoing` printed)
+/// with `dir`'s reservation for migration `id`: the destination vtpmd
+/// unwraps them when it starts, not in the VM's downtime. The file keeps
+/// its owner (the user the TPM process runs as).
+pub fn leave_keys(dir: &Path, id: &str, wrapped_hex: &str) -> Result<KeysLeft, ReserveError> {
+    let wrapped = hex::decode(wrapped_hex.trim())
+        .ok()
+        .filter(|w| !w.is_empty() && w.len() <= MAX_WRAPPED)
+        .ok_or(ReserveError::WrappedKey)?;
+    let shown = || dir.display().to_string();
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(ReserveError::NotADirectory(shown())),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return Err(ReserveError::NoReservation(shown()))
+        }
+        Err(e) => return Err(io_err("stat", dir)(e)),
+    }
+    let lock = locked(dir)?;
+    let mut r: Reservation = statedir::read_json(dir, statedir::RESERVATION)
+        .map_err(ReserveError::BadReservation)?
+        .ok_or_else(|| ReserveError::NoReservation(shown()))?;
+    if r.migration_id != id {
+        return Err(ReserveError::OtherMigration {
+            dir: shown(),
+            has: r.migration_id,
+            given: id.into(),
+        });
+    }
+    if r.expires < vtpm_common::statedir::unix_now() {
+        return Err(ReserveError::Expired(shown()));
+    }
+    let file = dir.join(statedir::RESERVATION);
+    let meta = fs::symlink_metadata(&file).map_err(io_err("stat", &file))?;
+    r.wrapped_key = Some(hex::encode(&wrapped));
+    statedir::write_json(dir, statedir::RESERVATION, &r)?;
+    give(
+        &file,
+        (Uid::from_raw(meta.uid()), Gid::from_raw(meta.gid())),
+    )?;
+    drop(lock);
+    Ok(KeysLeft {
+        migration_id: r.migration_id,
+        wrapped_key_bytes: wrapped.len(),
     })
 }
 

@@ -238,6 +238,9 @@ fn symlinks_are_not_followed() {
     let e = refused(&f.reserve(&[]));
     assert!(e.contains("--cancel"), "{e}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    let e = refused(&f.leave_keys(&"01".repeat(32), &"ab".repeat(384)));
+    assert!(e.contains("--cancel"), "{e}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     // --cancel removes the link, not its target.
     f.cancel();
     assert!(std::fs::symlink_metadata(&link).is_err());
@@ -285,6 +288,7 @@ fn a_reservation_that_is_not_one_is_refused_until_cancelled() {
         migration_id: "ab".repeat(32),
         host_key: "cd".repeat(32),
         expires: 1,
+        wrapped_key: None,
     };
     statedir::write_json(&f.dir(), statedir::RESERVATION, &old).unwrap();
     let v = ok(&f.reserve(&[]));
@@ -352,4 +356,97 @@ fn a_caller_that_cannot_give_the_directory_away_is_told_so() {
         .unwrap();
     let e = refused(&o);
     assert!(e.contains("run reserve-incoming as root"), "{e}");
+}
+
+impl Fixture {
+    fn leave_keys(&self, id: &str, wrapped: &str) -> Output {
+        self.vtpmctl(&[
+            "reserve-incoming",
+            "--state-dir",
+            self.dir().to_str().unwrap(),
+            "--id",
+            id,
+            "--wrapped-key",
+            wrapped,
+        ])
+    }
+
+    fn reservation(&self) -> Reservation {
+        statedir::read_json(&self.dir(), statedir::RESERVATION)
+            .unwrap()
+            .unwrap()
+    }
+}
+
+#[test]
+fn wrapped_keys_are_left_with_the_reservation_for_their_id_only() {
+    let f = Fixture::new();
+    // Nothing reserved yet: no directory, then an empty one.
+    let key = "ab".repeat(384);
+    let e = refused(&f.leave_keys(&"01".repeat(32), &key));
+    assert!(e.contains("holds no reservation"), "{e}");
+    let id = ok(&f.reserve(&[]))["migration_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let file = f.dir().join(statedir::RESERVATION);
+    let before = std::fs::read(&file).unwrap();
+    // Garbage, truncated (odd length), empty and oversized keys.
+    for bad in ["zz", "abc", "", &"ab".repeat(1025)] {
+        let e = refused(&f.leave_keys(&id, bad));
+        assert!(e.contains("--wrapped-key"), "{bad:?}: {e}");
+    }
+    // Another migration's id.
+    let e = refused(&f.leave_keys(&"01".repeat(32), &key));
+    assert!(e.contains(&id) && e.contains(&"01".repeat(32)), "{e}");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        before,
+        "refusals change nothing"
+    );
+    // The right id: the key is added, nothing else changes.
+    let v = ok(&f.leave_keys(&id, &key));
+    assert_eq!(v["migration_id"], id.as_str());
+    assert_eq!(v["wrapped_key_bytes"], 384);
+    let r = f.reservation();
+    assert_eq!(r.migration_id, id);
+    assert_eq!(r.wrapped_key.as_deref(), Some(key.as_str()));
+    assert_eq!(mode(&file), 0o600);
+    assert_eq!(
+        std::fs::symlink_metadata(&file).unwrap().uid(),
+        nix::unistd::getuid().as_raw()
+    );
+    // An expired reservation takes no keys.
+    let mut r = f.reservation();
+    r.expires = now() - 1;
+    r.wrapped_key = None;
+    statedir::write_json(&f.dir(), statedir::RESERVATION, &r).unwrap();
+    let e = refused(&f.leave_keys(&id, &key));
+    assert!(e.contains("expired"), "{e}");
+    assert_eq!(f.reservation().wrapped_key, None);
+    // After a cancel there is none to add to.
+    f.cancel();
+    let e = refused(&f.leave_keys(&id, &key));
+    assert!(e.contains("holds no reservation"), "{e}");
+    // --id and --wrapped-key go together, and not with --cancel.
+    let dir = f.dir();
+    let lone = f.vtpmctl(&[
+        "reserve-incoming",
+        "--state-dir",
+        dir.to_str().unwrap(),
+        "--wrapped-key",
+        &key,
+    ]);
+    assert_eq!(lone.status.code(), Some(2));
+    let both = f.vtpmctl(&[
+        "reserve-incoming",
+        "--cancel",
+        "--state-dir",
+        dir.to_str().unwrap(),
+        "--id",
+        &id,
+        "--wrapped-key",
+        &key,
+    ]);
+    assert_eq!(both.status.code(), Some(2));
 }

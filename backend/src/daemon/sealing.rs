@@ -133,5 +133,17 @@ pub fn take_reservation(store: &StateDir, session: &mut Session) -> Result<bool,
         "incoming migration {}: reserved before start; this vTPM stays locked until that migration's verified state arrives",
         r.migration_id
     );
+    if let Some(wrapped) = &r.wrapped_key {
+        match session.preload_key(wrapped) {
+            Ok(_) => log::info!(
+                "incoming migration {}: the source's keys left with the reservation are unwrapped; no RSA work is left for the VM's downtime",
+                r.migration_id
+            ),
+            Err(e) => log::warn!(
+                "incoming migration {}: the keys left with the reservation do not open ({e}); the stream's own are unwrapped when it arrives",
+                r.migration_id
+            ),
+        }
+    }
     Ok(true)
 }

@@ -197,7 +197,7 @@ impl Importer {
                     p.keys
                 }
                 Some(_) => {
-                    log::warn!("migration {}: the stream's wrapped key is not the one given with incoming-key; unwrapping it now", id_hex(&h.id));
+                    log::warn!("migration {}: the stream's wrapped key is not the one given ahead of time (incoming-key, or left with the reservation); unwrapping it now", id_hex(&h.id));
                     open_wrapped(host, h.wrapped)?
                 }
                 None => open_wrapped(host, h.wrapped)?,
