@@ -127,14 +127,22 @@ pub fn owner(spec: &str) -> Result<(Uid, Gid), ReserveError> {
     Ok((u.uid, gid))
 }
 
+/// Whether `dir` is there as a real directory (`false`: nothing there); a
+/// symlink or a file in its place is refused, never followed.
+fn is_dir(dir: &Path) -> Result<bool, ReserveError> {
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(true),
+        Ok(_) => Err(ReserveError::NotADirectory(dir.display().to_string())),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err("stat", dir)(e)),
+    }
+}
+
 /// Makes `dir` as libvirt would (parents 0711, `dir` 0700 for `who`), or
 /// checks the one that is there is a real directory.
 fn make_dir(dir: &Path, who: (Uid, Gid)) -> Result<(), ReserveError> {
-    match fs::symlink_metadata(dir) {
-        Ok(m) if m.is_dir() => return Ok(()),
-        Ok(_) => return Err(ReserveError::NotADirectory(dir.display().to_string())),
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("stat", dir)(e)),
+    if is_dir(dir)? {
+        return Ok(());
     }
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::DirBuilder::new()
@@ -255,13 +263,8 @@ pub fn leave_keys(dir: &Path, id: &str, wrapped_hex: &str) -> Result<KeysLeft, R
         .filter(|w| !w.is_empty() && w.len() <= MAX_WRAPPED)
         .ok_or(ReserveError::WrappedKey)?;
     let shown = || dir.display().to_string();
-    match fs::symlink_metadata(dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(ReserveError::NotADirectory(shown())),
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            return Err(ReserveError::NoReservation(shown()))
-        }
-        Err(e) => return Err(io_err("stat", dir)(e)),
+    if !is_dir(dir)? {
+        return Err(ReserveError::NoReservation(shown()));
     }
     let lock = locked(dir)?;
     let mut r: Reservation = statedir::read_json(dir, statedir::RESERVATION)
@@ -305,16 +308,11 @@ pub struct Cancelled {
 /// Removes `dir`'s reservation (a symlink or unreadable file included),
 /// and the directory if nothing else is left in it.
 pub fn cancel(dir: &Path) -> Result<Cancelled, ReserveError> {
-    match fs::symlink_metadata(dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(ReserveError::NotADirectory(dir.display().to_string())),
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            return Ok(Cancelled {
-                cancelled: None,
-                removed_dir: false,
-            })
-        }
-        Err(e) => return Err(io_err("stat", dir)(e)),
+    if !is_dir(dir)? {
+        return Ok(Cancelled {
+            cancelled: None,
+            removed_dir: false,
+        });
     }
     let lock = locked(dir)?;
     let id = statedir::read_json::<Reservation>(dir, statedir::RESERVATION)
